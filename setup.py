@@ -1,0 +1,34 @@
+"""diffusion_jax: JAX/Flax training for the diffusion lineage, from autoencoders to a Sora-style video DiT."""
+import setuptools
+
+setuptools.setup(
+    name="diffusion_jax",
+    version="0.1.0",
+    description="JAX/Flax training system for image and video diffusion transformers.",
+    packages=setuptools.find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.8",
+        "array_record>=0.7",
+        "einops>=0.8",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "scikit-learn>=1.4",  # the digits images of the built-in datasets
+        "scikit-image>=0.24",  # photographs for image_pans
+        "pillow>=10",  # tfds and PNG grids
+        "importlib_resources>=6",  # tfds
+        "tensorboardX>=2.6",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.__main__:main"]},
+)
