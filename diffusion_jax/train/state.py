@@ -1,0 +1,67 @@
+"""The train state (params, optimizer state, EMA, step, rng) and the optimizer.
+
+Everything that makes a run resumable lives in `TrainState`, including the
+rng, so a restored run draws the same noise as an uninterrupted one.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of updates applied
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array  # uint32[2]: the run's key; step keys are folded from it
+
+  def step_rng(self) -> jax.Array:
+    """A fresh key for this step, the same for a resumed run."""
+    return jax.random.fold_in(self.rng, self.step)
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+  """Linear warmup to `lr`, then constant or cosine decay (train.lr_schedule)."""
+  warmup = max(int(train_config.warmup_steps), 1)
+  decay = train_config.get("lr_schedule", "constant")
+  if decay == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, train_config.lr, warmup), optax.constant_schedule(train_config.lr)], [warmup])
+  if decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, train_config.lr, warmup, max(train_config.steps, warmup + 1))
+  raise ValueError(f"unknown train.lr_schedule {decay!r}; use 'constant' or 'cosine'")
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only: not on biases, norm scales or embedding tables."""
+  def wants_decay(path, leaf):
+    names = [getattr(k, "key", str(k)) for k in path]
+    return leaf.ndim >= 2 and "embedding" not in names
+  return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW with warmup and global-norm clipping (DiT: AdamW, lr 1e-4, no decay)."""
+  return optax.chain(
+      optax.clip_by_global_norm(train_config.grad_clip) if train_config.grad_clip else optax.identity(),
+      optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.999,
+                  weight_decay=train_config.weight_decay, mask=_decay_mask),
+  )
+
+
+def create_state(params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      ema_params=jax.tree_util.tree_map(jnp.copy, params),
+      rng=rng,
+  )
+
+
+def ema_update(ema, params, decay: float):
+  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
