@@ -1,0 +1,233 @@
+"""Built-in tfds datasets and how the pipeline opens them.
+
+Every dataset is a TFDS `GeneratorBasedBuilder` stored as ArrayRecord, so it
+needs no TensorFlow and Grain reads it by random access (`tfds.data_source`).
+All of them share one feature layout, the one the pipeline decodes:
+
+  video    uint8 [T, H, W, 3]  an image is a one-frame video (T = 1)
+  label    int64, ClassLabel(10)
+  caption  text (bytes when read back), written from the generator's metadata
+  id       int64, unique index of the example inside its split
+
+`digits_canvas`: scikit-learn's 8x8 digits (1797 real hand-written images, 17
+grey levels), upscaled bilinearly to a random size and placed at a random spot
+on a square canvas, in a named colour on a dark background.
+"""
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+def default_data_dir() -> str:
+  """$DIFFUSION_JAX_DATA, else ~/.cache/diffusion_jax/data."""
+  return os.environ.get("DIFFUSION_JAX_DATA") or os.path.expanduser("~/.cache/diffusion_jax/data")
+
+
+def _resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
+  return os.fspath(data_dir) if data_dir else default_data_dir()
+
+
+def _features() -> tfds.features.FeaturesDict:
+  """The feature layout shared by every built-in dataset (see module docstring)."""
+  return tfds.features.FeaturesDict({
+      # Several unknown dims need an explicit encoding; zlib keeps files small.
+      "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding="zlib"),
+      "label": tfds.features.ClassLabel(num_classes=10),
+      "caption": tfds.features.Text(),
+      "id": tfds.features.Scalar(dtype=np.int64),
+  })
+
+
+def bilinear_resize(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """Bilinear resize of a [H, W] array with half-pixel centres (PIL / jax.image convention).
+
+  Written as two interpolation matrices, out = Wr @ image @ Wc^T, which is exact
+  bilinear interpolation with edge clamping.
+  """
+
+  def weights(n_in, n_out):
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    w = np.zeros((n_out, n_in))
+    w[np.arange(n_out), lo] += 1.0 - frac
+    w[np.arange(n_out), hi] += frac
+    return w
+
+  h, w = image.shape
+  return weights(h, out_h) @ image @ weights(w, out_w).T
+
+
+# --------------------------------------------------------------------------- digits_canvas
+
+DIGIT_COLOURS = {
+    "red": (230, 40, 40),
+    "green": (50, 205, 70),
+    "blue": (70, 120, 255),
+    "yellow": (240, 220, 40),
+    "cyan": (40, 220, 230),
+    "magenta": (225, 55, 225),
+    "orange": (255, 140, 20),
+    "white": (245, 245, 245),
+}
+BACKGROUND_COLOURS = {
+    "black": (0, 0, 0),
+    "dark gray": (48, 48, 48),
+    "navy": (12, 22, 72),
+    "dark green": (12, 52, 24),
+}
+
+
+@dataclasses.dataclass
+class DigitsCanvasConfig(tfds.core.BuilderConfig):
+  """image_size: canvas side in px; seed: placements, colours and the held-out split."""
+
+  image_size: int = 32
+  seed: int = 0
+  train_copies: int = 6  # placements of each training image -> ~9.6k examples
+  validation_copies: int = 5  # placements of each held-out image -> 1k examples
+  validation_images: int = 200  # held out of the 1797 digits
+
+
+def _digits_config(image_size: int, seed: int) -> DigitsCanvasConfig:
+  if image_size < 8:
+    raise ValueError(f"digits_canvas image_size must be >= 8 px, got {image_size}")
+  name = f"{image_size}px" if seed == 0 else f"{image_size}px_seed{seed}"
+  return DigitsCanvasConfig(
+      name=name, image_size=image_size, seed=seed,
+      description=f"{image_size}x{image_size} canvas, seed {seed}")
+
+
+class DigitsCanvas(tfds.core.GeneratorBasedBuilder):
+  """Real 8x8 digits, upscaled to 55-85% of a square canvas at a random position.
+
+  Train uses 1597 of the 1797 digits, each `train_copies` times with different
+  placements and colours; validation uses the other 200 digits. Every random
+  choice comes from a generator seeded by (seed, split, example index), so a
+  build is deterministic for a seed whatever order tfds writes in.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [_digits_config(16, 0), _digits_config(32, 0), _digits_config(64, 0)]
+  DEFAULT_CONFIG_NAME = "32px"
+
+  def __init__(self, *, image_size: int | None = None, seed: int | None = None, config=None, **kwargs):
+    if config is None:  # always explicit: tfds would otherwise guess from what is on disk
+      config = _digits_config(32 if image_size is None else image_size, seed or 0)
+      config = self.builder_configs.get(config.name, config)  # reuse the listed object
+    super().__init__(config=config, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="scikit-learn digits placed on a coloured canvas, as one-frame videos.",
+        features=_features(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the digits ship with scikit-learn
+    cfg = self.builder_config
+    images, labels = _load_digits()
+    order = np.random.default_rng([cfg.seed, 7]).permutation(len(images))
+    val_idx, train_idx = order[:cfg.validation_images], order[cfg.validation_images:]
+    return {
+        "train": self._generate_examples(images[train_idx], labels[train_idx], cfg.train_copies, 0),
+        "validation": self._generate_examples(images[val_idx], labels[val_idx], cfg.validation_copies, 1),
+    }
+
+  def _generate_examples(self, images, labels, copies, split_code):
+    cfg = self.builder_config
+    index = 0
+    for _ in range(copies):
+      for image, label in zip(images, labels):
+        rng = np.random.default_rng([cfg.seed, split_code, index])
+        video, caption = render_digit(image, int(label), cfg.image_size, rng)
+        yield index, {"video": video[None], "label": int(label), "caption": caption, "id": index}
+        index += 1
+
+
+def _load_digits():
+  from sklearn.datasets import load_digits  # local: sklearn is slow to import
+
+  digits = load_digits()
+  return digits.images.astype(np.float64) / 16.0, digits.target.astype(np.int64)
+
+
+def render_digit(image: np.ndarray, label: int, size: int, rng: np.random.Generator):
+  """Draws one 8x8 digit (intensities in [0, 1]) on a size x size canvas.
+
+  Returns (uint8 [size, size, 3], caption). The digit side is 55-85% of the
+  canvas; its intensity blends the background colour into the digit colour.
+  """
+  side = int(round(rng.uniform(0.55, 0.85) * size))
+  side = max(8, min(side, size))
+  top, left = rng.integers(0, size - side + 1, size=2)
+  digit_name = rng.choice(sorted(DIGIT_COLOURS))
+  background_name = rng.choice(sorted(BACKGROUND_COLOURS))
+  alpha = np.clip(bilinear_resize(image, side, side), 0.0, 1.0)[..., None]
+  background = np.asarray(BACKGROUND_COLOURS[background_name], np.float64)
+  colour = np.asarray(DIGIT_COLOURS[digit_name], np.float64)
+  canvas = np.broadcast_to(background, (size, size, 3)).copy()
+  canvas[top:top + side, left:left + side] = background * (1 - alpha) + colour * alpha
+  caption = f"a {digit_name} {label} on a {background_name} background"
+  return np.round(canvas).astype(np.uint8), caption
+
+
+# --------------------------------------------------------------------------- opening datasets
+
+# Built-in builders by tfds name; later video datasets join this table.
+BUILDERS = {
+    "digits_canvas": DigitsCanvas,
+}
+
+
+def _builder(name: str, data_dir: str, builder_kwargs: dict) -> tfds.core.DatasetBuilder:
+  if name not in BUILDERS:
+    raise ValueError(f"unknown built-in dataset {name!r}; known: {sorted(BUILDERS)}")
+  return BUILDERS[name](data_dir=data_dir, file_format="array_record", **builder_kwargs)
+
+
+def ensure_dataset(name: str, data_dir: str = "", **builder_kwargs) -> None:
+  """Builds the built-in dataset `name` under data_dir unless it is there already.
+
+  builder_kwargs go to the builder (digits_canvas: image_size, seed). data_dir ""
+  means default_data_dir(). Offline: the built-in datasets download nothing.
+  """
+  builder = _builder(name, _resolve_data_dir(data_dir), builder_kwargs)
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+  )
+
+
+def open_source(name: str, split: str, data_dir: str = "", **builder_kwargs):
+  """A random-access source (len / getitem) of one split of a prepared tfds dataset.
+
+  `name` is a built-in dataset (looked up under data_dir with builder_kwargs,
+  as ensure_dataset built it) or the path of a prepared tfds dataset directory
+  (the one holding dataset_info.json). Raises ValueError naming what was looked
+  for when there is no prepared dataset or no such split.
+  """
+  if name in BUILDERS:
+    builder_dir = os.fspath(_builder(name, _resolve_data_dir(data_dir), builder_kwargs).data_dir)
+  elif os.path.isdir(name):
+    builder_dir = name
+  else:
+    raise ValueError(
+        f"dataset {name!r} is neither a built-in dataset ({sorted(BUILDERS)}) "
+        "nor a directory holding a prepared tfds dataset")
+  if not os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
+    raise ValueError(
+        f"{builder_dir} is not a prepared tfds dataset directory (no dataset_info.json); "
+        + (f"build it with ensure_dataset({name!r}, ...)" if name in BUILDERS else
+           "pass the <data_dir>/<name>/[<config>/]<version> directory"))
+  builder = tfds.builder_from_directory(builder_dir)
+  splits = sorted(builder.info.splits.keys())
+  if split.split("[")[0] not in splits:
+    raise ValueError(f"split {split!r} not found in {builder_dir}; available splits: {splits}")
+  return builder.as_data_source(split=split)
