@@ -1,0 +1,270 @@
+"""Diffusion Transformer (DiT, Peebles & Xie 2023) over packed spacetime patches.
+
+One module serves the class-conditional image DiT and the packed video DiT: an
+image is a one-frame video, and every batch is packed (DESIGN.md, "The packed
+batch"). Per token the model sees a patch x [P] (P = pt*ph*pw*C, flattened in
+(pt, ph, pw, C) order), its timestep t, its example's class label (through
+`segment_ids`) and its (t, h, w) position.
+
+Architecture, as DiT's models.py: patch embedding (a Dense equal to DiT's
+strided conv), fixed 2D sin-cos positions (or 3D RoPE inside attention for
+video), timestep MLP + class table summed into c, `depth` blocks with
+adaLN-Zero modulation from SiLU(c), and a final adaLN layer with a zero-init
+linear. Differences forced by packing: attention is restricted to tokens of the
+same example, and c (so the modulation) is per token, since conditioning
+frames carry t = 0.
+
+Output layout: [B, L, P_out] float32; with learn_sigma, P_out = 2P and
+out[..., :P] is the prediction (eps / v / x0), out[..., P:] the variance
+interpolation values, each in the same (pt, ph, pw, C) order as the input.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models import layers
+
+Dtype = Any
+
+POS_EMBEDDINGS = ("sincos2d", "sincos3d", "rope3d")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def modulate(x, shift, scale):
+  """DiT's adaLN modulation x * (1 + scale) + shift (here per token)."""
+  return x * (1 + scale) + shift
+
+
+def _layer_norm(dtype, name):
+  # DiT: LayerNorm(elementwise_affine=False, eps=1e-6); adaLN supplies scale/shift.
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
+
+
+def _zero_dense(features, out_name, dtype, param_dtype, name):
+  """Zero-initialised Dense (adaLN-Zero modulation and DiT's final linear)."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=nn.with_logical_partitioning(layers.zeros, ("embed", out_name)),
+                  bias_init=nn.with_logical_partitioning(layers.zeros, (out_name,)), name=name)
+
+
+class DiTBlock(nn.Module):
+  """DiT block with adaLN-Zero: gate * sublayer(modulate(LN(x), shift, scale))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  rope: bool = False
+  rope_split: Sequence[float] = (0.25, 0.375, 0.375)
+  attention_backend: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c, segment_ids, positions):
+    width = x.shape[-1]
+    modulation = _zero_dense(6 * width, "mlp", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
+
+    h = modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
+    h = layers.SelfAttention(self.num_heads, qk_norm=self.qk_norm, rope=self.rope, rope_split=self.rope_split,
+                             backend=self.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="attn")(h, segment_ids, positions)
+    x = x + gate_msa * h
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    h = modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
+    h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
+    x = x + gate_mlp * h
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None  # (carry, per-layer output) as nn.scan wants
+
+
+class FinalLayer(nn.Module):
+  """DiT's final layer: adaLN (shift, scale) then a zero-initialised linear."""
+  out_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    width = x.shape[-1]
+    modulation = _zero_dense(2 * width, "mlp", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
+    shift, scale = jnp.split(modulation, 2, axis=-1)
+    x = modulate(_layer_norm(self.dtype, "norm_final")(x), shift, scale)
+    return _zero_dense(self.out_dim, "patch", self.dtype, self.param_dtype, "linear")(x)
+
+
+class DiT(nn.Module):
+  """Class-conditional DiT over packed rows of patches.
+
+  Attributes:
+    patch_dim: P, features of one input patch.
+    width, depth, num_heads, mlp_ratio: transformer size (see VARIANTS).
+    num_classes: real classes; label `num_classes` is the null (unconditional) class.
+    class_dropout_prob: probability of replacing an example's label by the null
+      class when train=True (classifier-free guidance training).
+    learn_sigma: output 2P values per token (prediction | variance) instead of P.
+    pos_embedding: 'sincos2d' (DiT's fixed (h, w) embedding added after the
+      patch embedding), 'sincos3d' (factorised (t, h, w) sin-cos) or 'rope3d'
+      (3D rotary embedding on q and k; no additive embedding).
+    rope_split: fractions of the RoPE rotation pairs for (t, h, w).
+    qk_norm: LayerNorm on q and k per head.
+    attention_backend: see layers.dot_product_attention.
+    scan_layers: run the blocks through nn.scan (params stacked on a leading
+      'layers' axis, under 'blocks') instead of a Python loop ('blocks_0', ...).
+    remat: 'none', 'full' (recompute everything) or 'dots' (save matmuls
+      without batch dims) per block.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  patch_dim: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1
+  learn_sigma: bool = True
+  pos_embedding: str = "sincos2d"
+  rope_split: Sequence[float] = (0.25, 0.375, 0.375)
+  qk_norm: bool = False
+  attention_backend: str = "xla"
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def out_dim(self):
+    return 2 * self.patch_dim if self.learn_sigma else self.patch_dim
+
+  def _check_inputs(self, x, t, labels, segment_ids, positions):
+    if self.pos_embedding not in POS_EMBEDDINGS:
+      raise ValueError(f"Unknown pos_embedding {self.pos_embedding!r}; valid: {POS_EMBEDDINGS}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat {self.remat!r}; valid: {REMAT_POLICIES}.")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
+    if x.ndim != 3 or x.shape[-1] != self.patch_dim:
+      raise ValueError(f"x must be [B, L, patch_dim={self.patch_dim}], got {x.shape}.")
+    batch_len = x.shape[:2]
+    if t.shape != batch_len:
+      raise ValueError(f"t must be per token [B, L]={batch_len}, got {t.shape}.")
+    if segment_ids.shape != batch_len:
+      raise ValueError(f"segment_ids must be [B, L]={batch_len}, got {segment_ids.shape}.")
+    if positions.shape != batch_len + (3,):
+      raise ValueError(f"positions must be [B, L, 3]={batch_len + (3,)}, got {positions.shape}.")
+    if labels.ndim != 2 or labels.shape[0] != x.shape[0]:
+      raise ValueError(f"labels must be per example [B, K] with B={x.shape[0]}, got {labels.shape}.")
+
+  def _block_stack(self):
+    block_cls = DiTBlock
+    if self.remat != "none":
+      policy = None if self.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+      # prevent_cse is only needed outside scan (scan already stops CSE across steps).
+      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan_layers)
+    kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
+                  rope=self.pos_embedding == "rope3d", rope_split=tuple(self.rope_split),
+                  attention_backend=self.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      return [scanned(**kwargs, name="blocks")]
+    return [block_cls(**kwargs, name=f"blocks_{i}") for i in range(self.depth)]
+
+  @nn.compact
+  def __call__(self, x, t, labels, segment_ids, positions, *, train=False):
+    """Predict per token.
+
+    Args:
+      x: [B, L, P] noisy patches.
+      t: [B, L] float timestep of each token (gathered per example by the
+        caller; conditioning tokens may carry t = 0).
+      labels: [B, K] int class of each example of the row (null = num_classes).
+      segment_ids: [B, L] int, 0 = padding, k >= 1 = example k.
+      positions: [B, L, 3] int (t, h, w) patch coordinates in its example.
+      train: enables label dropout (rng stream 'dropout').
+
+    Returns:
+      [B, L, P_out] float32. Padding tokens hold finite values to be masked.
+    """
+    self._check_inputs(x, t, labels, segment_ids, positions)
+    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(layers.xavier_uniform(), ("patch", "embed")),
+                 bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="x_embedder")(
+                     x.astype(self.dtype))
+    if self.pos_embedding == "sincos2d":
+      x = x + layers.sincos_2d_embedding(positions, self.width).astype(self.dtype)
+    elif self.pos_embedding == "sincos3d":
+      x = x + layers.sincos_3d_embedding(positions, self.width).astype(self.dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    t_emb = layers.TimestepEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name="t_embedder")(t)
+    y_embedder = layers.LabelEmbedder(self.num_classes, self.width, self.class_dropout_prob, dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name="y_embedder")
+    if train and self.class_dropout_prob > 0:
+      labels = y_embedder.drop_labels(labels, self.make_rng("dropout"))  # per example, as DiT
+    example_index = jnp.maximum(segment_ids - 1, 0)  # padding borrows example 1's label; masked later
+    token_labels = jnp.take_along_axis(labels, example_index, axis=1)
+    c = t_emb + y_embedder(token_labels)
+    c = nn.with_logical_constraint(c, ("batch", "length", "embed"))
+
+    for block in self._block_stack():
+      x, _ = block(x, c, segment_ids, positions)
+
+    out = FinalLayer(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="final_layer")(x, c)
+    out = nn.with_logical_constraint(out, ("batch", "length", "patch"))
+    return out.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Variants (DiT paper, Table 1) x spatial patch size; small rows for CPU.
+# ---------------------------------------------------------------------------
+
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+VARIANTS = {
+    f"{size}/{patch}": dict(depth=depth, width=width, num_heads=heads, patch=patch)
+    for size, (depth, width, heads) in _SIZES.items()
+    for patch in (2, 4, 8)
+}
+VARIANTS["tiny"] = dict(depth=4, width=128, num_heads=4, patch=2)
+VARIANTS["smoke"] = dict(depth=2, width=32, num_heads=2, patch=2)
+
+
+def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.float32) -> DiT:
+  """DiT from a config's `model` section (configs/dit_image.py, c.model).
+
+  Reads variant, num_classes, class_dropout_prob, learn_sigma, pos_embedding,
+  attention_backend, scan_layers, remat, and optionally mlp_ratio, qk_norm,
+  rope_split. `patch_dim` is P of the data; the variant's `patch` (spatial
+  patch size) must agree with the data config, which the caller checks.
+  """
+  cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  variant = cfg.get("variant")
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown DiT variant {variant!r}; valid: {sorted(VARIANTS)}.")
+  if "num_classes" not in cfg:
+    raise ValueError("model config needs num_classes.")
+  size = VARIANTS[variant]
+  optional = {k: cfg[k] for k in ("mlp_ratio", "qk_norm") if k in cfg}
+  if "rope_split" in cfg:
+    optional["rope_split"] = tuple(cfg["rope_split"])
+  return DiT(
+      patch_dim=patch_dim,
+      width=size["width"],
+      depth=size["depth"],
+      num_heads=size["num_heads"],
+      num_classes=cfg["num_classes"],
+      class_dropout_prob=cfg.get("class_dropout_prob", 0.1),
+      learn_sigma=cfg.get("learn_sigma", True),
+      pos_embedding=cfg.get("pos_embedding", "sincos2d"),
+      attention_backend=cfg.get("attention_backend", "xla"),
+      scan_layers=cfg.get("scan_layers", True),
+      remat=cfg.get("remat", "none"),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      **optional,
+  )

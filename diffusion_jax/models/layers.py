@@ -1,0 +1,345 @@
+"""Transformer building blocks shared by the diffusion backbones.
+
+Everything works on packed rows (DESIGN.md, "The packed batch"): activations are
+[B, L, ...], `segment_ids` [B, L] say which example a token belongs to (0 =
+padding) and `positions` [B, L, 3] give its (t, h, w) patch coordinates inside
+that example.
+
+Sharding: modules only name logical axes ('batch', 'length', 'embed', 'mlp',
+'heads', 'kv', 'patch', 'classes', 'layers'); every parameter carries a name on
+each of its dims through `nn.with_logical_partitioning`, and the mesh rules in
+the config decide how the names map to mesh axes.
+
+Initialisers follow DiT (Peebles & Xie, 2023), whose linear layers use
+xavier_uniform with zero bias (timm's Attention and Mlp), and whose timestep
+MLP and class table use normal(0.02).
+"""
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ATTENTION_BACKENDS = ("xla",)
+
+xavier_uniform = nn.initializers.xavier_uniform
+zeros = nn.initializers.zeros_init()
+
+
+def _named(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+# ---------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------
+
+
+def _segment_mask(q_segment_ids, kv_segment_ids):
+  """[B, 1, Lq, Lk] bool: same example and neither token is padding."""
+  same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  real = (q_segment_ids[:, :, None] != 0) & (kv_segment_ids[:, None, :] != 0)
+  return (same & real)[:, None]
+
+
+def _xla_attention(q, k, v, mask):
+  depth = q.shape[-1]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits.astype(jnp.float32) / math.sqrt(depth)
+  # A finite fill (not -inf) keeps fully masked rows NaN-free in both passes;
+  # the explicit zeroing below then makes their weights exactly zero.
+  logits = jnp.where(mask, logits, jnp.float32(-1e30))
+  logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  weights = jnp.exp(logits) * mask
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  weights = weights / jnp.where(total > 0, total, 1.0)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  return out.astype(q.dtype)
+
+
+def dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend="xla"):
+  """Scaled dot-product attention restricted to tokens of the same example.
+
+  Args:
+    q: [B, Lq, H, D] queries.
+    k, v: [B, Lk, H, D] keys and values.
+    q_segment_ids: [B, Lq] int, 0 = padding, k >= 1 = example k of the row.
+    kv_segment_ids: [B, Lk] int, same convention.
+    backend: 'xla' (the reference einsum/softmax implementation).
+
+  Returns:
+    [B, Lq, H, D] in q's dtype. A query attends only to keys with its own
+    non-zero segment id; a query with no such key (padding) gets zeros. The
+    softmax runs in float32 whatever the input dtype.
+  """
+  if backend not in ATTENTION_BACKENDS:
+    raise ValueError(f"Unknown attention backend {backend!r}; valid: {ATTENTION_BACKENDS}.")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, L, H, D]; got {q.shape}, {k.shape}, {v.shape}.")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}.")
+  if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch, heads or head dim.")
+  if q_segment_ids.shape != q.shape[:2] or kv_segment_ids.shape != k.shape[:2]:
+    raise ValueError(
+        f"segment ids {q_segment_ids.shape}, {kv_segment_ids.shape} do not match "
+        f"q {q.shape[:2]} and k {k.shape[:2]}.")
+  mask = _segment_mask(q_segment_ids, kv_segment_ids)
+  return _xla_attention(q, k, v, mask)
+
+
+# ---------------------------------------------------------------------------
+# Positional encodings
+# ---------------------------------------------------------------------------
+
+
+def rope_3d_split(head_dim, split=(0.25, 0.375, 0.375)):
+  """Number of rotation pairs given to t, h and w.
+
+  Rule: a head of D channels (D even) holds D/2 rotation pairs. h gets
+  floor(D/2 * split[1]) pairs, w gets floor(D/2 * split[2]) pairs and t gets the
+  rest, so the three counts always sum to D/2 and each axis owns an even number
+  (twice its pair count) of channels.
+  """
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head dim, got {head_dim}.")
+  if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
+    raise ValueError(f"RoPE split must be 3 non-negative fractions summing to 1, got {split}.")
+  pairs = head_dim // 2
+  n_h = int(pairs * split[1])
+  n_w = int(pairs * split[2])
+  return pairs - n_h - n_w, n_h, n_w
+
+
+def rope_3d_angles(positions, head_dim, *, split=(0.25, 0.375, 0.375), theta=10000.0):
+  """[B, L, D/2] float32 rotation angles: concat over (t, h, w) of pos * freqs.
+
+  Each axis with n pairs uses its own ladder freqs_i = theta^(-i / n), i < n
+  (the 1D RoPE ladder of a 2n-channel head), as in factorised 3D RoPE.
+  """
+  counts = rope_3d_split(head_dim, split)
+  parts = []
+  for axis, n in enumerate(counts):
+    if n == 0:
+      continue
+    freqs = theta ** (-jnp.arange(n, dtype=jnp.float32) / n)
+    parts.append(positions[..., axis : axis + 1].astype(jnp.float32) * freqs)
+  return jnp.concatenate(parts, axis=-1)
+
+
+def apply_rope_3d(x, positions, *, split=(0.25, 0.375, 0.375), theta=10000.0):
+  """Rotary position embedding over (t, h, w) coordinates.
+
+  Args:
+    x: [B, L, H, D] queries or keys, D even.
+    positions: [B, L, 3] int (t, h, w) patch coordinates.
+    split: fractions of the D/2 rotation pairs given to (t, h, w); see
+      `rope_3d_split` for the rounding rule (h and w rounded down, t the rest).
+    theta: base of the frequency ladder.
+
+  Channels are paired "rotate half" style (GPT-NeoX): pair j is (x[j],
+  x[j + D/2]), and the D/2 angles are laid out [t pairs | h pairs | w pairs].
+  Computed in float32, returned in x's dtype.
+  """
+  if x.ndim != 4 or positions.shape != x.shape[:2] + (3,):
+    raise ValueError(f"apply_rope_3d wants x [B, L, H, D] and positions [B, L, 3]; got {x.shape}, {positions.shape}.")
+  angles = rope_3d_angles(positions, x.shape[-1], split=split, theta=theta)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def sincos_1d_embedding(pos, dim):
+  """[..., dim] = [sin(pos * omega), cos(pos * omega)], omega_i = 1/10000^(i/(dim/2)).
+
+  MAE/DiT's get_1d_sincos_pos_embed_from_grid, on float32 positions.
+  """
+  if dim % 2:
+    raise ValueError(f"1D sin-cos embedding needs an even dim, got {dim}.")
+  omega = 1.0 / 10000.0 ** (jnp.arange(dim // 2, dtype=jnp.float32) / (dim / 2.0))
+  out = pos.astype(jnp.float32)[..., None] * omega
+  return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=-1)
+
+
+def sincos_2d_embedding(positions, dim):
+  """Fixed 2D sin-cos embedding of the (h, w) coordinates: [B, L, dim] float32.
+
+  Exactly DiT's get_2d_sincos_pos_embed for a token at (h, w): its meshgrid puts
+  w first, so the first dim/2 channels are the 1D embedding of w and the last
+  dim/2 that of h, each [sin, cos] with omega_i = 1/10000^(i/(dim/4)). The t
+  coordinate is ignored. dim must be a multiple of 4.
+  """
+  if dim % 4:
+    raise ValueError(f"2D sin-cos embedding needs dim divisible by 4, got {dim}.")
+  if positions.shape[-1] != 3:
+    raise ValueError(f"positions must end in (t, h, w), got shape {positions.shape}.")
+  emb_w = sincos_1d_embedding(positions[..., 2], dim // 2)
+  emb_h = sincos_1d_embedding(positions[..., 1], dim // 2)
+  return jnp.concatenate([emb_w, emb_h], axis=-1)
+
+
+def sincos_3d_split(dim):
+  """(d_t, d_hw): the 2D (h, w) part gets the multiple of 4 nearest 3/4 of dim."""
+  if dim % 4:
+    raise ValueError(f"3D sin-cos embedding needs dim divisible by 4, got {dim}.")
+  d_hw = 4 * round(0.75 * dim / 4)
+  return dim - d_hw, d_hw
+
+
+def sincos_3d_embedding(positions, dim):
+  """Factorised spacetime sin-cos: concat(1D(t) on d_t, 2D(h, w) on d_hw) channels.
+
+  The split is `sincos_3d_split(dim)` (about a quarter for time). The 2D part
+  is `sincos_2d_embedding`, so a frame's spatial code is DiT's.
+  """
+  d_t, d_hw = sincos_3d_split(dim)
+  return jnp.concatenate(
+      [sincos_1d_embedding(positions[..., 0], d_t), sincos_2d_embedding(positions, d_hw)], axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Conditioning embedders
+# ---------------------------------------------------------------------------
+
+
+def timestep_frequencies(t, dim=256, max_period=10000.0):
+  """DiT/ADM sinusoidal timestep features: [..., dim] = [cos(t f), sin(t f)].
+
+  f_i = max_period^(-i / (dim/2)); an odd dim is padded with one zero.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[..., None] * freqs
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[..., :1])], axis=-1)
+  return emb
+
+
+class TimestepEmbedder(nn.Module):
+  """DiT's TimestepEmbedder: 256 sinusoidal frequencies -> Dense -> SiLU -> Dense.
+
+  Works on any leading shape (per token here: [B, L] -> [B, L, width]).
+  """
+  width: int
+  frequency_dim: int = 256
+  max_period: float = 10000.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    freq = timestep_frequencies(t, self.frequency_dim, self.max_period).astype(self.dtype)
+    init = nn.initializers.normal(0.02)
+    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=_named(init, ("patch", "mlp")), bias_init=_named(zeros, ("mlp",)),
+                 name="mlp_0")(freq)
+    h = nn.silu(h)
+    return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_named(init, ("mlp", "embed")), bias_init=_named(zeros, ("embed",)),
+                    name="mlp_2")(h)
+
+
+class LabelEmbedder(nn.Module):
+  """DiT's LabelEmbedder: a (num_classes + 1) x width table, the last row is the
+  null class used for classifier-free guidance.
+
+  `drop_labels` replaces each label by the null class with probability
+  `dropout_prob` (DiT's token_drop); call it once per example, before the labels
+  are spread over tokens.
+  """
+  num_classes: int
+  width: int
+  dropout_prob: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def drop_labels(self, labels, rng):
+    drop = jax.random.bernoulli(rng, self.dropout_prob, labels.shape)
+    return jnp.where(drop, self.num_classes, labels)
+
+  @nn.compact
+  def __call__(self, labels):
+    table = nn.Embed(self.num_classes + 1, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                     embedding_init=_named(nn.initializers.normal(0.02), ("classes", "embed")),
+                     name="embedding_table")
+    return table(labels)
+
+
+# ---------------------------------------------------------------------------
+# Transformer layers
+# ---------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+  """timm Mlp as DiT uses it: Dense(width -> hidden) -> GELU(tanh) -> Dense(-> width)."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=_named(xavier_uniform(), ("embed", "mlp")),
+                 bias_init=_named(zeros, ("mlp",)), name="fc1")(x)
+    h = nn.gelu(h, approximate=True)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_named(xavier_uniform(), ("mlp", "embed")),
+                    bias_init=_named(zeros, ("embed",)), name="fc2")(h)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention over packed rows (timm Attention as in DiT).
+
+  q, k and v are separate [width, heads, head_dim] projections (so 'heads' can
+  be sharded). DiT fuses them into one width x 3*width xavier_uniform matrix;
+  `variance_scaling(0.5, 'fan_avg', 'uniform')` on each third draws from the
+  very same distribution (fan_avg of the fused matrix is 2*width).
+
+  Optional QK-norm (LayerNorm over head_dim, as timm's qk_norm) and 3D RoPE on
+  q and k when `rope` is set.
+  """
+  num_heads: int
+  qk_norm: bool = False
+  rope: bool = False
+  rope_split: Sequence[float] = (0.25, 0.375, 0.375)
+  rope_theta: float = 10000.0
+  backend: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
+    head_dim = width // self.num_heads
+    # DenseGeneral hands its initialiser the flattened [width, heads*head_dim] shape.
+    qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+
+    def project(name):
+      y = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=_named(qkv_init, ("embed", "heads", "kv")),
+                          bias_init=_named(zeros, ("heads", "kv")), name=name)(x)
+      return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+
+    q, k, v = project("query"), project("key"), project("value")
+    if self.qk_norm:
+      norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                                       scale_init=_named(nn.initializers.ones_init(), ("kv",)),
+                                       bias_init=_named(zeros, ("kv",)), name=name)
+      q, k = norm("q_norm")(q), norm("k_norm")(k)
+    if self.rope:
+      q = apply_rope_3d(q, positions, split=self.rope_split, theta=self.rope_theta)
+      k = apply_rope_3d(k, positions, split=self.rope_split, theta=self.rope_theta)
+    out = dot_product_attention(q, k, v, segment_ids, segment_ids, backend=self.backend)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=_named(xavier_uniform(), ("heads", "kv", "embed")),
+                           bias_init=_named(zeros, ("embed",)), name="proj")(out)
