@@ -1,0 +1,188 @@
+"""Tests of diffusion_jax/models/layers.py at tiny sizes."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.models import layers
+
+
+def _naive_attention(q, k, v, seg):
+  """Per example, per head softmax(q k^T / sqrt(D)) v in float64; zeros for padding."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  seg = np.asarray(seg)
+  out = np.zeros_like(q)
+  for b in range(q.shape[0]):
+    for i in range(q.shape[1]):
+      if seg[b, i] == 0:
+        continue
+      keys = np.nonzero(seg[b] == seg[b, i])[0]
+      for h in range(q.shape[2]):
+        logits = k[b, keys, h] @ q[b, i, h] / math.sqrt(q.shape[-1])
+        w = np.exp(logits - logits.max())
+        out[b, i, h] = (w / w.sum()) @ v[b, keys, h]
+  return out
+
+
+def _qkv(key, shape):
+  kq, kk, kv = jax.random.split(key, 3)
+  return (jax.random.normal(kq, shape), jax.random.normal(kk, shape), jax.random.normal(kv, shape))
+
+
+def test_attention_matches_per_example_softmax():
+  q, k, v = _qkv(jax.random.key(0), (2, 7, 2, 4))
+  seg = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 3, 0]], jnp.int32)
+  out = layers.dot_product_attention(q, k, v, seg, seg)
+  np.testing.assert_allclose(out, _naive_attention(q, k, v, seg), atol=1e-5, rtol=1e-5)
+  assert np.all(np.asarray(out)[np.asarray(seg) == 0] == 0.0)
+
+
+def test_attention_fully_padded_row_is_zero_with_finite_grads():
+  q, k, v = _qkv(jax.random.key(1), (2, 5, 2, 4))
+  seg = jnp.array([[0, 0, 0, 0, 0], [1, 1, 2, 0, 0]], jnp.int32)
+
+  def loss(q, k, v):
+    out = layers.dot_product_attention(q, k, v, seg, seg)
+    return jnp.sum(out**2) + jnp.sum(out), out
+
+  grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  assert np.all(np.asarray(out[0]) == 0.0)
+  assert np.all(np.isfinite(np.asarray(out)))
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(g[0]) == 0.0)  # nothing in the padded row gets gradient
+  assert np.abs(np.asarray(grads[2][1])).max() > 0  # the real row does
+
+
+def test_attention_bfloat16_inputs_use_float32_softmax():
+  q, k, v = _qkv(jax.random.key(2), (1, 6, 2, 8))
+  seg = jnp.array([[1, 1, 1, 1, 2, 2]], jnp.int32)
+  out = layers.dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg, seg)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), _naive_attention(q, k, v, seg), atol=5e-2)
+
+
+def test_attention_rejects_bad_input():
+  q, k, v = _qkv(jax.random.key(3), (1, 4, 2, 4))
+  seg = jnp.ones((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="backend"):
+    layers.dot_product_attention(q, k, v, seg, seg, backend="flash9000")
+  with pytest.raises(ValueError, match="segment ids"):
+    layers.dot_product_attention(q, k, v, seg[:, :3], seg)
+  with pytest.raises(ValueError, match="disagree"):
+    layers.dot_product_attention(q, k[..., :2], v[..., :2], seg, seg)
+
+
+def test_rope_split_rule():
+  assert layers.rope_3d_split(16) == (2, 3, 3)
+  assert layers.rope_3d_split(64) == (8, 12, 12)
+  assert layers.rope_3d_split(72, split=(0.0, 0.5, 0.5)) == (0, 18, 18)
+  with pytest.raises(ValueError, match="even"):
+    layers.rope_3d_split(15)
+  with pytest.raises(ValueError, match="sum"):
+    layers.rope_3d_split(16, split=(0.5, 0.5, 0.5))
+
+
+def test_rope_is_a_rotation_that_depends_on_relative_position():
+  key_q, key_k, key_p = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(key_q, (1, 5, 2, 16))
+  k = jax.random.normal(key_k, (1, 5, 2, 16))
+  pos = jax.random.randint(key_p, (1, 5, 3), 0, 20)
+  rq, rk = layers.apply_rope_3d(q, pos), layers.apply_rope_3d(k, pos)
+  np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(layers.apply_rope_3d(q, jnp.zeros_like(pos)), q, atol=1e-6)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", rq, rk)
+  for shift in ([3, 0, 0], [0, 5, 0], [0, 0, 7]):
+    moved = pos + jnp.array(shift, jnp.int32)
+    moved_logits = jnp.einsum("bqhd,bkhd->bhqk", layers.apply_rope_3d(q, moved), layers.apply_rope_3d(k, moved))
+    np.testing.assert_allclose(moved_logits, logits, atol=1e-4)
+  # Every axis is actually encoded: moving one token along any axis changes its logits.
+  for axis in range(3):
+    moved = pos.at[0, 0, axis].add(1)
+    moved_logits = jnp.einsum("bqhd,bkhd->bhqk", layers.apply_rope_3d(q, moved), layers.apply_rope_3d(k, moved))
+    assert np.abs(np.asarray(moved_logits - logits)[:, :, 0, 1:]).max() > 1e-3
+
+
+def _dit_2d_sincos_numpy(embed_dim, grid_h, grid_w):
+  """DiT's get_2d_sincos_pos_embed (MAE), for an h x w grid, flattened row-major."""
+  def one_d(dim, pos):
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  grid = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))  # w first
+  grid = np.stack(grid, axis=0).reshape(2, 1, grid_h, grid_w)
+  return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+def test_sincos_2d_matches_dit():
+  h, w, dim = 3, 5, 32
+  hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  pos = np.stack([np.zeros_like(hh), hh, ww], -1).reshape(1, h * w, 3)
+  ours = layers.sincos_2d_embedding(jnp.asarray(pos, jnp.int32), dim)
+  np.testing.assert_allclose(ours[0], _dit_2d_sincos_numpy(dim, h, w), atol=1e-5)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    layers.sincos_2d_embedding(jnp.asarray(pos), 30)
+
+
+def test_sincos_3d_is_time_code_then_dit_spatial_code():
+  pos = jnp.array([[[0, 1, 2], [4, 1, 2], [4, 0, 3]]], jnp.int32)
+  emb = layers.sincos_3d_embedding(pos, 32)
+  d_t, d_hw = layers.sincos_3d_split(32)
+  assert (d_t, d_hw) == (8, 24)
+  np.testing.assert_allclose(emb[..., d_t:], layers.sincos_2d_embedding(pos, d_hw), atol=1e-6)
+  np.testing.assert_allclose(emb[0, 0, d_t:], emb[0, 1, d_t:])  # same (h, w), other frame
+  assert np.abs(np.asarray(emb[0, 0, :d_t] - emb[0, 1, :d_t])).max() > 0.1
+
+
+def test_timestep_frequencies_match_dit_formula():
+  t = jnp.array([[0.0, 1.0, 999.0]])
+  emb = np.asarray(layers.timestep_frequencies(t, 256))
+  half = 128
+  freqs = np.exp(-math.log(10000) * np.arange(half) / half)
+  args = np.array([0.0, 1.0, 999.0])[:, None] * freqs
+  np.testing.assert_allclose(emb[0], np.concatenate([np.cos(args), np.sin(args)], -1), atol=2e-4)
+  assert layers.timestep_frequencies(t, 7).shape == (1, 3, 7)
+
+
+def test_embedders_and_attention_init_like_dit():
+  width, heads = 64, 4
+  x = jnp.ones((1, 3, width))
+  seg = jnp.ones((1, 3), jnp.int32)
+  pos = jnp.zeros((1, 3, 3), jnp.int32)
+  attn = nn.unbox(layers.SelfAttention(heads).init(jax.random.key(0), x, seg, pos))["params"]
+  fused = jnp.concatenate([attn[n]["kernel"].reshape(width, width) for n in ("query", "key", "value")], axis=1)
+  limit = math.sqrt(6.0 / (width + 3 * width))  # xavier_uniform of DiT's fused [width, 3 width] qkv
+  assert float(jnp.abs(fused).max()) <= limit and float(jnp.abs(fused).max()) > 0.95 * limit
+  np.testing.assert_allclose(float(jnp.std(fused)), limit / math.sqrt(3), rtol=0.05)
+  assert float(jnp.abs(attn["query"]["bias"]).max()) == 0.0
+
+  temb = nn.unbox(layers.TimestepEmbedder(width).init(jax.random.key(1), jnp.zeros((1, 3))))["params"]
+  assert temb["mlp_0"]["kernel"].shape == (256, width)
+  np.testing.assert_allclose(float(jnp.std(temb["mlp_0"]["kernel"])), 0.02, rtol=0.05)
+  labels = layers.LabelEmbedder(10, width)
+  lemb = nn.unbox(labels.init(jax.random.key(2), jnp.zeros((1, 3), jnp.int32)))["params"]
+  assert lemb["embedding_table"]["embedding"].shape == (11, width)  # + the null class row
+  dropped = labels.drop_labels(jnp.arange(10), jax.random.key(3))
+  assert set(np.asarray(dropped).tolist()) <= set(range(11))
+  assert np.all(np.asarray(labels.clone(dropout_prob=1.0).drop_labels(jnp.arange(10), jax.random.key(3))) == 10)
+
+
+def test_self_attention_keeps_examples_apart():
+  width, heads = 16, 2
+  x = jax.random.normal(jax.random.key(5), (1, 6, width))
+  seg = jnp.array([[1, 1, 1, 2, 2, 0]], jnp.int32)
+  pos = jnp.array([[[0, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]]], jnp.int32)
+  for qk_norm, rope in ((False, False), (True, True)):
+    module = layers.SelfAttention(heads, qk_norm=qk_norm, rope=rope)
+    params = jax.jit(module.init)(jax.random.key(6), x, seg, pos)
+    apply = jax.jit(module.apply)
+    both = apply(params, x, seg, pos)
+    first = apply(params, x[:, :3], seg[:, :3], pos[:, :3])
+    second = apply(params, x[:, 3:5], seg[:, 3:5] - 1, pos[:, 3:5])
+    np.testing.assert_allclose(both[:, :3], first, atol=1e-5)
+    np.testing.assert_allclose(both[:, 3:5], second, atol=1e-5)
