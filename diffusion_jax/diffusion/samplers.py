@@ -1,0 +1,242 @@
+"""Samplers: DDPM ancestral, DDIM (with SDEdit start), classifier-free guidance,
+and the Euler sampler of rectified flow.
+
+Each sampler runs its whole loop as one `jax.lax.scan`, so a jitted call
+compiles the model once, whatever the number of steps:
+
+  sample = jax.jit(lambda noise, rng: ddim_sample(s, model_fn, noise, rng, num_steps=50,
+                                                  prediction="eps", learn_sigma=True))
+
+`model_fn(x_t, t)` takes packed tokens x_t [B, L, P] and per-token timesteps
+t [B, L] int32 and returns [B, L, P] (or [B, L, 2P] with learn_sigma). For data
+of another rank (images x [B, H, W, C]) t is per example, [B].
+
+Frame conditioning (image-to-video, extension, interpolation): keep_mask [B, L]
+bool marks tokens held clean at keep_x0 [B, L, P]. At every step the model sees
+them with their clean value and t = 0, the DDPM/Sora convention for context
+frames, and the sampler returns them unchanged.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.diffusion import objectives
+from diffusion_jax.diffusion import schedules as sched
+
+
+def _time_shape(x):
+  """Per-token times for packed tokens [B, L, P], per-example times otherwise."""
+  return x.shape[:2] if x.ndim == 3 else x.shape[:1]
+
+
+def _check_keep(x, keep_mask, keep_x0):
+  if (keep_mask is None) != (keep_x0 is None):
+    raise ValueError("keep_mask and keep_x0 must be given together")
+  if keep_mask is None:
+    return
+  if tuple(keep_mask.shape) != tuple(_time_shape(x)):
+    raise ValueError(f"keep_mask of shape {keep_mask.shape} must be {_time_shape(x)} for x {x.shape}")
+  if tuple(keep_x0.shape) != tuple(x.shape):
+    raise ValueError(f"keep_x0 of shape {keep_x0.shape} must have the shape of x {x.shape}")
+
+
+def _hold(x, keep_mask, keep_x0):
+  """x with the kept tokens replaced by their clean value."""
+  if keep_mask is None:
+    return x
+  mask = keep_mask.reshape(keep_mask.shape + (1,) * (x.ndim - keep_mask.ndim))
+  return jnp.where(mask, keep_x0.astype(x.dtype), x)
+
+
+def _model_inputs(x, t, keep_mask, keep_x0):
+  """(x, t) as the model sees them: kept tokens clean and at t = 0."""
+  if keep_mask is None:
+    return x, t
+  return _hold(x, keep_mask, keep_x0), jnp.where(keep_mask, jnp.zeros_like(t), t)
+
+
+def _check_output(out, x, learn_sigma):
+  expected = 2 * x.shape[-1] if learn_sigma else x.shape[-1]
+  if out.shape[:-1] != x.shape[:-1] or out.shape[-1] != expected:
+    raise ValueError(
+        f"model_fn returned shape {out.shape} for x {x.shape} with learn_sigma={learn_sigma} "
+        f"(expected {expected} channels on the last axis)")
+
+
+def ddpm_sample(s, model_fn, noise, rng, *, prediction, learn_sigma, clip_x0=None,
+                keep_mask=None, keep_x0=None):
+  """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) from t = T-1 down to 0.
+
+  x_{t-1} = mean + sigma_t z with mean and variance from `objectives.p_mean_variance`
+  (learned range with learn_sigma, else fixed small beta-tilde); no noise at t = 0.
+  `noise` is x_{T-1}, the starting standard Gaussian. Returns the sample x_{-1} = x0.
+  """
+  _check_keep(noise, keep_mask, keep_x0)
+  timesteps = jnp.asarray(np.arange(s.num_steps - 1, -1, -1), jnp.int32)
+  keys = jax.random.split(rng, s.num_steps)
+  time_shape = _time_shape(noise)
+
+  def step(x, inputs):
+    t_now, key = inputs
+    t = jnp.full(time_shape, t_now, jnp.int32)
+    x_in, t_in = _model_inputs(x, t, keep_mask, keep_x0)
+    out = model_fn(x_in, t_in)
+    _check_output(out, x, learn_sigma)
+    p = objectives.p_mean_variance(
+        s, out, x_in, t, prediction=prediction, learn_sigma=learn_sigma, clip_x0=clip_x0)
+    std = jnp.where(t_now > 0, jnp.exp(0.5 * p["log_variance"]), 0.0)
+    x_next = p["mean"] + std * jax.random.normal(key, x.shape, x.dtype)
+    return _hold(x_next.astype(x.dtype), keep_mask, keep_x0), None
+
+  x, _ = jax.lax.scan(step, _hold(noise, keep_mask, keep_x0), (timesteps, keys))
+  return x
+
+
+def ddim_timesteps(total_steps: int, num_steps: int, start_step=None) -> np.ndarray:
+  """Descending DDIM timesteps, evenly spaced and 'trailing' (diffusers' name).
+
+  With m = start_step + 1 (default start_step = T - 1): t_i = floor(m (n - i) / n) - 1
+  for i = 0..n-1, so the first step is start_step itself (pure noise when it is
+  T - 1) and the last is floor(m / n) - 1. Lin et al. 2024 show 'leading' spacing
+  never starts from the last timestep; floor instead of round keeps steps distinct.
+  num_steps == start_step + 1 gives every step.
+  """
+  if start_step is None:
+    start_step = total_steps - 1
+  if not 0 <= start_step < total_steps:
+    raise ValueError(f"start_step must be in [0, {total_steps - 1}], got {start_step}")
+  m = start_step + 1
+  if not 1 <= num_steps <= m:
+    raise ValueError(f"num_steps must be in [1, {m}] (start_step + 1), got {num_steps}")
+  i = np.arange(num_steps)
+  return ((m * (num_steps - i)) // num_steps - 1).astype(np.int32)
+
+
+def ddim_coefficients(s, t, t_prev, eta):
+  """(sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), sigma) of the DDIM step t -> t_prev.
+
+  Song et al. 2021, eq. 12 and 16:
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev),
+  with abar_prev = 1 for t_prev = -1 (the final step to x0). With eta = 1 and
+  t_prev = t - 1, sigma^2 is DDPM's posterior variance beta-tilde_t. The factor
+  1 - abar_t / abar_prev = 1 - prod(1 - beta) over (t_prev, t] is summed in log
+  space from the betas, and 1 - abar from its float64-built square root, so float32
+  keeps its precision near t = 0 where abar is within 1e-4 of 1.
+  """
+  t = jnp.asarray(t, jnp.int32)
+  t_prev = jnp.asarray(t_prev, jnp.int32)
+  steps = jnp.arange(s.num_steps)
+  in_range = (steps > t_prev[..., None]) & (steps <= t[..., None])
+  log_ratio = jnp.sum(jnp.where(in_range, jnp.log1p(-s.betas), 0.0), axis=-1)
+  one_minus_ratio = -jnp.expm1(log_ratio)
+  has_prev = t_prev >= 0
+  prev = jnp.maximum(t_prev, 0)
+  one_minus_abar = jnp.square(s.sqrt_one_minus_alphas_cumprod[t])
+  one_minus_abar_prev = jnp.where(has_prev, jnp.square(s.sqrt_one_minus_alphas_cumprod[prev]), 0.0)
+  sqrt_abar_prev = jnp.where(has_prev, s.sqrt_alphas_cumprod[prev], 1.0)
+  sigma = eta * jnp.sqrt(one_minus_abar_prev / one_minus_abar * one_minus_ratio)
+  direction = jnp.sqrt(jnp.maximum(one_minus_abar_prev - jnp.square(sigma), 0.0))
+  return sqrt_abar_prev, direction, sigma
+
+
+def ddim_sample(s, model_fn, noise, rng, *, num_steps, eta=0.0, prediction, learn_sigma,
+                clip_x0=None, keep_mask=None, keep_x0=None, start_step=None):
+  """DDIM sampling (Song et al. 2021) over `ddim_timesteps(T, num_steps, start_step)`.
+
+  eta = 0 is the deterministic DDIM; eta = 1 with num_steps == T is DDPM ancestral
+  sampling with fixed-small variance. Learned-variance channels are ignored (the
+  variance comes from eta), as in Improved DDPM's and DiT's `ddim_sample`.
+  When clipping, eps is recomputed from the clipped x0. `rng` may be None when eta == 0.
+
+  SDEdit (Meng et al. 2022): with `start_step` = k, `noise` is x_k, e.g.
+  `q_sample(s, x_edit, k, eps)`, and sampling runs from k down to 0.
+  """
+  _check_keep(noise, keep_mask, keep_x0)
+  timesteps = ddim_timesteps(s.num_steps, num_steps, start_step)
+  previous = np.append(timesteps[1:], -1).astype(np.int32)
+  deterministic = rng is None
+  if deterministic:
+    if not (isinstance(eta, (int, float)) and eta == 0):
+      raise ValueError("ddim_sample needs an rng unless eta == 0")
+    keys = jnp.zeros((num_steps,), jnp.uint32)  # placeholder scan input, never used
+  else:
+    keys = jax.random.split(rng, num_steps)
+  time_shape = _time_shape(noise)
+  channels = noise.shape[-1]
+
+  def step(x, inputs):
+    t_now, t_prev, key = inputs
+    t = jnp.full(time_shape, t_now, jnp.int32)
+    x_in, t_in = _model_inputs(x, t, keep_mask, keep_x0)
+    out = model_fn(x_in, t_in)
+    _check_output(out, x, learn_sigma)
+    pred_x0, eps = objectives.model_output_to_x0_eps(s, out[..., :channels], x_in, t, prediction)
+    if clip_x0 is not None:
+      pred_x0 = jnp.clip(pred_x0, *clip_x0)
+      eps = sched.predict_eps_from_x0(s, x_in, t, pred_x0)
+    sqrt_abar_prev, direction, sigma = ddim_coefficients(s, t_now, t_prev, eta)
+    x_next = sqrt_abar_prev * pred_x0 + direction * eps
+    if not deterministic:
+      x_next = x_next + sigma * jax.random.normal(key, x.shape, x.dtype)
+    return _hold(x_next.astype(x.dtype), keep_mask, keep_x0), None
+
+  inputs = (jnp.asarray(timesteps), jnp.asarray(previous), keys)
+  x, _ = jax.lax.scan(step, _hold(noise, keep_mask, keep_x0), inputs)
+  return x
+
+
+def guided_model_fn(apply_fn, labels, null_labels, scale, learn_sigma):
+  """Classifier-free guidance (Ho & Salimans 2022) as a `model_fn(x, t)`.
+
+  Runs apply_fn(x, t, labels) for the conditional and the unconditional labels
+  as ONE batch of 2B (concatenated along B), then returns
+  out_u + scale (out_c - out_u) on the P prediction channels and, with
+  learn_sigma, the conditional learned-variance channels unchanged. Guidance is
+  affine, so it means the same for eps, v or x0 prediction. scale = 1 is the
+  conditional model, scale = 0 the unconditional one.
+  apply_fn(x [B, L, P], t [B, L], labels [B, K]) -> [B, L, P or 2P].
+  """
+  labels = jnp.asarray(labels)
+  null_labels = jnp.broadcast_to(jnp.asarray(null_labels, labels.dtype), labels.shape)
+  both_labels = jnp.concatenate([labels, null_labels], axis=0)
+
+  def model_fn(x, t):
+    out = apply_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_labels)
+    _check_output(out, jnp.concatenate([x, x], axis=0), learn_sigma)
+    cond, uncond = jnp.split(out, 2, axis=0)
+    channels = x.shape[-1]
+    guided = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])
+    if learn_sigma:
+      return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+    return guided
+
+  return model_fn
+
+
+def flow_euler_sample(model_fn_cont, noise, *, num_steps, shift=1.0, keep_mask=None, keep_x0=None):
+  """Euler integration of a rectified-flow ODE from t = 1 (noise) to t = 0 (data).
+
+  Times t_i = shift_times(1 - i / n, shift) for i = 0..n; each step
+  x <- x + (t_{i+1} - t_i) v(x, t_i). model_fn_cont(x [B, L, P], t [B, L] float) -> v,
+  the velocity noise - x0 (objectives.flow_interpolate). Kept tokens are fed clean at t = 0.
+  """
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+  _check_keep(noise, keep_mask, keep_x0)
+  grid = np.linspace(1.0, 0.0, num_steps + 1)
+  times = jnp.asarray(objectives.shift_times(grid, shift), jnp.float32)
+  time_shape = _time_shape(noise)
+
+  def step(x, inputs):
+    t_now, t_next = inputs
+    t = jnp.full(time_shape, t_now, jnp.float32)
+    x_in, t_in = _model_inputs(x, t, keep_mask, keep_x0)
+    v = model_fn_cont(x_in, t_in)
+    if v.shape != x.shape:
+      raise ValueError(f"model_fn_cont returned shape {v.shape} for x {x.shape}")
+    x_next = x + (t_next - t_now) * v
+    return _hold(x_next.astype(x.dtype), keep_mask, keep_x0), None
+
+  x, _ = jax.lax.scan(step, _hold(noise, keep_mask, keep_x0), (times[:-1], times[1:]))
+  return x
