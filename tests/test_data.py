@@ -108,6 +108,9 @@ def test_open_source_errors_name_what_was_looked_for(data_dir, tmp_path):
     sources.open_source("no_such_dataset", "train", data_dir)
   builder_dir = os.path.join(data_dir, "digits_canvas", "16px", "1.0.0")
   assert len(sources.open_source(builder_dir, "validation")) == 1000  # a directory works too
+  sources.ensure_dataset(builder_dir, image_size=16)  # already prepared: nothing to do
+  with pytest.raises(ValueError, match="unknown built-in dataset 'no_such_dataset'"):
+    sources.ensure_dataset("no_such_dataset", data_dir)
 
 
 @pytest.mark.parametrize("tokens_per_row,examples_per_row", [(64, 1), (160, 3)])
@@ -199,3 +202,21 @@ def test_make_global_batch_shards_rows_over_data_axes(data_dir):
   # One row per device along the leading axis; the other axes whole.
   shard_shapes = {s.data.shape for s in batch["patches"].addressable_shards}
   assert shard_shapes == {(1, 64, 12)}
+
+
+def test_worker_processes_give_the_same_batches(data_dir):
+  in_process = iter(pipeline.make_dataset(_config(data_dir), split="validation", seed=0))
+  expected = [next(in_process) for _ in range(3)]
+  workers = iter(pipeline.make_dataset(_config(data_dir, num_workers=1), split="validation", seed=0))
+  try:
+    _assert_same_batches(expected[:1], [next(workers)])
+    state = json.loads(json.dumps(workers.get_state()))
+    _assert_same_batches(expected[1:], [next(workers) for _ in range(2)])
+  finally:
+    workers.close()
+  resumed = iter(pipeline.make_dataset(_config(data_dir, num_workers=1), split="validation", seed=0))
+  try:
+    resumed.set_state(state)
+    _assert_same_batches(expected[1:], [next(resumed) for _ in range(2)])
+  finally:
+    resumed.close()

@@ -197,7 +197,10 @@ def ensure_dataset(name: str, data_dir: str = "", **builder_kwargs) -> None:
 
   builder_kwargs go to the builder (digits_canvas: image_size, seed). data_dir ""
   means default_data_dir(). Offline: the built-in datasets download nothing.
+  A `name` that is a prepared tfds dataset directory is left as it is.
   """
+  if name not in BUILDERS and os.path.isfile(os.path.join(name, "dataset_info.json")):
+    return
   builder = _builder(name, _resolve_data_dir(data_dir), builder_kwargs)
   builder.download_and_prepare(
       file_format="array_record",
