@@ -238,9 +238,15 @@ def test_per_token_loss_zero_for_exact_model():
   out = jnp.concatenate([x0, -jnp.ones_like(x0)], -1)  # -1 selects the posterior variance
   loss = obj.per_token_loss(s, out, x0, x_t, t, noise, prediction="x0", learn_sigma=True)
   np.testing.assert_allclose(loss, 0.0, atol=1e-5)
-  images = obj.per_token_loss(s, x0.reshape(B, L, P, 1)[..., 0], x0, x_t, t, noise, prediction="x0",
-                              learn_sigma=False)
-  assert images.shape == (B, L)
+  # Generic images x [B, H, W, C] with t [B]: one loss per image, the mean over H, W, C (DiT's mean_flat).
+  img0, img_noise = x0.reshape(B, 2, 3, P), noise.reshape(B, 2, 3, P)
+  t_img = jnp.array([0, 30])
+  img_t = sched.q_sample(s, img0, t_img, img_noise)
+  out_img = jnp.concatenate([img0 + 0.1, jnp.zeros_like(img0)], -1)
+  img_loss = obj.per_token_loss(s, out_img, img0, img_t, t_img, img_noise, prediction="x0", learn_sigma=True)
+  assert img_loss.shape == (B,) and np.all(np.isfinite(img_loss))
+  mse = obj.per_token_loss(s, out_img[..., :P], img0, img_t, t_img, img_noise, prediction="x0", learn_sigma=False)
+  np.testing.assert_allclose(mse, 0.01, rtol=1e-4)
 
 
 def test_reduce_per_example_weights_examples_equally():

@@ -202,8 +202,9 @@ def guided_model_fn(apply_fn, labels, null_labels, scale, learn_sigma):
   both_labels = jnp.concatenate([labels, null_labels], axis=0)
 
   def model_fn(x, t):
-    out = apply_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_labels)
-    _check_output(out, jnp.concatenate([x, x], axis=0), learn_sigma)
+    x_both = jnp.concatenate([x, x], axis=0)
+    out = apply_fn(x_both, jnp.concatenate([t, t], axis=0), both_labels)
+    _check_output(out, x_both, learn_sigma)
     cond, uncond = jnp.split(out, 2, axis=0)
     channels = x.shape[-1]
     guided = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])
