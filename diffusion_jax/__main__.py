@@ -57,10 +57,10 @@ def _load(spec: str, overrides):
 
 
 def run_train(config, workdir: str) -> dict:
-  from diffusion_jax.data import sources
+  from diffusion_jax.data import pipeline, sources
   from diffusion_jax.train import loop
 
-  sources.ensure_dataset(config.data.name, config.data.data_dir, image_size=config.data.image_size)
+  sources.ensure_dataset(config.data.name, config.data.data_dir, **pipeline.builder_kwargs(config.data))
   return loop.train(config, workdir)
 
 

@@ -8,6 +8,7 @@ One step directory holds three items:
 Orbax writes into a temporary directory and renames it when complete, so a
 save cut short by a crash is never the one restored.
 """
+import json
 import os
 
 import grain
@@ -55,7 +56,7 @@ def saved_config(manager, step=None):
   if step is None:
     return None
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return config_lib.from_json(config_lib.to_json(restored["config"]))
+  return config_lib.from_json(json.dumps(restored["config"]))
 
 
 def _field(config, dotted):
