@@ -39,7 +39,9 @@ def modulate(x, shift, scale):
 
 def _layer_norm(dtype, name):
   # DiT: LayerNorm(elementwise_affine=False, eps=1e-6); adaLN supplies scale/shift.
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
+  # Two-pass variance (as torch): E[x^2] - E[x]^2 loses digits when |mean| >> std.
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False, dtype=dtype,
+                      name=name)
 
 
 def _zero_dense(features, out_name, dtype, param_dtype, name):

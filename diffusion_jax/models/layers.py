@@ -294,6 +294,31 @@ class Mlp(nn.Module):
                     bias_init=_named(zeros, ("embed",)), name="fc2")(h)
 
 
+class _EinsumDense(nn.Module):
+  """y = einsum(equation, x, kernel) + bias with a multi-dim kernel.
+
+  Used for the per-head projections instead of nn.DenseGeneral, whose
+  initialiser reshapes a flattened kernel and so trips over its own logical
+  sharding constraint when a mesh is active.
+  """
+  equation: str
+  kernel_shape: Sequence[int]
+  kernel_names: Sequence[str]
+  kernel_init: Any
+  bias_names: Sequence[str]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    bias_shape = tuple(self.kernel_shape[-len(self.bias_names):])
+    kernel = self.param("kernel", _named(self.kernel_init, tuple(self.kernel_names)), tuple(self.kernel_shape),
+                        self.param_dtype)
+    bias = self.param("bias", _named(zeros, tuple(self.bias_names)), bias_shape, self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.einsum(self.equation, x, kernel) + bias
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention over packed rows (timm Attention as in DiT).
 
@@ -320,13 +345,11 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
     head_dim = width // self.num_heads
-    # DenseGeneral hands its initialiser the flattened [width, heads*head_dim] shape.
-    qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+    qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
 
     def project(name):
-      y = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=_named(qkv_init, ("embed", "heads", "kv")),
-                          bias_init=_named(zeros, ("heads", "kv")), name=name)(x)
+      y = _EinsumDense("bld,dhk->blhk", (width, self.num_heads, head_dim), ("embed", "heads", "kv"), qkv_init,
+                       ("heads", "kv"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
       return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     q, k, v = project("query"), project("key"), project("value")
@@ -340,6 +363,6 @@ class SelfAttention(nn.Module):
       k = apply_rope_3d(k, positions, split=self.rope_split, theta=self.rope_theta)
     out = dot_product_attention(q, k, v, segment_ids, segment_ids, backend=self.backend)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=_named(xavier_uniform(), ("heads", "kv", "embed")),
-                           bias_init=_named(zeros, ("embed",)), name="proj")(out)
+    proj_init = xavier_uniform(in_axis=(0, 1), out_axis=2)
+    return _EinsumDense("blhk,hkd->bld", (self.num_heads, head_dim, width), ("heads", "kv", "embed"), proj_init,
+                        ("embed",), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
