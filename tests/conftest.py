@@ -13,3 +13,16 @@ jax.config.update(
     os.environ.get("DIFFUSION_JAX_TEST_CACHE", os.path.expanduser("~/.cache/diffusion_jax/jit_tests")),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """digits_canvas at 16 px, built once per test session and shared by all tests."""
+  from diffusion_jax.data import sources
+
+  path = str(tmp_path_factory.mktemp("data"))
+  sources.ensure_dataset("digits_canvas", path, image_size=16)
+  return path

@@ -15,14 +15,6 @@ from diffusion_jax.data import packing, pipeline, sources
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "dit_image.py")
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  """digits_canvas at 16 px, built once per test session."""
-  path = str(tmp_path_factory.mktemp("data"))
-  sources.ensure_dataset("digits_canvas", path, image_size=16)
-  return path
-
-
 def _config(data_dir, **data):
   config = config_lib.load_config(CONFIG + ":smoke")  # 16 px, patch (1, 2, 2), L=64, K=1, batch 8
   config.data.data_dir = data_dir

@@ -418,14 +418,32 @@ def test_every_param_has_logical_names_and_valid_shardings(variant, scan_layers)
         abstract["blocks"], is_leaf=lambda a: isinstance(a, nn.LogicallyPartitioned)))
 
 
-# XLA (jax 0.10.2, CPU, GSPMD and Shardy alike) miscompiles on a mesh where data, fsdp and tensor are
-# all > 1: rows 1 and 2 of a batch sharded over ('data', 'fsdp') come out wrong once weights are
-# sharded over fsdp and tensor and activations carry constraints. A 20-line pure-JAX program (two
-# matmuls, no Flax) shows the same, so it is not the model; strict xfail flags the day it is fixed.
-XLA_3AXIS_BUG = pytest.mark.xfail(strict=True, reason="XLA SPMD miscompile on a (2, 2, 2) CPU mesh")
+@pytest.mark.xfail(strict=True, reason="XLA SPMD miscompile on a (2, 2, 2) CPU mesh (jax 0.10.2)")
+def test_xla_miscompiles_a_tensor_sharded_modulation_split():
+  """Why the config maps the 'modulation' axis to None.
+
+  With the batch over ('data', 'fsdp') and an adaLN-style projection sharded
+  over ('fsdp', 'tensor') and then split, XLA (GSPMD and Shardy alike) returns
+  wrong rows on a (2, 2, 2) CPU mesh. Plain JAX, no Flax. When this starts to
+  pass, the 'modulation' rule may shard over 'tensor' again.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as Ps
+  rng = np.random.default_rng(0)
+  x, c = (rng.normal(size=(4, 8, 32)).astype(np.float32) for _ in range(2))
+  w1, w2, wm = (rng.normal(size=s).astype(np.float32) * 0.2 for s in [(32, 128), (128, 32), (32, 64)])
+
+  def f(x, w1, w2, wm):
+    shift, gate = jnp.split(c @ wm, 2, axis=-1)
+    return x + gate * (((x + shift) @ w1) @ w2)
+
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  specs = [Ps(("data", "fsdp")), Ps("fsdp", "tensor"), Ps("tensor", "fsdp"), Ps("fsdp", "tensor")]
+  with jax.set_mesh(mesh):
+    out = jax.jit(f, in_shardings=tuple(NamedSharding(mesh, s) for s in specs))(x, w1, w2, wm)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(jax.jit(f)(x, w1, w2, wm)), atol=1e-4)
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 4, 2), pytest.param((2, 2, 2), marks=XLA_3AXIS_BUG)])
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 2), (2, 2, 2)])
 def test_sharded_init_and_forward_match_single_device(mesh_shape):
   _, rules = _mesh_and_rules()
   mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -65,7 +65,7 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, c, segment_ids, positions):
     width = x.shape[-1]
-    modulation = _zero_dense(6 * width, "mlp", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
+    modulation = _zero_dense(6 * width, "modulation", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
 
     h = modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
@@ -91,7 +91,7 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x, c):
     width = x.shape[-1]
-    modulation = _zero_dense(2 * width, "mlp", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
+    modulation = _zero_dense(2 * width, "modulation", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
     shift, scale = jnp.split(modulation, 2, axis=-1)
     x = modulate(_layer_norm(self.dtype, "norm_final")(x), shift, scale)
     return _zero_dense(self.out_dim, "patch", self.dtype, self.param_dtype, "linear")(x)

@@ -83,7 +83,7 @@ def make_train_step(config, model, optimizer):
         step=state.step + 1,
         params=params,
         opt_state=opt_state,
-        ema_params=state_lib.ema_update(state.ema_params, params, config.train.ema_decay),
+        ema_params=state_lib.ema_update(state.ema_params, params, config.train.ema_decay, state.step),
     )
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -97,8 +97,11 @@ def make_train_step(config, model, optimizer):
   return train_step
 
 
-def train(config, workdir: str) -> dict:
-  """Trains until config.train.steps, resuming from the newest checkpoint. Returns the last metrics."""
+def train(config, workdir: str):
+  """Trains until config.train.steps, resuming from the newest checkpoint.
+
+  Returns (final state, last logged metrics).
+  """
   # ------------------------------------------------------------------ setup
   task = TASKS.get(config.task)
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
@@ -170,4 +173,4 @@ def train(config, workdir: str) -> dict:
   manager.wait_until_finished()
   manager.close()
   writer.close()
-  return {k: float(v) for k, v in last.items()}
+  return state, {k: float(v) for k, v in last.items()}

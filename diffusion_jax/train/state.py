@@ -63,5 +63,11 @@ def create_state(params, optimizer: optax.GradientTransformation, rng: jax.Array
   )
 
 
-def ema_update(ema, params, decay: float):
+def ema_update(ema, params, decay: float, step):
+  """EMA with a warmup, min(decay, (1 + step) / (10 + step)) (TF's num_updates rule).
+
+  Without the warmup a short run's EMA still mostly holds the initial params
+  (0.999 ** 1000 = 0.37), whose zero-initialised output layer samples noise.
+  """
+  decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
   return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
