@@ -85,7 +85,7 @@ def make_train_step(config, model, optimizer):
         opt_state=opt_state,
         ema_params=state_lib.ema_update(state.ema_params, params, config.train.ema_decay, state.step),
     )
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Skip the update (params, optimizer, EMA unchanged) but advance the step,
     # so the next batch and rng are new.
