@@ -3,7 +3,7 @@
   python -m diffusion_jax train --config=configs/dit_image.py:variant=S/2 --workdir=/tmp/dit_image
   python -m diffusion_jax train --config=configs/dit_image.py:smoke --workdir=/tmp/dit_smoke
 
-Arguments after the colon (comma separated): variant=<S/2|B/4|...|tiny>,
+Arguments after the colon (comma separated): variant=<S/2|B/4|...|tiny|smoke>,
 quickstart (16 px digits, a few minutes on a 2-core CPU), smoke (seconds, for tests).
 """
 import ml_collections
@@ -12,7 +12,9 @@ import ml_collections
 def get_config(arg: str = ""):
   from diffusion_jax.config import parse_arg
 
-  arg = parse_arg(arg, variant="tiny", quickstart=False, smoke=False)
+  arg = parse_arg(arg, variant="", quickstart=False, smoke=False)
+  variant = arg.variant or ("smoke" if arg.smoke else "tiny")
+  patch = int(variant.split("/")[1]) if "/" in variant else 2  # S/4 -> 4; tiny and smoke use 2
   c = ml_collections.ConfigDict()
   c.task = "dit"
 
@@ -23,7 +25,7 @@ def get_config(arg: str = ""):
       split="train",
       eval_split="validation",
       image_size=32,
-      patch=(1, 2, 2),  # (pt, ph, pw) of the spacetime patches
+      patch=(1, patch, patch),  # (pt, ph, pw) of the spacetime patches
       channels=3,
       tokens_per_row=256,  # L: fixed token budget of a packed row
       examples_per_row=1,  # K: at most this many examples share a row
@@ -33,7 +35,7 @@ def get_config(arg: str = ""):
 
   # Model: a row of diffusion_jax/models/dit.py's VARIANTS, or "tiny" for CPU.
   c.model = dict(
-      variant=arg.variant,
+      variant=variant,
       num_classes=10,
       class_dropout_prob=0.1,
       learn_sigma=True,
@@ -96,7 +98,6 @@ def get_config(arg: str = ""):
   if arg.smoke:
     c.data.image_size = 16
     c.data.tokens_per_row = 64
-    c.model.variant = "smoke"
     c.diffusion.num_steps = 100
     c.train.update(global_batch=8, steps=20, warmup_steps=2, log_every=5, ckpt_every=10)
     c.sample.update(steps=5, per_class=2)
