@@ -64,6 +64,8 @@ def get_config(arg: str = ""):
       log_every=50,
       ckpt_every=500,
       keep_ckpts=3,
+      grad_accum_steps=1,  # micro-batches per step (a lax.scan); the update is the global batch's
+      max_consecutive_skips=20,  # stop after this many non-finite updates in a row (0 = never)
   )
 
   # Mesh: -1 takes the rest of the devices. Logical -> mesh axis rules.

@@ -2,6 +2,12 @@
 
 Only process 0 writes; other processes get a writer that does nothing, so the
 loop never asks which process it is.
+
+Also the FLOPs side: `step_flops` reads the FLOPs of a compiled step from
+XLA's cost analysis, `device_peak_flops` gives a device's peak (a table for
+accelerators, a measured matmul on CPU), and `mfu` puts them together
+(PaLM's model FLOPs utilisation, with XLA's count of the compiled program, so
+rematerialised forward passes count too).
 """
 import json
 import os
@@ -9,6 +15,18 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip (vendor figures), matched against
+# jax.Device.device_kind in order: the first key found in the lowercase kind wins.
+PEAK_FLOPS = (
+    ("v6 lite", 918e12), ("v6e", 918e12),
+    ("v5 lite", 197e12), ("v5e", 197e12),
+    ("v5p", 459e12), ("tpu v5", 459e12),
+    ("v4", 275e12),
+    ("h200", 989e12), ("h100", 989e12),
+)
+_measured_cpu_peak = {}
 
 
 class MetricWriter:
@@ -33,15 +51,16 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
     self._jsonl.flush()
 
-  def progress(self, step: int, scalars: dict) -> None:
-    """One console line: a bar, the step, and the scalars given."""
+  def progress(self, step: int, scalars: dict, *, eta_s=None) -> None:
+    """One console line: a bar, the step, the scalars given, and the time left."""
     if not self.enabled:
       return
     width = 24
     done = int(width * step / max(self.total_steps, 1))
     bar = "#" * done + "." * (width - done)
     parts = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
-    print(f"[{bar}] {step}/{self.total_steps} {parts}", file=sys.stdout, flush=True)
+    eta = f" eta={format_duration(eta_s)}" if eta_s is not None else ""
+    print(f"[{bar}] {step}/{self.total_steps} {parts}{eta}", file=sys.stdout, flush=True)
 
   def close(self) -> None:
     if self.enabled:
@@ -54,6 +73,76 @@ def _fmt(value) -> str:
   if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
     return f"{value:.3e}"
   return f"{value:.4g}"
+
+
+def format_duration(seconds: float) -> str:
+  """1h02m, 4m05s or 12s."""
+  seconds = max(int(round(seconds)), 0)
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
+
+
+def step_flops(compiled, num_devices: int):
+  """FLOPs of one step of a compiled (jit(...).lower(...).compile()) SPMD program, all devices together.
+
+  XLA's cost analysis describes the per-device partitioned program, so its
+  count is multiplied by the number of devices. None where the backend gives
+  no count.
+  """
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  if not flops or flops <= 0:
+    return None
+  return float(flops) * num_devices
+
+
+def measure_cpu_peak_flops(size: int = 2048, repeats: int = 3) -> float:
+  """FLOP/s of the host's CPU on a size x size float32 matmul (best of `repeats`), measured once per process."""
+  if size not in _measured_cpu_peak:
+    device = jax.local_devices(backend="cpu")[0]
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      matmul(a, a).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    _measured_cpu_peak[size] = 2.0 * size ** 3 / best
+  return _measured_cpu_peak[size]
+
+
+def device_peak_flops(device):
+  """Peak FLOP/s of one device: the PEAK_FLOPS table, or on CPU a measured matmul.
+
+  The fake CPU devices of one host share its cores, so each gets the host's
+  measured peak divided by the number of local CPU devices. None for an
+  accelerator not in the table.
+  """
+  if device.platform == "cpu":
+    return measure_cpu_peak_flops() / len(jax.local_devices(backend="cpu"))
+  kind = device.device_kind.lower()
+  for key, peak in PEAK_FLOPS:
+    if key in kind:
+      return peak
+  return None
+
+
+def mfu(flops_per_step, steps_per_s: float, num_devices: int, peak_per_device):
+  """Achieved FLOP/s over the devices' peak; None where either count is unknown."""
+  if not flops_per_step or not peak_per_device:
+    return None
+  return flops_per_step * steps_per_s / (num_devices * peak_per_device)
 
 
 def for_process(workdir: str, total_steps: int) -> MetricWriter:

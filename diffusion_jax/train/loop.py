@@ -3,8 +3,30 @@
 Read it top to bottom: setup, checkpoint guard, data, model and state,
 train step, loop. Every process runs the same code; each reads its own
 shard of the data, and process 0 alone writes logs.
+
+Resilience:
+- Exact resume: the state (with its rng) and each process's data-iterator
+  state are checkpointed together, so a run killed at any point (SIGKILL
+  included) and restarted ends with the same params, bit for bit, as one that
+  never stopped. On CPU no XLA flag is needed for that: XLA's CPU programs are
+  deterministic for a fixed device count and mesh. Orbax commits a save by a
+  rename, so a save cut short is never restored.
+- Preemption: SIGTERM (or, under `jax.distributed` with the preemption
+  service, `multihost_utils.reached_preemption_sync_point`) saves the state
+  at the next step boundary, waits for the save and returns normally.
+- Non-finite updates are skipped inside the step and counted
+  (`TrainState.skipped`); `train.max_consecutive_skips` of them in a row stop
+  the run with `TrainingDiverged`, without saving.
+
+Test hook: the environment variable DIFFUSION_JAX_TEST_SIGNAL_AT="STEP:SIGNAL"
+(e.g. "9:SIGKILL", "7:SIGTERM") makes the process send SIGNAL to itself right
+after step STEP's update, log and checkpoint were dispatched; tests use it to
+die or be preempted at a chosen step.
 """
 import json
+import os
+import signal
+import threading
 import time
 
 import flax.linen as nn
@@ -12,11 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
 from diffusion_jax import metrics
 from diffusion_jax import sharding
+from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
 from diffusion_jax.train import dit_task
 from diffusion_jax.train import state as state_lib
@@ -24,6 +48,12 @@ from diffusion_jax.train import state as state_lib
 # The small table of tasks: each module offers validate, build_model,
 # make_schedule, init_params and loss_fn.
 TASKS = {"dit": dit_task}
+
+TEST_SIGNAL_ENV = "DIFFUSION_JAX_TEST_SIGNAL_AT"
+
+
+class TrainingDiverged(FloatingPointError):
+  """Too many consecutive non-finite updates: the run stopped without saving."""
 
 
 class _IteratorSnapshot:
@@ -68,15 +98,72 @@ def build_state(config, mesh, rules):
   return model, optimizer, init_fn, abstract_state, state_shardings
 
 
+def loss_examples(batch, num_examples: int):
+  """Examples of a packed batch that carry loss: those with at least one token
+  that is neither padding nor conditioning (dit_task.loss_fn's loss mask, the
+  examples objectives.reduce_per_example averages over)."""
+  segment_ids = batch["segment_ids"]
+  carries_loss = segment_ids > 0
+  if "cond_mask" in batch:
+    carries_loss &= ~batch["cond_mask"]
+  ids = jnp.arange(1, num_examples + 1, dtype=segment_ids.dtype)
+  present = jnp.any((segment_ids[..., None] == ids) & carries_loss[..., None], axis=1)  # [B, K]
+  return jnp.sum(present).astype(jnp.float32)
+
+
+def split_micro_batches(batch, steps: int):
+  """[B, ...] -> [steps, B / steps, ...]; micro-batch i holds rows i, i + steps, i + 2 steps, ...
+
+  The strided split keeps each micro-batch spread over all data-parallel
+  devices (a row-block split would leave most devices idle and reshard).
+  """
+  def split(x):
+    x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return jax.tree_util.tree_map(split, batch)
+
+
 def make_train_step(config, model, optimizer):
-  """One update: loss and grads, AdamW, EMA. A non-finite loss or gradient skips it."""
+  """One update: loss and grads, AdamW, EMA. A non-finite loss or gradient skips it.
+
+  With train.grad_accum_steps = A > 1 the global batch is split into A
+  micro-batches (a lax.scan inside the step, one micro-batch's activations
+  alive at a time). The task's loss is a mean over examples, so micro-batch
+  i's loss and gradient are weighted by n_i / n (its share of the batch's
+  loss-carrying examples): the weighted sum is exactly the big batch's mean
+  and its gradient. Each micro-batch draws its own noise and timesteps
+  (rng folded with i), so the result equals the big batch's up to which
+  random draws were made, not bitwise.
+  """
   task = TASKS[config.task]
   schedule = task.make_schedule(config)
   lr_fn = state_lib.learning_rate_schedule(config.train)
+  accum = int(config.train.get("grad_accum_steps", 1))
+  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+
+  def loss_and_grads(params, batch, rng):
+    if accum == 1:
+      (loss, aux), grads = grad_fn(params, model, schedule, batch, rng, config)
+      return loss, aux, grads
+    micro = split_micro_batches(batch, accum)
+    k = batch["example_ids"].shape[1]  # K, examples per row
+    counts = jax.vmap(lambda b: loss_examples(b, k))(micro)
+    # A batch without loss-carrying examples has loss 0 either way; equal weights avoid 0/0.
+    weights = jnp.where(counts.sum() > 0, counts / jnp.maximum(counts.sum(), 1.0), 1.0 / accum)
+
+    def one_micro_batch(grads_sum, inputs):
+      index, weight, micro_batch = inputs
+      (loss, aux), grads = grad_fn(params, model, schedule, micro_batch, jax.random.fold_in(rng, index), config)
+      grads_sum = jax.tree_util.tree_map(lambda s, g: s + weight * g, grads_sum, grads)
+      return grads_sum, (loss, aux)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    grads, (losses, auxes) = jax.lax.scan(one_micro_batch, zeros, (jnp.arange(accum), weights, micro))
+    aux = jax.tree_util.tree_map(lambda v: jnp.tensordot(weights, v, axes=1), auxes)
+    return jnp.dot(weights, losses), aux, grads
 
   def train_step(state, batch):
-    grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, model, schedule, batch, state.step_rng(), config)
+    loss, aux, grads = loss_and_grads(state.params, batch, state.step_rng())
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     updated = state.replace(
@@ -87,26 +174,127 @@ def make_train_step(config, model, optimizer):
     )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    skipped = 1 - finite.astype(jnp.int32)
     # Skip the update (params, optimizer, EMA unchanged) but advance the step,
     # so the next batch and rng are new.
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
-    new_state = new_state.replace(step=state.step + 1)
-    aux = dict(aux, grad_norm=grad_norm, lr=lr_fn(state.step), skipped=1 - finite.astype(jnp.int32))
+    new_state = new_state.replace(step=state.step + 1, skipped=state.skipped + skipped)
+    aux = dict(aux, grad_norm=grad_norm, lr=lr_fn(state.step), skipped=skipped, skipped_steps=new_state.skipped)
     return new_state, aux
 
   return train_step
 
 
+def _validate_resilience(config, data_parallel: int) -> None:
+  train_config = config.train
+  accum = train_config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f"train.grad_accum_steps={accum!r} must be an int >= 1")
+  if train_config.global_batch % (accum * data_parallel):
+    raise ConfigError(
+        f"train.global_batch={train_config.global_batch} must divide into train.grad_accum_steps={accum} "
+        f"micro-batches that split over the {data_parallel} data-parallel devices")
+  max_skips = train_config.get("max_consecutive_skips", 0)
+  if not isinstance(max_skips, int) or max_skips < 0:
+    raise ConfigError(f"train.max_consecutive_skips={max_skips!r} must be an int >= 0 (0 = never stop)")
+
+
+def _test_signal_hook():
+  """(step, signal) from DIFFUSION_JAX_TEST_SIGNAL_AT, or None."""
+  text = os.environ.get(TEST_SIGNAL_ENV, "")
+  if not text:
+    return None
+  step, _, name = text.partition(":")
+  if not step.isdigit() or not isinstance(getattr(signal, name, None), signal.Signals):
+    raise ValueError(f"{TEST_SIGNAL_ENV}={text!r}: use STEP:SIGNAL, e.g. 9:SIGKILL")
+  return int(step), getattr(signal, name)
+
+
+class _Preemption:
+  """Whether to save and stop now: SIGTERM was received, or all hosts reached
+  the distributed preemption service's sync point.
+
+  With several processes and no preemption service, a SIGTERM seen by one
+  process is shared at log steps (an allgather), so all stop at the same step.
+  """
+
+  def __init__(self, step: int, sync_every: int):
+    self.requested = False
+    self.sync_every = sync_every
+    try:  # False without jax.distributed; RuntimeError when the service is off
+      multihost_utils.reached_preemption_sync_point(step)
+      self.service = jax.process_count() > 1
+    except RuntimeError:
+      self.service = False
+    self._previous = None
+    # The preemption service listens for SIGTERM itself; signal handlers can
+    # only be installed from the main thread.
+    if not self.service and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if self.service:
+      return multihost_utils.reached_preemption_sync_point(step)
+    if jax.process_count() > 1:
+      if step % self.sync_every:
+        return False
+      return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+class _SkipGuard:
+  """Counts consecutive skipped updates on the host and stops the run at the limit.
+
+  A step's skip flag is read one step late (after the next step is dispatched)
+  so the device is never idle waiting for the host; `settle` reads it at once
+  before a log, a save or the end.
+  """
+
+  def __init__(self, limit: int, workdir: str, manager):
+    self.limit, self.workdir, self.manager = limit, workdir, manager
+    self.consecutive = 0
+    self._pending = None
+
+  def push(self, skipped, step: int) -> None:
+    self.settle()
+    self._pending = (skipped, step)
+
+  def settle(self) -> None:
+    if self._pending is None:
+      return
+    skipped, step = self._pending
+    self._pending = None
+    self.consecutive = self.consecutive + 1 if int(jax.device_get(skipped)) else 0
+    if self.limit and self.consecutive >= self.limit:
+      self.manager.wait_until_finished()
+      raise TrainingDiverged(
+          f"{self.consecutive} consecutive non-finite updates (loss or gradient), the last at step {step} "
+          f"(train.max_consecutive_skips={self.limit}); stopped without saving, the newest checkpoint in "
+          f"{self.workdir} is step {self.manager.latest_step()}")
+
+
 def train(config, workdir: str):
   """Trains until config.train.steps, resuming from the newest checkpoint.
 
-  Returns (final state, last logged metrics).
+  Returns (final state, last logged metrics). On a preemption notice it saves
+  the state of the step it stopped at and returns early (the CLI exits 0);
+  `state.step` tells where it stopped.
   """
   # ------------------------------------------------------------------ setup
   task = TASKS.get(config.task)
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
+  _validate_resilience(config, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+  test_signal = _test_signal_hook()
 
   # ------------------------------------------- refuse another model's workdir
   manager = checkpoint.make_manager(workdir, keep=config.train.keep_ckpts)
@@ -140,6 +328,9 @@ def train(config, workdir: str):
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0,
   )
+  compiled = None  # compiled on the first batch; its cost analysis gives the FLOPs for MFU
+  flops_per_step = None
+  peak_per_device = metrics.device_peak_flops(mesh.devices.flat[0])
 
   # ------------------------------------------------------------------- loop
   step = int(jax.device_get(state.step))
@@ -147,30 +338,60 @@ def train(config, workdir: str):
   if jax.process_index() == 0:
     print(f"{config.task}: {num_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, steps {step}->{total}", flush=True)
   last = {}
-  window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
-  while step < total:
-    local = next(data_iter)
-    batch = pipeline.make_global_batch(local, batch_sharding)
-    with sharding.activate(mesh, rules):
-      state, aux = step_fn(state, batch)
-    step += 1
-    window_steps += 1
-    window_examples += int(np.sum(local["example_ids"] >= 0)) * jax.process_count()
-    window_tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+  preemption = _Preemption(step, config.train.log_every)
+  skips = _SkipGuard(int(config.train.get("max_consecutive_skips", 0)), workdir, manager)
+  try:
+    window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
+    while step < total:
+      local = next(data_iter)
+      batch = pipeline.make_global_batch(local, batch_sharding)
+      with sharding.activate(mesh, rules):
+        if compiled is None:
+          compiled = step_fn.lower(state, batch).compile()
+          flops_per_step = metrics.step_flops(compiled, mesh.size)
+          window_start = time.time()  # the first window's rates leave out compilation
+        state, aux = compiled(state, batch)
+      step += 1
+      skips.push(aux["skipped"], step)
+      window_steps += 1
+      window_examples += int(np.sum(local["example_ids"] >= 0)) * jax.process_count()
+      window_tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+      saved_now = False
 
-    if step % config.train.log_every == 0 or step == total:
-      aux = jax.device_get(aux)
-      elapsed = time.time() - window_start
-      last = dict(aux, steps_per_s=window_steps / elapsed, examples_per_s=window_examples / elapsed,
-                  tokens_per_s=window_tokens / elapsed)
-      writer.write(step, last)
-      writer.progress(step, {k: last[k] for k in ("loss", "grad_norm", "steps_per_s", "examples_per_s")})
-      window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
+      if step % config.train.log_every == 0 or step == total:
+        skips.settle()
+        aux = jax.device_get(aux)
+        elapsed = time.time() - window_start
+        steps_per_s = window_steps / elapsed
+        last = dict(aux, steps_per_s=steps_per_s, examples_per_s=window_examples / elapsed,
+                    tokens_per_s=window_tokens / elapsed, eta_s=(total - step) / steps_per_s)
+        utilisation = metrics.mfu(flops_per_step, steps_per_s, mesh.size, peak_per_device)
+        if utilisation is not None:
+          last.update(mfu=utilisation, flops_per_step=flops_per_step)
+        writer.write(step, last)
+        shown = ("loss", "grad_norm", "steps_per_s", "tokens_per_s", "mfu", "skipped_steps")
+        writer.progress(step, {k: last[k] for k in shown if k in last}, eta_s=last["eta_s"])
+        window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
 
-    if step % config.train.ckpt_every == 0 or step == total:
-      checkpoint.save(manager, step, state, _IteratorSnapshot(data_iter), config)
+      if step % config.train.ckpt_every == 0 or step == total:
+        skips.settle()  # never save a run that has just diverged
+        saved_now = checkpoint.save(manager, step, state, _IteratorSnapshot(data_iter), config)
 
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+      if test_signal is not None and step == test_signal[0]:
+        os.kill(os.getpid(), test_signal[1])
+
+      if preemption.should_stop(step) and step < total:
+        skips.settle()
+        if not saved_now:
+          checkpoint.save(manager, step, state, _IteratorSnapshot(data_iter), config, force=True)
+        manager.wait_until_finished()
+        if jax.process_index() == 0:
+          print(f"preempted: saved step {step} in {workdir}; run the same command to resume", flush=True)
+        break
+    skips.settle()
+  finally:
+    preemption.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
   return state, {k: float(v) for k, v in last.items()}

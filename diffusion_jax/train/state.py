@@ -1,7 +1,8 @@
-"""The train state (params, optimizer state, EMA, step, rng) and the optimizer.
+"""The train state (params, optimizer state, EMA, step, rng, skip count) and the optimizer.
 
 Everything that makes a run resumable lives in `TrainState`, including the
-rng, so a restored run draws the same noise as an uninterrupted one.
+rng, so a restored run draws the same noise as an uninterrupted one, and the
+count of skipped (non-finite) updates, so its total survives a restart.
 """
 from typing import Any
 
@@ -18,6 +19,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any
   rng: jax.Array  # uint32[2]: the run's key; step keys are folded from it
+  skipped: jax.Array  # int32 scalar: steps whose non-finite loss or gradient was not applied
 
   def step_rng(self) -> jax.Array:
     """A fresh key for this step, the same for a resumed run."""
@@ -37,10 +39,15 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only: not on biases, norm scales or embedding tables."""
+  """Weight decay on weight matrices only: leaves named `kernel` (Dense, DenseGeneral,
+  Conv and the einsum projections), not biases, norm scales or embedding tables.
+
+  Decided by name, not by rank: scanned layers stack every leaf along a
+  leading layers axis, so their biases are 2-D.
+  """
   def wants_decay(path, leaf):
     names = [getattr(k, "key", str(k)) for k in path]
-    return leaf.ndim >= 2 and "embedding" not in names
+    return names[-1] == "kernel" and "embedding" not in names
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
@@ -60,6 +67,7 @@ def create_state(params, optimizer: optax.GradientTransformation, rng: jax.Array
       opt_state=optimizer.init(params),
       ema_params=jax.tree_util.tree_map(jnp.copy, params),
       rng=rng,
+      skipped=jnp.zeros((), jnp.int32),
   )
 
 
