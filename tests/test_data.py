@@ -113,7 +113,9 @@ def test_pipeline_batches_meet_the_contract(data_dir, tokens_per_row, examples_p
   expected = dict(patches=((B, L, 12), np.float32), segment_ids=((B, L), np.int32),
                   positions=((B, L, 3), np.int32), cond_mask=((B, L), np.bool_),
                   grid=((B, K, 3), np.int32), example_ids=((B, K), np.int64), labels=((B, K), np.int32))
-  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+  assert batch["captions"].shape == (B, K) and batch["captions"].dtype.kind == "U"
+  np.testing.assert_array_equal(batch["skipped"], np.zeros((B, len(packing.SKIP_REASONS))))
+  assert {k: (v.shape, v.dtype) for k, v in batch.items() if k not in packing.HOST_KEYS} == expected
   assert batch["patches"].min() >= -1.0 and batch["patches"].max() <= 1.0
   assert batch["patches"].min() < -0.4 and batch["patches"].max() > 0.5  # dark canvases, bright ink
   assert not batch["cond_mask"].any()
@@ -129,7 +131,7 @@ def test_pipeline_batches_meet_the_contract(data_dir, tokens_per_row, examples_p
   image = packing.unpatchify(part["patches"], part["grid"], (1, 2, 2), 3)
   original = source[stored[part["id"]]]
   np.testing.assert_allclose(image, original["video"] / 127.5 - 1.0, atol=1e-6)
-  assert part["label"] == original["label"]
+  assert part["label"] == original["label"] and part["caption"] == original["caption"].decode()
 
 
 def test_process_shards_are_disjoint_and_cover_one_epoch(data_dir):
@@ -185,7 +187,7 @@ def test_make_global_batch_shards_rows_over_data_axes(data_dir):
   mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:8])
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   batch = pipeline.make_global_batch(local, sharding)
-  assert set(batch) == set(local)
+  assert set(batch) == set(local) - {"captions", "skipped"}  # host-only keys stay behind
   for key, value in batch.items():
     # int64 example ids become int32 on device unless jax_enable_x64 is set.
     assert value.shape == local[key].shape and value.dtype == jax.dtypes.canonicalize_dtype(local[key].dtype)

@@ -4,9 +4,9 @@ patchify: a video [T, H, W, C] becomes N = T'H'W' tokens of P = pt*ph*pw*C
 values, flattened in (pt, ph, pw, C) order (ViT / DiT's patch order, with time
 first), plus each token's (t, h, w) grid position.
 
-Packing (NaViT, Dehghani et al. 2023; first-fit with a bounded set of open
-rows) puts whole examples into rows of L tokens, at most K examples a row, and
-writes the packed-batch contract of DESIGN.md:
+Packing (NaViT, Dehghani et al. 2023; here streaming best-fit-decreasing, see
+BestFitPacker) puts whole examples into rows of L tokens, at most K examples a
+row, and writes the packed-batch contract of DESIGN.md:
 
   patches      [L, P] float32  token values, 0 in padding
   segment_ids  [L] int32       0 = padding, k = the k-th example of the row (1..K)
@@ -15,10 +15,12 @@ writes the packed-batch contract of DESIGN.md:
   grid         [K, 3] int32    (T', H', W') of example k, 0 where empty
   example_ids  [K] int64       dataset id of example k, -1 where empty
   labels       [K] int32       class label of example k, -1 where empty
+  captions     [K] str         caption of example k, "" where empty      (host only)
+  skipped      [R] int32       examples skipped since the previous row,  (host only)
+                               per reason of SKIP_REASONS
 
-An example is never split across rows. A row is emitted as soon as it is full
-(L tokens or K examples); when an example fits no open row and all
-`num_open_rows` are in use, the fullest open row is emitted to make room.
+An example is never split across rows. The host-only keys (HOST_KEYS) never
+go to the device: pipeline.make_global_batch leaves them out.
 """
 import base64
 import collections
@@ -78,6 +80,19 @@ def unpatchify(tokens, grid: Sequence[int], patch: Sequence[int], channels: int)
 
 # --------------------------------------------------------------------------- packer
 
+# Why an example was skipped instead of packed; rows count them in `skipped`.
+SKIP_REASONS = ("no_frames", "bad_channels", "bad_shape", "non_finite", "too_big")
+# Row keys that stay on the host (text, counters); make_global_batch leaves them out.
+HOST_KEYS = ("captions", "skipped")
+
+
+def skip_record(reason: str) -> dict:
+  """What a decode step yields instead of an example it cannot use: counted, never packed."""
+  if reason not in SKIP_REASONS:
+    raise ValueError(f"unknown skip reason {reason!r}; known: {SKIP_REASONS}")
+  return {"skipped": reason}
+
+
 def _normalize_example(example: dict) -> dict:
   """Checks one example and fixes its dtypes (the packer's own copy)."""
   patches = np.asarray(example["patches"], np.float32)
@@ -93,9 +108,12 @@ def _normalize_example(example: dict) -> dict:
   grid = np.asarray(example.get("grid", positions.max(axis=0) + 1), np.int32)
   if grid.shape != (3,):
     raise ValueError(f"example 'grid' must be (T', H', W'), got shape {grid.shape}")
+  caption = example.get("caption", "")
+  if isinstance(caption, bytes):
+    caption = caption.decode()
   return dict(
       patches=patches, positions=positions, cond_mask=cond_mask, grid=grid,
-      id=int(example.get("id", -1)), label=int(example.get("label", -1)))
+      id=int(example.get("id", -1)), label=int(example.get("label", -1)), caption=str(caption))
 
 
 def _encode_array(a: np.ndarray) -> dict:
@@ -110,39 +128,69 @@ def _decode_array(d: dict) -> np.ndarray:
 
 
 _ARRAY_KEYS = ("patches", "positions", "cond_mask", "grid")
+_SCALAR_KEYS = ("id", "label", "caption")
 
 
 def _encode_example(ex: dict) -> dict:
-  return {**{k: _encode_array(ex[k]) for k in _ARRAY_KEYS}, "id": ex["id"], "label": ex["label"]}
+  return {**{k: _encode_array(ex[k]) for k in _ARRAY_KEYS}, **{k: ex[k] for k in _SCALAR_KEYS}}
 
 
 def _decode_example(d: dict) -> dict:
-  return {**{k: _decode_array(d[k]) for k in _ARRAY_KEYS}, "id": int(d["id"]), "label": int(d["label"])}
+  return {**{k: _decode_array(d[k]) for k in _ARRAY_KEYS},
+          "id": int(d["id"]), "label": int(d["label"]), "caption": str(d["caption"])}
 
 
-class FirstFitPacker:
-  """Stateful first-fit packer over a bounded set of open rows (see module docstring).
+def _tokens(ex: dict) -> int:
+  return ex["patches"].shape[0]
 
-  add() places one example, flush() closes every open row, pop() returns the
-  next finished row (or None). Its state (open and finished rows) is JSON-safe.
+
+def _row_tokens(row: list[dict]) -> int:
+  return sum(_tokens(ex) for ex in row)
+
+
+class BestFitPacker:
+  """Best-fit packing over `num_open_rows` open rows, fed largest-first from a buffer.
+
+  The classic offline heuristic is best-fit decreasing; this is its bounded,
+  streaming form. Examples wait in a buffer of `buffer_size`; when it
+  overflows, the largest waiting example (earliest on ties) goes to the open
+  row it fills most tightly (best fit). When it fits no open row, a new row
+  opens, and if `num_open_rows` are already open the fullest one is closed
+  first. A row closes when it holds L tokens or K examples, or when closed to
+  make room; before it is emitted its leftover space is topped up with the
+  largest waiting examples that fit, which is what the small examples in the
+  buffer are for. flush() (end of data) places every waiting example and
+  closes all rows.
+
+  Every choice is a deterministic function of the input order, and the whole
+  state (buffer, open and finished rows, skip counts) is JSON-safe, so a
+  restored packer emits exactly the same rows. Skip records (skip_record())
+  are counted, not packed; the counts ride on the next emitted row.
   """
 
-  def __init__(self, tokens_per_row: int, examples_per_row: int, num_open_rows: int = 4):
-    if tokens_per_row < 1 or examples_per_row < 1 or num_open_rows < 1:
+  def __init__(self, tokens_per_row: int, examples_per_row: int, num_open_rows: int = 8,
+               buffer_size: int = 32):
+    if tokens_per_row < 1 or examples_per_row < 1 or num_open_rows < 1 or buffer_size < 0:
       raise ValueError(
-          "tokens_per_row, examples_per_row and num_open_rows must be >= 1, got "
-          f"{tokens_per_row}, {examples_per_row}, {num_open_rows}")
+          "tokens_per_row, examples_per_row and num_open_rows must be >= 1 and buffer_size >= 0, got "
+          f"{tokens_per_row}, {examples_per_row}, {num_open_rows}, {buffer_size}")
     self.tokens_per_row = tokens_per_row
     self.examples_per_row = examples_per_row
     self.num_open_rows = num_open_rows
+    self.buffer_size = buffer_size
+    self._pending: list[dict] = []  # the buffer, in arrival order
     self._open: list[list[dict]] = []  # rows still accepting examples, in opening order
     self._ready: collections.deque[list[dict]] = collections.deque()  # finished, not yet popped
+    self._skipped = np.zeros(len(SKIP_REASONS), np.int32)  # not yet reported on a row
     self._patch_dim = -1
 
   def _is_full(self, row: list[dict]) -> bool:
     return len(row) >= self.examples_per_row or _row_tokens(row) >= self.tokens_per_row
 
   def add(self, example: dict) -> None:
+    if "skipped" in example:
+      self._skipped[SKIP_REASONS.index(example["skipped"])] += 1
+      return
     ex = _normalize_example(example)
     n, p = ex["patches"].shape
     if n > self.tokens_per_row:
@@ -154,48 +202,76 @@ class FirstFitPacker:
       self._patch_dim = p
     elif p != self._patch_dim:
       raise ValueError(f"example id={ex['id']} has patch size {p}, earlier examples {self._patch_dim}")
-    for i, row in enumerate(self._open):
-      if _row_tokens(row) + n <= self.tokens_per_row:  # open rows always have a free slot
-        row.append(ex)
-        if self._is_full(row):
-          self._ready.append(self._open.pop(i))
-        return
-    if len(self._open) >= self.num_open_rows:
-      fullest = max(range(len(self._open)), key=lambda i: _row_tokens(self._open[i]))
-      self._ready.append(self._open.pop(fullest))
-    row = [ex]
-    if self._is_full(row):
-      self._ready.append(row)
-    else:
-      self._open.append(row)
+    self._pending.append(ex)
+    if len(self._pending) > self.buffer_size:
+      self._place(self._take_largest(self.tokens_per_row))
+
+  def _take_largest(self, at_most: int) -> dict | None:
+    """Removes and returns the largest waiting example of <= at_most tokens (earliest on ties)."""
+    best = None
+    for i, ex in enumerate(self._pending):
+      n = _tokens(ex)
+      if n <= at_most and (best is None or n > _tokens(self._pending[best])):
+        best = i
+    return None if best is None else self._pending.pop(best)
+
+  def _place(self, ex: dict) -> None:
+    n = _tokens(ex)
+    best, best_free = None, None
+    for i, row in enumerate(self._open):  # open rows always have a free example slot
+      free = self.tokens_per_row - _row_tokens(row)
+      if n <= free and (best is None or free < best_free):
+        best, best_free = i, free
+    if best is None:
+      if len(self._open) >= self.num_open_rows:
+        self._close(max(range(len(self._open)), key=lambda i: (_row_tokens(self._open[i]), -i)))
+      self._open.append([])
+      best = len(self._open) - 1
+    self._open[best].append(ex)
+    if self._is_full(self._open[best]):
+      self._close(best)
+
+  def _close(self, index: int) -> None:
+    row = self._open.pop(index)
+    while len(row) < self.examples_per_row:
+      filler = self._take_largest(self.tokens_per_row - _row_tokens(row))
+      if filler is None:
+        break
+      row.append(filler)
+    self._ready.append(row)
 
   def flush(self) -> None:
-    """Closes every open row (end of data)."""
-    self._ready.extend(self._open)
-    self._open = []
+    """Places every waiting example and closes every open row (end of data)."""
+    while self._pending:
+      self._place(self._take_largest(self.tokens_per_row))
+    while self._open:
+      self._close(0)
 
   def pop(self) -> dict | None:
     """The next finished row as a contract dict, or None when none is finished."""
     if not self._ready:
       return None
-    return materialize_row(self._ready.popleft(), self.tokens_per_row, self.examples_per_row,
-                           max(self._patch_dim, 0))
+    row = materialize_row(self._ready.popleft(), self.tokens_per_row, self.examples_per_row,
+                          max(self._patch_dim, 0))
+    row["skipped"] = self._skipped
+    self._skipped = np.zeros(len(SKIP_REASONS), np.int32)
+    return row
 
   def get_state(self) -> dict[str, Any]:
     return {
+        "pending": [_encode_example(ex) for ex in self._pending],
         "open": [[_encode_example(ex) for ex in row] for row in self._open],
         "ready": [[_encode_example(ex) for ex in row] for row in self._ready],
+        "skipped": [int(c) for c in self._skipped],
         "patch_dim": self._patch_dim,
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
+    self._pending = [_decode_example(d) for d in state["pending"]]
     self._open = [[_decode_example(d) for d in row] for row in state["open"]]
     self._ready = collections.deque([_decode_example(d) for d in row] for row in state["ready"])
+    self._skipped = np.asarray(state["skipped"], np.int32)
     self._patch_dim = int(state["patch_dim"])
-
-
-def _row_tokens(row: list[dict]) -> int:
-  return sum(ex["patches"].shape[0] for ex in row)
 
 
 def materialize_row(examples: list[dict], tokens_per_row: int, examples_per_row: int,
@@ -210,10 +286,11 @@ def materialize_row(examples: list[dict], tokens_per_row: int, examples_per_row:
       grid=np.zeros((K, 3), np.int32),
       example_ids=np.full((K,), -1, np.int64),
       labels=np.full((K,), -1, np.int32),
+      captions=np.array([ex["caption"] for ex in examples] + [""] * (K - len(examples)), dtype=str),
   )
   start = 0
   for k, ex in enumerate(examples):
-    end = start + ex["patches"].shape[0]
+    end = start + _tokens(ex)
     row["patches"][start:end] = ex["patches"]
     row["segment_ids"][start:end] = k + 1
     row["positions"][start:end] = ex["positions"]
@@ -226,7 +303,7 @@ def materialize_row(examples: list[dict], tokens_per_row: int, examples_per_row:
 
 
 def split_row(row: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-  """The examples of one packed row: [{patches, positions, cond_mask, grid, id, label}, ...].
+  """The examples of one packed row: [{patches, positions, cond_mask, grid, id, label, caption}, ...].
 
   Inverse of packing (for sampling outputs and audits); segment k is example k-1.
   """
@@ -238,14 +315,15 @@ def split_row(row: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     out.append(dict(
         patches=row["patches"][token_mask], positions=row["positions"][token_mask],
         cond_mask=row["cond_mask"][token_mask], grid=row["grid"][k],
-        id=int(row["example_ids"][k]), label=int(row["labels"][k])))
+        id=int(row["example_ids"][k]), label=int(row["labels"][k]),
+        caption=str(row["captions"][k]) if "captions" in row else ""))
   return out
 
 
 def pack_examples(examples: Iterable[dict], tokens_per_row: int, examples_per_row: int,
-                  num_open_rows: int = 4) -> list[dict[str, np.ndarray]]:
+                  num_open_rows: int = 8, buffer_size: int = 32) -> list[dict[str, np.ndarray]]:
   """Packs a finite iterable of examples into rows (no Grain; for tools and tests)."""
-  packer = FirstFitPacker(tokens_per_row, examples_per_row, num_open_rows)
+  packer = BestFitPacker(tokens_per_row, examples_per_row, num_open_rows, buffer_size)
   rows = []
   for ex in examples:
     packer.add(ex)
@@ -269,29 +347,31 @@ def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
 # --------------------------------------------------------------------------- Grain transformation
 
 class PackIterDataset(grain.IterDataset):
-  """Grain transformation: examples (dicts with patches, positions, grid, id, label) -> packed rows.
+  """Grain transformation: examples (dicts with patches, positions, grid, id, label, caption)
+  or skip records -> packed rows (BestFitPacker).
 
   Checkpointable: the iterator state holds the parent's state and the packer's
-  open and finished rows, so a restored iterator yields exactly the same rows.
+  buffer, open and finished rows, so a restored iterator yields exactly the same rows.
   """
 
   def __init__(self, parent: grain.IterDataset, *, tokens_per_row: int, examples_per_row: int,
-               num_open_rows: int = 4):
+               num_open_rows: int = 8, buffer_size: int = 32):
     super().__init__(parent)
-    FirstFitPacker(tokens_per_row, examples_per_row, num_open_rows)  # validates the sizes now
-    self._sizes = (tokens_per_row, examples_per_row, num_open_rows)
+    BestFitPacker(tokens_per_row, examples_per_row, num_open_rows, buffer_size)  # validates now
+    self._sizes = (tokens_per_row, examples_per_row, num_open_rows, buffer_size)
 
   def __iter__(self) -> "PackDatasetIterator":
-    return PackDatasetIterator(self._parent.__iter__(), FirstFitPacker(*self._sizes))
+    return PackDatasetIterator(self._parent.__iter__(), BestFitPacker(*self._sizes))
 
   def __str__(self) -> str:
-    return "PackIterDataset(tokens_per_row=%d, examples_per_row=%d, num_open_rows=%d)" % self._sizes
+    return ("PackIterDataset(tokens_per_row=%d, examples_per_row=%d, num_open_rows=%d, "
+            "buffer_size=%d)" % self._sizes)
 
 
 class PackDatasetIterator(grain.DatasetIterator):
   """Iterator of PackIterDataset; state = {parent, packer, parent_exhausted}."""
 
-  def __init__(self, parent: grain.DatasetIterator, packer: FirstFitPacker):
+  def __init__(self, parent: grain.DatasetIterator, packer: BestFitPacker):
     super().__init__(parent)
     self._packer = packer
     self._parent_exhausted = False
@@ -323,7 +403,7 @@ class PackDatasetIterator(grain.DatasetIterator):
 
 
 def pack(dataset: grain.IterDataset, *, tokens_per_row: int, examples_per_row: int,
-         num_open_rows: int = 4) -> PackIterDataset:
+         num_open_rows: int = 8, buffer_size: int = 32) -> PackIterDataset:
   """dataset of examples -> dataset of packed rows (see PackIterDataset)."""
-  return PackIterDataset(dataset, tokens_per_row=tokens_per_row,
-                         examples_per_row=examples_per_row, num_open_rows=num_open_rows)
+  return PackIterDataset(dataset, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
+                         num_open_rows=num_open_rows, buffer_size=buffer_size)

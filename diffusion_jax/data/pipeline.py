@@ -3,17 +3,31 @@
   source (tfds ArrayRecord, random access)
     -> [process_index::process_count]      disjoint shard per process
     -> shuffle(seed) -> repeat(num_epochs)  a new order every epoch
-    -> decode                               uint8 video -> float32 in [-1, 1] -> patchify
+    -> PrepareExample (random_map)          check; temporal crop to 1+4k frames; resize
+                                            to data.max_area and to fit L (plan_shape);
+                                            uint8 -> float32 in [-1, 1]; patchify.
+                                            A bad example becomes a skip record.
     -> to_iter_dataset -> pack              rows of L tokens, <= K examples (packing.py)
     -> batch(local_batch)                   numpy dicts [local_batch, ...]
     -> mp_prefetch (data.num_workers > 0)   Grain worker processes
 
 Each process then calls make_global_batch to assemble the global batch, whose
-rows are split over the mesh's ('data', 'fsdp') axes.
+rows are split over the mesh's ('data', 'fsdp') axes. Host-only keys
+(packing.HOST_KEYS: `captions`, `skipped`) stay in the host batch.
+
+config.data keys read here (the optional ones with their defaults):
+  name, split, data_dir, patch, channels, tokens_per_row, examples_per_row, num_workers
+  image_size                  digits_canvas's canvas side (its builder argument)
+  builder = {}                arguments of another built-in builder (sources.ensure_dataset)
+  max_frames = 0              longest clip after the temporal crop (0: the source's length)
+  max_area = 0                down-resize frames above this many pixels (0: never)
+  min_side = 4 patches        the fit-to-L rule shrinks the shorter side no further
+  pack_open_rows = 8          BestFitPacker's open rows
+  pack_buffer = 32            BestFitPacker's buffer of waiting examples
 
 Checkpointing: the iterator from iter(make_dataset(...)) has get_state() /
-set_state(); its state is JSON (the packer's open rows included), one file
-per process. With Orbax, save and restore it next to the train state:
+set_state(); its state is JSON (the packer's buffer and open rows included),
+one file per process. With Orbax, save and restore it next to the train state:
 
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
@@ -23,6 +37,7 @@ per process. With Orbax, save and restore it next to the train state:
       data=grain.checkpoint.CheckpointRestore(data_iter)))  # sets data_iter's state in place
 """
 import dataclasses
+import math
 from typing import Any
 
 import grain
@@ -31,38 +46,167 @@ import numpy as np
 
 from diffusion_jax.data import packing, sources
 
+FRAME_STEP = 4  # clips are cut to 1 + 4k frames: what a causal video VAE with 4x time compression takes
+
 
 def builder_kwargs(data_config) -> dict[str, Any]:
   """Arguments a built-in builder takes from config.data (none for a dataset directory)."""
   if data_config.name not in sources.BUILDERS:
     return {}
-  return {"image_size": int(data_config.image_size)}
+  if data_config.name == "digits_canvas":
+    return {"image_size": int(data_config.image_size)}
+  return dict(data_config.get("builder", None) or {})
 
+
+# --------------------------------------------------------------------------- sizes
+
+def allowed_frames(frames: int, pt: int) -> int:
+  """The longest usable clip length <= frames, 0 if none.
+
+  With pt == 1: 1 + 4k (an image is 1; a causal video VAE maps 1 + 4k frames
+  to 1 + k latents). With a temporal patch pt > 1: a multiple of pt.
+  """
+  if frames < 1:
+    return 0
+  if pt == 1:
+    return 1 + (frames - 1) // FRAME_STEP * FRAME_STEP
+  return frames // pt * pt
+
+
+def _floor_to(x: float, multiple: int) -> int:
+  return max(multiple, int(math.floor(x / multiple + 1e-9)) * multiple)
+
+
+def plan_shape(frames: int, height: int, width: int, *, patch, tokens_per_row: int, max_area: int = 0,
+               max_frames: int = 0, min_side: int = 0) -> tuple[int, int, int] | None:
+  """(frames, height, width) an example is cut and resized to, or None when it cannot fit.
+
+  The rule, in order:
+    1. frames: the longest allowed_frames() length <= min(frames, max_frames).
+    2. area: above max_area pixels, both sides scale by sqrt(max_area / (H W)).
+    3. sides are floored to multiples of the patch (at least one patch).
+    4. fit: above L = tokens_per_row tokens, both sides shrink by one factor
+       (aspect kept) to fit L / T' tokens per frame, the shorter side not
+       below min_side; if that is not enough, frames are cut to the longest
+       allowed length that fits at min_side. If one frame at min_side is still
+       more than L tokens (an extreme aspect ratio), None: skip as too_big.
+  Never upsamples, except a side shorter than one patch, which becomes one patch.
+  """
+  pt, ph, pw = (int(p) for p in patch)
+  frames = allowed_frames(min(frames, max_frames) if max_frames else frames, pt)
+  if frames == 0:
+    return None
+  scale = 1.0
+  if max_area and height * width > max_area:
+    scale = math.sqrt(max_area / (height * width))
+
+  def sides(s):
+    return _floor_to(height * s, ph), _floor_to(width * s, pw)
+
+  def tokens_per_frame(h, w):
+    return (h // ph) * (w // pw)
+
+  h, w = sides(scale)
+  if frames // pt * tokens_per_frame(h, w) <= tokens_per_row:
+    return frames, h, w
+  budget = tokens_per_row // (frames // pt)
+  fit = scale * math.sqrt(budget / tokens_per_frame(h, w))
+  while fit > 0 and tokens_per_frame(*sides(fit)) > budget:
+    fit *= 0.98
+  floor_scale = min(scale, min_side / min(height, width))  # the smallest scale allowed
+  if fit > 0 and fit >= floor_scale and tokens_per_frame(*sides(fit)) <= budget:
+    return (frames, *sides(fit))
+  h, w = sides(floor_scale)
+  per_frame = tokens_per_frame(h, w)
+  if per_frame > tokens_per_row:
+    return None
+  return allowed_frames(tokens_per_row // per_frame * pt, pt), h, w
+
+
+def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] triangle-filter weights, widened when shrinking (antialiased, as PIL)."""
+  ratio = n_in / n_out
+  support = max(1.0, ratio)
+  centres = (np.arange(n_out) + 0.5) * ratio - 0.5
+  taps = np.arange(n_in)
+  w = np.maximum(0.0, 1.0 - np.abs(taps[None, :] - centres[:, None]) / support)
+  return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resize_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Float video [T, H, W, C] -> [T, height, width, C], antialiased bilinear per frame."""
+  rows = _resize_weights(video.shape[1], height)
+  cols = _resize_weights(video.shape[2], width)
+  channels_first = np.ascontiguousarray(np.moveaxis(video, -1, 1))  # [T, C, H, W]: two plain matmuls
+  return np.moveaxis(rows @ channels_first @ cols.T, 1, -1)
+
+
+# --------------------------------------------------------------------------- decode
 
 @dataclasses.dataclass(frozen=True)
-class DecodeAndPatchify(grain.transforms.Map):
-  """tfds example -> packer example: pixels to [-1, 1] (DDPM's convention), spacetime patches."""
+class PrepareExample(grain.transforms.RandomMap):
+  """tfds example -> packer example, or a packing.skip_record naming why it was unusable.
+
+  Pixels go to [-1, 1] (DDPM's convention): uint8 as x / 127.5 - 1, a float
+  source (taken to be in [0, 1]) as 2x - 1. A [H, W, C] image is one frame.
+  The temporal crop starts at a random frame; sizes follow plan_shape. A clip
+  that keeps its size is centre-cropped to patch multiples, others resized.
+  """
 
   patch: tuple[int, int, int]
   channels: int
+  tokens_per_row: int
+  max_area: int = 0
+  max_frames: int = 0
+  min_side: int = 0
 
-  def map(self, element: dict) -> dict:
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     video = np.asarray(element["video"])
-    if video.ndim != 4 or video.shape[-1] != self.channels:
-      raise ValueError(f"expected a video [T, H, W, {self.channels}], got shape {video.shape}")
-    pixels = video.astype(np.float32) / 127.5 - 1.0
+    if video.ndim == 3:
+      video = video[None]
+    if video.ndim != 4 or 0 in video.shape[1:3]:
+      return packing.skip_record("bad_shape")
+    if video.shape[0] == 0:
+      return packing.skip_record("no_frames")
+    if video.shape[-1] != self.channels:
+      return packing.skip_record("bad_channels")
+    if video.dtype == np.uint8:
+      scale, offset = 1 / 127.5, -1.0
+    elif np.issubdtype(video.dtype, np.floating):
+      if not np.isfinite(video).all():
+        return packing.skip_record("non_finite")
+      scale, offset = 2.0, -1.0
+    else:
+      raise ValueError(f"video dtype {video.dtype} is neither uint8 nor float (example id {element['id']})")
+    t, h, w = video.shape[:3]
+    plan = plan_shape(t, h, w, patch=self.patch, tokens_per_row=self.tokens_per_row,
+                      max_area=self.max_area, max_frames=self.max_frames, min_side=self.min_side)
+    if plan is None:
+      return packing.skip_record("no_frames" if allowed_frames(t, self.patch[0]) == 0 else "too_big")
+    frames, out_h, out_w = plan
+    start = int(rng.integers(0, t - frames + 1))
+    video = video[start:start + frames]
+    pixels = video.astype(np.float32) * np.float32(scale) + np.float32(offset)
+    if (out_h, out_w) == (h // self.patch[1] * self.patch[1], w // self.patch[2] * self.patch[2]):
+      top, left = (h - out_h) // 2, (w - out_w) // 2
+      pixels = pixels[:, top:top + out_h, left:left + out_w]
+    else:
+      pixels = resize_frames(pixels, out_h, out_w)
+    pixels = np.clip(pixels, -1.0, 1.0)
     tokens, positions, grid = packing.patchify(pixels, self.patch)
     return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32),
-                id=int(element["id"]), label=int(element["label"]))
+                id=int(element["id"]), label=int(element["label"]), caption=element.get("caption", b""))
 
+
+# --------------------------------------------------------------------------- datasets
 
 def _pad_batch(rows: list[dict], batch_size: int) -> dict[str, np.ndarray]:
-  """Stacks rows; a short final batch gets empty rows (all padding, ids -1)."""
+  """Stacks rows; a short final batch gets empty rows (all padding, ids -1, no captions)."""
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   missing = batch_size - len(rows)
   if missing:
     for key, value in batch.items():
-      fill = -1 if key in ("example_ids", "labels") else 0
+      fill = -1 if key in ("example_ids", "labels") else "" if value.dtype.kind == "U" else 0
       batch[key] = np.concatenate([value, np.full((missing,) + value.shape[1:], fill, value.dtype)])
   return batch
 
@@ -84,21 +228,21 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   local_batch = global_batch // process_count
   patch = tuple(int(p) for p in data.patch)
   tokens_per_row, examples_per_row = int(data.tokens_per_row), int(data.examples_per_row)
-  if data.name in sources.BUILDERS:  # fixed-size images: fail before the first batch, not in a worker
-    per_image = (int(data.image_size) // patch[1]) * (int(data.image_size) // patch[2])
-    if per_image > tokens_per_row:
-      raise ValueError(
-          f"a {data.image_size}px image in patches {patch} has {per_image} tokens, more than "
-          f"data.tokens_per_row={tokens_per_row}")
 
   source = sources.open_source(data.name, split, data.data_dir, **builder_kwargs(data))
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} examples, fewer than {process_count} processes")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.map(DecodeAndPatchify(patch=patch, channels=int(data.channels)))
+  prepare = PrepareExample(
+      patch=patch, channels=int(data.channels), tokens_per_row=tokens_per_row,
+      max_area=int(data.get("max_area", 0)), max_frames=int(data.get("max_frames", 0)),
+      min_side=int(data.get("min_side", 4 * max(patch[1:]))))
+  ds = ds.random_map(prepare, seed=seed)
   ds = ds.to_iter_dataset()
-  ds = packing.pack(ds, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row)
+  ds = packing.pack(ds, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
+                    num_open_rows=int(data.get("pack_open_rows", 8)),
+                    buffer_size=int(data.get("pack_buffer", 32)))
   if drop_remainder:
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
@@ -122,9 +266,10 @@ def make_global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding
 
   The global leading dim is the concatenation of every process's rows in
   process order; a PartitionSpec naming only the leading axis leaves every
-  other axis replicated. Dtypes follow JAX's canonicalisation: the int64
+  other axis replicated. Host-only keys (packing.HOST_KEYS: captions, skip
+  counts) are left out. Dtypes follow JAX's canonicalisation: the int64
   example_ids become int32 unless jax_enable_x64 is on (the host batch keeps
   int64 for exactly-once audits).
   """
   return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in local_batch.items()}
+          for key, value in local_batch.items() if key not in packing.HOST_KEYS}

@@ -12,6 +12,11 @@ All of them share one feature layout, the one the pipeline decodes:
 `digits_canvas`: scikit-learn's 8x8 digits (1797 real hand-written images, 17
 grey levels), upscaled bilinearly to a random size and placed at a random spot
 on a square canvas, in a named colour on a dark background.
+
+`moving_digits`: the same digits, 1-3 of them, moving (and bouncing off the
+walls) on canvases of many native sizes and aspect ratios, for 1 (an image),
+5, 9, 17 or 33 frames. The caption is written from the generator's own motion
+metadata, which is stored next to the clip (see MovingDigits).
 """
 import dataclasses
 import os
@@ -178,11 +183,201 @@ def render_digit(image: np.ndarray, label: int, size: int, rng: np.random.Genera
   return np.round(canvas).astype(np.uint8), caption
 
 
+# --------------------------------------------------------------------------- moving_digits
+
+# Unit (dy, dx) steps; image rows grow downwards, so "down" is +y.
+DIRECTIONS = {
+    "still": (0.0, 0.0),
+    "left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0),
+    "up-left": (-0.7071, -0.7071), "up-right": (-0.7071, 0.7071),
+    "down-left": (0.7071, -0.7071), "down-right": (0.7071, 0.7071),
+}
+# Speed as a fraction of the canvas's shorter side per frame.
+SPEEDS = {"slowly": 0.02, "steadily": 0.045, "quickly": 0.09}
+
+
+@dataclasses.dataclass
+class MovingDigitsConfig(tfds.core.BuilderConfig):
+  """Canvas sides in [min_side, max_side] px (height and width drawn apart), clip
+  lengths from `durations`, 1..max_digits digits; seed fixes every random choice."""
+
+  min_side: int = 24
+  max_side: int = 96
+  max_digits: int = 3
+  durations: tuple[int, ...] = (1, 5, 9, 17, 33)
+  seed: int = 0
+  train_examples: int = 2000
+  validation_examples: int = 200
+  validation_images: int = 200  # digits held out of the 1797 for validation
+
+
+def _moving_digits_config(**kwargs) -> MovingDigitsConfig:
+  cfg = MovingDigitsConfig(name="tmp", **kwargs)
+  if not 8 <= cfg.min_side <= cfg.max_side:
+    raise ValueError(f"moving_digits needs 8 <= min_side <= max_side, got {cfg.min_side}, {cfg.max_side}")
+  if cfg.max_digits < 1 or not cfg.durations or min(cfg.durations) < 1:
+    raise ValueError(f"moving_digits needs max_digits >= 1 and durations >= 1, got "
+                     f"{cfg.max_digits}, {cfg.durations}")
+  if min(cfg.train_examples, cfg.validation_examples) < 1:
+    raise ValueError("moving_digits needs train_examples and validation_examples >= 1")
+  cfg.durations = tuple(int(d) for d in cfg.durations)
+  default = MovingDigitsConfig(name="default")
+  if all(getattr(cfg, f) == getattr(default, f) for f in kwargs):
+    cfg.name, cfg.description = "default", "24-96 px sides, 1-33 frames, 1-3 digits, seed 0"
+  else:
+    cfg.name = (f"s{cfg.min_side}-{cfg.max_side}_d{cfg.max_digits}_t{'-'.join(map(str, cfg.durations))}"
+                f"_n{cfg.train_examples}-{cfg.validation_examples}_seed{cfg.seed}")
+    cfg.description = "moving_digits with " + cfg.name
+  return cfg
+
+
+class MovingDigits(tfds.core.GeneratorBasedBuilder):
+  """Real 8x8 digits moving and bouncing on canvases of native sizes and durations.
+
+  Features, beyond the shared layout (`label` is the first digit's class):
+    labels      int64 [n]         class of each of the n digits, in drawing order
+    centers     float32 [T, n, 2] (y, x) centre of each digit's square in every frame, px
+    velocities  float32 [n, 2]    (dy, dx) px per frame at the first frame (0 for "still")
+  A digit reflects off the canvas walls; the caption says so ("... and bouncing").
+  Every random choice comes from a generator seeded by (seed, split, example
+  index), so a build is deterministic for a seed. Validation draws from 200
+  digit images that train never sees.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [_moving_digits_config()]
+  DEFAULT_CONFIG_NAME = "default"
+
+  def __init__(self, *, config=None, min_side=None, max_side=None, max_digits=None, durations=None,
+               seed=None, train_examples=None, validation_examples=None, **kwargs):
+    if config is None:  # always explicit: tfds would otherwise guess from what is on disk
+      given = dict(min_side=min_side, max_side=max_side, max_digits=max_digits, durations=durations,
+                   seed=seed, train_examples=train_examples, validation_examples=validation_examples)
+      config = _moving_digits_config(**{k: v for k, v in given.items() if v is not None})
+      config = self.builder_configs.get(config.name, config)
+    super().__init__(config=config, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = dict(_features())
+    features.update(
+        labels=tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        centers=tfds.features.Tensor(shape=(None, None, 2), dtype=np.float32, encoding="zlib"),
+        velocities=tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
+    )
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="scikit-learn digits moving on canvases of many sizes, with motion captions.",
+        features=tfds.features.FeaturesDict(features),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the digits ship with scikit-learn
+    cfg = self.builder_config
+    images, labels = _load_digits()
+    order = np.random.default_rng([cfg.seed, 11]).permutation(len(images))
+    val_idx, train_idx = order[:cfg.validation_images], order[cfg.validation_images:]
+    return {
+        "train": self._generate_examples(images[train_idx], labels[train_idx], cfg.train_examples, 0),
+        "validation": self._generate_examples(images[val_idx], labels[val_idx], cfg.validation_examples, 1),
+    }
+
+  def _generate_examples(self, images, labels, count, split_code):
+    cfg = self.builder_config
+    for index in range(count):
+      rng = np.random.default_rng([cfg.seed, split_code, index])
+      example = render_moving_digits(images, labels, rng, min_side=cfg.min_side, max_side=cfg.max_side,
+                                     max_digits=cfg.max_digits, durations=cfg.durations)
+      yield index, {**example, "id": index}
+
+
+def _reflect(x: np.ndarray, high: float):
+  """Positions x folded into [0, high] by reflection off both walls; also whether any bounced."""
+  if high <= 0:
+    return np.zeros_like(x), False
+  folded = np.mod(x, 2 * high)
+  folded = np.where(folded > high, 2 * high - folded, folded)
+  return folded, bool((np.floor(x / high) != np.floor(x[0] / high)).any())
+
+
+def _motion_phrase(direction: str, speed: str, bounced: bool, finite: bool) -> str:
+  """'moving slowly to the left' (finite: 'moves slowly to the left'), 'falling quickly', ..."""
+  if direction == "still":
+    return "stands still" if finite else "standing still"
+  move, fall, rise = ("moves", "falls", "rises") if finite else ("moving", "falling", "rising")
+  if direction in ("left", "right"):
+    phrase = f"{move} {speed} to the {direction}"
+  elif direction == "down":
+    phrase = f"{fall} {speed}"
+  elif direction == "up":
+    phrase = f"{rise} {speed}"
+  else:
+    vertical, horizontal = direction.split("-")
+    phrase = f"{move} {speed} {vertical} and to the {horizontal}"
+  if bounced:
+    phrase += " and bounces" if finite else " and bouncing"
+  return phrase
+
+
+def render_moving_digits(images, labels, rng: np.random.Generator, *, min_side: int, max_side: int,
+                         max_digits: int, durations) -> dict:
+  """One clip of 1..max_digits digits from `images` (8x8 in [0, 1]) moving on a canvas.
+
+  Returns the feature dict (video, label, caption, labels, centers, velocities).
+  """
+  height, width = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))
+  frames = int(rng.choice(durations))
+  num = int(rng.integers(1, max_digits + 1))
+  short = min(height, width)
+  background_name = str(rng.choice(sorted(BACKGROUND_COLOURS)))
+  colour_names = rng.choice(sorted(DIGIT_COLOURS), size=num, replace=num > len(DIGIT_COLOURS))
+  background = np.asarray(BACKGROUND_COLOURS[background_name], np.float32)
+  canvas = np.broadcast_to(background, (frames, height, width, 3)).copy()
+  centers = np.zeros((frames, num, 2), np.float32)
+  velocities = np.zeros((num, 2), np.float32)
+  digit_labels, clauses = [], []
+  time = np.arange(frames, dtype=np.float64)
+  for d in range(num):
+    pick = int(rng.integers(len(images)))
+    side = max(8, min(short, int(round(rng.uniform(0.3, 0.55) * short))))
+    alpha = np.clip(bilinear_resize(images[pick], side, side), 0.0, 1.0).astype(np.float32)[..., None]
+    colour = np.asarray(DIGIT_COLOURS[colour_names[d]], np.float32)
+    direction = str(rng.choice(list(DIRECTIONS))) if frames > 1 else "still"
+    speed = str(rng.choice(list(SPEEDS)))
+    step = np.asarray(DIRECTIONS[direction]) * max(0.5, SPEEDS[speed] * short)
+    start = rng.uniform(0, [height - side, width - side])
+    top, bounced_y = _reflect(start[0] + step[0] * time, height - side)
+    left, bounced_x = _reflect(start[1] + step[1] * time, width - side)
+    top, left = np.round(top).astype(int), np.round(left).astype(int)
+    for t in range(frames):
+      patch = canvas[t, top[t]:top[t] + side, left[t]:left[t] + side]
+      patch[...] = patch * (1 - alpha) + colour * alpha
+    centers[:, d, 0] = top + side / 2
+    centers[:, d, 1] = left + side / 2
+    velocities[d] = step
+    label = int(labels[pick])
+    digit_labels.append(label)
+    article = "an" if colour_names[d][0] in "aeiou" else "a"
+    noun = f"{article} {colour_names[d]} {label}"
+    if frames == 1:
+      clauses.append(noun)
+    else:
+      clauses.append(f"{noun} {_motion_phrase(direction, speed, bounced_y or bounced_x, finite=d > 0)}")
+  if frames == 1:
+    caption = " and ".join(clauses)
+  else:
+    caption = clauses[0] + (" while " + " and ".join(clauses[1:]) if num > 1 else "")
+  caption += f" on a {background_name} background"
+  return dict(video=np.round(canvas).astype(np.uint8), label=digit_labels[0], caption=caption,
+              labels=np.asarray(digit_labels, np.int64), centers=centers, velocities=velocities)
+
+
 # --------------------------------------------------------------------------- opening datasets
 
 # Built-in builders by tfds name; later video datasets join this table.
 BUILDERS = {
     "digits_canvas": DigitsCanvas,
+    "moving_digits": MovingDigits,
 }
 
 
@@ -195,8 +390,9 @@ def _builder(name: str, data_dir: str, builder_kwargs: dict) -> tfds.core.Datase
 def ensure_dataset(name: str, data_dir: str = "", **builder_kwargs) -> None:
   """Builds the built-in dataset `name` under data_dir unless it is there already.
 
-  builder_kwargs go to the builder (digits_canvas: image_size, seed). data_dir ""
-  means default_data_dir(). Offline: the built-in datasets download nothing.
+  builder_kwargs go to the builder (digits_canvas: image_size, seed; moving_digits:
+  min_side, max_side, max_digits, durations, seed, train_examples,
+  validation_examples). data_dir "" means default_data_dir(). Offline: the built-in datasets download nothing.
   A `name` that is a prepared tfds dataset directory is left as it is.
   """
   if name not in BUILDERS and os.path.isfile(os.path.join(name, "dataset_info.json")):
