@@ -242,3 +242,25 @@ def test_data_stats_reports_json(video_dir):
   assert result["batches_per_s"] > 0 and len(result["captions"]) == 3
   with pytest.raises(ValueError, match="num_batches must be >= 1"):
     stats.data_stats(_config(video_dir), num_batches=0)
+
+
+# --------------------------------------------------------------------------- image_pans
+
+def test_image_pans_moves_as_captioned(tmp_path):
+  build = dict(min_side=16, max_side=48, durations=(1, 5, 9), train_examples=14, validation_examples=2)
+  sources.ensure_dataset("image_pans", str(tmp_path), **build)
+  train = _all(sources.open_source("image_pans", "train", str(tmp_path), **build))
+  regenerated = dict(sources.ImagePans(data_dir=str(tmp_path), **build)._split_generators(None)["train"])
+  for ex in train:
+    np.testing.assert_array_equal(ex["video"], regenerated[int(ex["id"])]["video"])  # deterministic
+    video, boxes, caption = ex["video"], ex["boxes"], ex["caption"].decode()
+    assert caption.endswith(sources.PHOTOS[ex["label"]][1]) and boxes.shape == (video.shape[0], 4)
+    np.testing.assert_allclose(boxes[:, 3] / boxes[:, 2], video.shape[2] / video.shape[1], rtol=1e-4)
+    top, left, height = boxes[-1, :3] - boxes[0, :3]
+    if video.shape[0] == 1:
+      assert caption.startswith("a photo of")
+      continue
+    assert np.abs(np.diff(video.astype(np.float64), axis=0)).mean() > 0.5  # frames really change
+    expected = {"pan to the right": left > 0, "pan to the left": left < 0, "pan down": top > 0,
+                "pan up": top < 0, "zoom in": height < 0, "zoom out": height > 0}
+    assert [move for move, ok in expected.items() if move in caption and ok], caption

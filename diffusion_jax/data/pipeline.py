@@ -123,24 +123,6 @@ def plan_shape(frames: int, height: int, width: int, *, patch, tokens_per_row: i
   return allowed_frames(tokens_per_row // per_frame * pt, pt), h, w
 
 
-def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] triangle-filter weights, widened when shrinking (antialiased, as PIL)."""
-  ratio = n_in / n_out
-  support = max(1.0, ratio)
-  centres = (np.arange(n_out) + 0.5) * ratio - 0.5
-  taps = np.arange(n_in)
-  w = np.maximum(0.0, 1.0 - np.abs(taps[None, :] - centres[:, None]) / support)
-  return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def resize_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Float video [T, H, W, C] -> [T, height, width, C], antialiased bilinear per frame."""
-  rows = _resize_weights(video.shape[1], height)
-  cols = _resize_weights(video.shape[2], width)
-  channels_first = np.ascontiguousarray(np.moveaxis(video, -1, 1))  # [T, C, H, W]: two plain matmuls
-  return np.moveaxis(rows @ channels_first @ cols.T, 1, -1)
-
-
 # --------------------------------------------------------------------------- decode
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +173,7 @@ class PrepareExample(grain.transforms.RandomMap):
       top, left = (h - out_h) // 2, (w - out_w) // 2
       pixels = pixels[:, top:top + out_h, left:left + out_w]
     else:
-      pixels = resize_frames(pixels, out_h, out_w)
+      pixels = sources.resize_frames(pixels, out_h, out_w)
     pixels = np.clip(pixels, -1.0, 1.0)
     tokens, positions, grid = packing.patchify(pixels, self.patch)
     return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32),
