@@ -20,6 +20,9 @@ metadata, which is stored next to the clip (see MovingDigits).
 
 `image_pans`: camera pans and zooms across scikit-image's photographs, at
 native sizes and durations, captioned with the move and the subject.
+
+`video_folder`: the user's own folder of videos (imageio), with optional
+caption side files; undecodable files are skipped and listed in the metadata.
 """
 import dataclasses
 import os
@@ -539,6 +542,118 @@ def render_pan(photos, rng: np.random.Generator, min_side: int, max_side: int, d
               boxes=boxes)
 
 
+# --------------------------------------------------------------------------- video_folder
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".avi", ".mov", ".mkv")
+
+
+@dataclasses.dataclass
+class VideoFolderConfig(tfds.core.BuilderConfig):
+  """folder: the user's videos; longer clips keep their first max_frames frames and
+  larger frames are shrunk (aspect kept) to max_side px on the long side."""
+
+  folder: str = ""
+  max_frames: int = 129
+  max_side: int = 512
+
+
+def _video_folder_config(folder: str, max_frames: int = 129, max_side: int = 512) -> VideoFolderConfig:
+  import hashlib
+
+  if not folder or not os.path.isdir(folder):
+    raise ValueError(f"video_folder needs folder= an existing directory, got {folder!r}")
+  if max_frames < 1 or max_side < 8:
+    raise ValueError(f"video_folder needs max_frames >= 1 and max_side >= 8, got {max_frames}, {max_side}")
+  folder = os.path.abspath(folder)
+  digest = hashlib.sha256(folder.encode()).hexdigest()[:12]
+  return VideoFolderConfig(name=f"{digest}_f{max_frames}_s{max_side}", folder=folder, max_frames=max_frames,
+                           max_side=max_side, description=f"videos of {folder}")
+
+
+def read_video(path: str, max_frames: int, max_side: int) -> np.ndarray:
+  """uint8 [T, H, W, 3] of a video file's first max_frames frames, via imageio.
+
+  Grey frames become RGB, an alpha channel is dropped, frames over max_side are
+  shrunk. mp4/webm need imageio's pyav or ffmpeg plugin; GIF needs only Pillow.
+  Raises on anything it cannot decode.
+  """
+  import imageio.v3 as iio  # local: only this builder needs it
+
+  frames = []
+  for frame in iio.imiter(path):
+    frame = np.asarray(frame)
+    if frame.ndim == 2:
+      frame = np.repeat(frame[..., None], 3, -1)
+    if frame.ndim != 3 or frame.shape[-1] not in (3, 4):
+      raise ValueError(f"frame of shape {frame.shape} is not RGB")
+    frames.append(frame[..., :3])
+    if len(frames) == max_frames:
+      break
+  if not frames:
+    raise ValueError("no frames")
+  video = np.stack(frames)
+  if video.dtype != np.uint8:
+    raise ValueError(f"frames of dtype {video.dtype}, not uint8")
+  h, w = video.shape[1:3]
+  if max(h, w) > max_side:
+    scale = max_side / max(h, w)
+    resized = resize_frames(video.astype(np.float32), max(1, round(h * scale)), max(1, round(w * scale)))
+    video = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+  return video
+
+
+class VideoFolder(tfds.core.GeneratorBasedBuilder):
+  """The user's folder of videos (mp4, webm, gif, avi, mov, mkv; subfolders too) as one train split.
+
+  A side file with the same name and .txt (clip.mp4 -> clip.txt) is the
+  caption, else the caption is empty; label is 0. Files are read in sorted
+  order and `id` is the index in that order. A file that does not decode is
+  skipped; skipped files and why are kept in the dataset's metadata
+  (info.metadata["skipped_files"]: {relative path: reason}) and logged.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+
+  def __init__(self, *, config=None, folder: str = "", max_frames: int = 129, max_side: int = 512, **kwargs):
+    if config is None:
+      config = _video_folder_config(folder, max_frames, max_side)
+    super().__init__(config=config, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description="A folder of the user's videos with optional caption side files.",
+        features=_features(), metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # local files
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    from absl import logging
+
+    cfg = self.builder_config
+    paths = sorted(
+        os.path.join(root, name) for root, _, names in os.walk(cfg.folder) for name in names
+        if name.lower().endswith(VIDEO_EXTENSIONS))
+    skipped = {}
+    self.info.metadata["skipped_files"] = skipped
+    for index, path in enumerate(paths):
+      relative = os.path.relpath(path, cfg.folder)
+      try:
+        video = read_video(path, cfg.max_frames, cfg.max_side)
+      except Exception as e:  # any decoder error: this one file is unusable, the rest are not
+        skipped[relative] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        logging.warning("video_folder: skipping %s (%s)", relative, skipped[relative])
+        continue
+      caption_path = os.path.splitext(path)[0] + ".txt"
+      caption = ""
+      if os.path.isfile(caption_path):
+        with open(caption_path, encoding="utf-8") as f:
+          caption = f.read().strip()
+      yield index, {"video": video, "label": 0, "caption": caption, "id": index}
+
+
 # --------------------------------------------------------------------------- opening datasets
 
 # Built-in builders by tfds name; later video datasets join this table.
@@ -546,6 +661,7 @@ BUILDERS = {
     "digits_canvas": DigitsCanvas,
     "moving_digits": MovingDigits,
     "image_pans": ImagePans,
+    "video_folder": VideoFolder,
 }
 
 
@@ -560,7 +676,9 @@ def ensure_dataset(name: str, data_dir: str = "", **builder_kwargs) -> None:
 
   builder_kwargs go to the builder (digits_canvas: image_size, seed; moving_digits:
   min_side, max_side, max_digits, durations, seed, train_examples,
-  validation_examples). data_dir "" means default_data_dir(). Offline: the built-in datasets download nothing.
+  validation_examples; image_pans: min_side, max_side, durations, seed,
+  train_examples, validation_examples; video_folder: folder, max_frames,
+  max_side). data_dir "" means default_data_dir(). Offline: the built-in datasets download nothing.
   A `name` that is a prepared tfds dataset directory is left as it is.
   """
   if name not in BUILDERS and os.path.isfile(os.path.join(name, "dataset_info.json")):
