@@ -66,6 +66,7 @@ def get_config(arg: str = ""):
       keep_ckpts=3,
       grad_accum_steps=1,  # micro-batches per step (a lax.scan); the update is the global batch's
       max_consecutive_skips=20,  # stop after this many non-finite updates in a row (0 = never)
+      profile_steps=(0, 0),  # (start, stop): trace steps start+1..stop into WORKDIR/profile; equal = off
   )
 
   # Mesh: -1 takes the rest of the devices. Logical -> mesh axis rules.

@@ -137,10 +137,19 @@ def test_nan_batch_is_skipped_counted_and_too_many_stop_without_saving(data_dir,
 def test_resilience_config_errors(data_dir, tmp_path):
   for override, message in [("train.grad_accum_steps=3", "must divide into train.grad_accum_steps=3"),
                             ("train.grad_accum_steps=0", "train.grad_accum_steps=0 must be an int >= 1"),
-                            ("train.max_consecutive_skips=-1", "max_consecutive_skips=-1")]:
+                            ("train.max_consecutive_skips=-1", "max_consecutive_skips=-1"),
+                            ("train.profile_steps=(3,1)", "profile_steps=\\(3, 1\\)")]:
     with pytest.raises(config_lib.ConfigError, match=message):
       loop.train(smoke_config(data_dir, override), str(tmp_path / "never"))
   assert not os.path.exists(tmp_path / "never")  # refused before anything was written
+
+
+def test_profile_window_writes_a_trace(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  loop.train(smoke_config(data_dir, "train.steps=3", "train.profile_steps=(1,2)", "train.ckpt_every=100"),
+             str(workdir))
+  traces = [f for _, _, files in os.walk(workdir / "profile") for f in files if f.endswith(".xplane.pb")]
+  assert len(traces) == 1
 
 
 def _deterministic_loss(params, model, schedule, batch, rng, config, *, train=True):

@@ -194,6 +194,9 @@ def _validate_resilience(config, data_parallel: int) -> None:
     raise ConfigError(
         f"train.global_batch={train_config.global_batch} must divide into train.grad_accum_steps={accum} "
         f"micro-batches that split over the {data_parallel} data-parallel devices")
+  profile = tuple(train_config.get("profile_steps", (0, 0)))
+  if len(profile) != 2 or not all(isinstance(x, int) for x in profile) or not 0 <= profile[0] <= profile[1]:
+    raise ConfigError(f"train.profile_steps={profile!r} must be (start, stop) with 0 <= start <= stop")
   max_skips = train_config.get("max_consecutive_skips", 0)
   if not isinstance(max_skips, int) or max_skips < 0:
     raise ConfigError(f"train.max_consecutive_skips={max_skips!r} must be an int >= 0 (0 = never stop)")
@@ -340,9 +343,14 @@ def train(config, workdir: str):
   last = {}
   preemption = _Preemption(step, config.train.log_every)
   skips = _SkipGuard(int(config.train.get("max_consecutive_skips", 0)), workdir, manager)
+  profile_start, profile_stop = tuple(config.train.get("profile_steps", (0, 0)))
+  profiling = False
   try:
     window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
     while step < total:
+      if step == profile_start < profile_stop:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))  # TensorBoard's profile tab reads it
+        profiling = True
       local = next(data_iter)
       batch = pipeline.make_global_batch(local, batch_sharding)
       with sharding.activate(mesh, rules):
@@ -357,6 +365,10 @@ def train(config, workdir: str):
       window_examples += int(np.sum(local["example_ids"] >= 0)) * jax.process_count()
       window_tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
       saved_now = False
+      if profiling and step >= profile_stop:
+        jax.block_until_ready(aux)
+        jax.profiler.stop_trace()
+        profiling = False
 
       if step % config.train.log_every == 0 or step == total:
         skips.settle()
@@ -390,6 +402,8 @@ def train(config, workdir: str):
         break
     skips.settle()
   finally:
+    if profiling:
+      jax.profiler.stop_trace()
     preemption.close()
     manager.wait_until_finished()
     manager.close()
