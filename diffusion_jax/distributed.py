@@ -12,6 +12,8 @@ Where the coordinator comes from, first match wins:
        DIFFUSION_JAX_NUM_PROCESSES   number of processes
        DIFFUSION_JAX_PROCESS_ID      this process, 0 .. N-1
        DIFFUSION_JAX_LOCAL_DEVICES   fake CPU devices per process (CPU only)
+       DIFFUSION_JAX_LOCAL_DEVICE_IDS  GPUs this process drives, '0,1,2,3' (default: JAX's
+                                     choice, which under SLURM is the one GPU of SLURM_LOCALID)
        DIFFUSION_JAX_INIT_TIMEOUT    seconds to wait for the coordinator and the others (default 300)
   3. a cluster JAX detects by itself (Cloud TPU VM or pod slice, GKE TPU, SLURM, Open MPI):
      jax.distributed.initialize() with no address;
@@ -39,6 +41,7 @@ ENV_NUM_PROCESSES = "DIFFUSION_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "DIFFUSION_JAX_PROCESS_ID"
 ENV_LOCAL_DEVICES = "DIFFUSION_JAX_LOCAL_DEVICES"
 ENV_INIT_TIMEOUT = "DIFFUSION_JAX_INIT_TIMEOUT"
+ENV_LOCAL_DEVICE_IDS = "DIFFUSION_JAX_LOCAL_DEVICE_IDS"
 DEFAULT_TIMEOUT_S = 300
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +71,8 @@ def cluster_detected() -> bool:
   SLURM and Open MPI announce themselves in the environment; a Cloud TPU VM
   (GCE or GKE) has TPU device files, and on GKE also TPU_WORKER_HOSTNAMES.
   """
-  if all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
+  if all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                                   "SLURM_LOCALID")):
     return True
   if "OMPI_MCA_orte_hnp_uri" in os.environ:
     return True
@@ -104,8 +108,18 @@ def wait_for_coordinator(address: str, timeout_s: float, *, process_id=None, num
     time.sleep(0.25)
 
 
+def _env_ids(name: str):
+  text = os.environ.get(name, "").strip()
+  if not text:
+    return None
+  try:
+    return [int(i) for i in text.split(",")]
+  except ValueError:
+    raise ValueError(f"{name}={text!r} is not a comma-separated list of device ids") from None
+
+
 def initialize(coordinator=None, num_processes=None, process_id=None, local_device_count=None,
-               timeout_s=None) -> bool:
+               timeout_s=None, local_device_ids=None) -> bool:
   """Joins the JAX distributed system (see the module docstring); returns whether it did.
 
   Must run before the first use of a device. Idempotent: a second call in an
@@ -115,6 +129,7 @@ def initialize(coordinator=None, num_processes=None, process_id=None, local_devi
   num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
   process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
   local_device_count = local_device_count if local_device_count is not None else _env_int(ENV_LOCAL_DEVICES)
+  local_device_ids = local_device_ids if local_device_ids is not None else _env_ids(ENV_LOCAL_DEVICE_IDS)
   if timeout_s is None:
     timeout_s = _env_int(ENV_INIT_TIMEOUT) or DEFAULT_TIMEOUT_S
 
@@ -137,7 +152,7 @@ def initialize(coordinator=None, num_processes=None, process_id=None, local_devi
       return False  # one process on its own
     _announce(f"joining the cluster JAX detects (timeout {timeout_s}s)")
     jax.distributed.initialize(num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=int(timeout_s))
+                               local_device_ids=local_device_ids, initialization_timeout=int(timeout_s))
     return True
 
   if num_processes is None or process_id is None:
@@ -150,7 +165,8 @@ def initialize(coordinator=None, num_processes=None, process_id=None, local_devi
   _announce(f"process {process_id} of {num_processes} joining coordinator {coordinator} "
             f"(the others must join within {timeout_s}s)")
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id, initialization_timeout=int(timeout_s))
+                             process_id=process_id, local_device_ids=local_device_ids,
+                             initialization_timeout=int(timeout_s))
   return True
 
 
