@@ -16,7 +16,9 @@ budget: a batch is `rows` x L tokens.
               holds as many clips as fit rows x L tokens; each bucket is its own
               batch shape, i.e. its own compilation. Partial batches are padded.
 
-Columns: efficiency = non-padding tokens / tokens computed; kept = tokens the
+The strategies are compared on clip sizes alone (each clip's shape from
+pipeline.plan_shape; the packer decides on token counts only), so no pixels
+are decoded twice. Columns: efficiency = non-padding tokens / tokens computed; kept = tokens the
 model sees / tokens of the clip at its native (cropped, max_area) size; shapes =
 distinct batch shapes over the epoch (= compilations of the train step). Then
 pipeline throughput with 0 and 2 Grain worker processes. Prints markdown.
