@@ -9,8 +9,10 @@ Resilience:
   state are checkpointed together, so a run killed at any point (SIGKILL
   included) and restarted ends with the same params, bit for bit, as one that
   never stopped. On CPU no XLA flag is needed for that: XLA's CPU programs are
-  deterministic for a fixed device count and mesh. Orbax commits a save by a
-  rename, so a save cut short is never restored.
+  deterministic for a fixed device count and mesh (tests/test_resilience.py
+  checks it). On GPU add XLA_FLAGS=--xla_gpu_deterministic_ops=true, whose
+  atomics-based reductions otherwise vary from run to run. Orbax commits a
+  save by a rename, so a save cut short is never restored.
 - Preemption: SIGTERM (or, under `jax.distributed` with the preemption
   service, `multihost_utils.reached_preemption_sync_point`) saves the state
   at the next step boundary, waits for the save and returns normally.
