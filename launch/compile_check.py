@@ -151,8 +151,8 @@ def memory_report(compiled) -> dict:
   return report
 
 
-def check(config, topology_arg: str, out=sys.stdout) -> bool:
-  """Compiles for the slice, prints the table; returns whether it fits the HBM."""
+def check(config, topology_arg: str, out=sys.stdout) -> dict:
+  """Compiles for the slice and prints the table; returns {fits, peak_bytes, hbm_bytes, flops, num_params}."""
   topology = topology_name(topology_arg)
   devices = topology_devices(topology)
   gen = topology.partition(":")[0]
@@ -165,7 +165,7 @@ def check(config, topology_arg: str, out=sys.stdout) -> bool:
       raise
     print(f"fits  NO: libtpu cannot place the train step in {_gib(hbm_per_device)} per device: "
           f"{str(e).splitlines()[0][:400]}", file=out, flush=True)
-    return False
+    return dict(fits=False, peak_bytes=None, hbm_bytes=hbm_per_device, flops=None, num_params=None)
   mem = memory_report(compiled)
   flops = step_flops(config)
   fits = mem["peak"] <= hbm_per_device
@@ -174,7 +174,7 @@ def check(config, topology_arg: str, out=sys.stdout) -> bool:
       ("topology", f"{topology_arg} = {topology}: {len(devices)} devices ({devices[0].device_kind}), "
                    f"{len({d.process_index for d in devices})} hosts"),
       ("mesh", str(dict(mesh.shape))),
-      ("model", f"{config.model.variant}: {num_params / 1e6:.1f}M params, global batch {config.train.global_batch} x "
+      ("model", f"{config.model.variant}: {num_params / 1e6:.2f}M params, global batch {config.train.global_batch} x "
                 f"{config.data.tokens_per_row} tokens, {config.train.compute_dtype}, remat {config.model.remat}"),
       ("arguments / device", _gib(mem["arguments"])),
       ("outputs / device", _gib(mem["outputs"])),
@@ -192,7 +192,7 @@ def check(config, topology_arg: str, out=sys.stdout) -> bool:
           f"{topology_arg}; shard more (mesh.shape fsdp), remat (model.remat=full) or lower train.global_batch",
           file=out)
   out.flush()
-  return fits
+  return dict(fits=fits, peak_bytes=mem["peak"], hbm_bytes=hbm_per_device, flops=flops, num_params=num_params)
 
 
 def _gib(n: float) -> str:
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
   try:
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
-    return 0 if check(config, args.topology) else 1
+    return 0 if check(config, args.topology)["fits"] else 1
   except (ValueError, RuntimeError) as e:  # ConfigError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     return 2

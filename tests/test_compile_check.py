@@ -38,20 +38,24 @@ def test_smoke_train_step_compiles_for_a_small_slice_and_fits():
   config = config_lib.load_config(CONFIG + ":smoke")
   config_lib.apply_overrides(config, ["mesh.shape=(2,2,1)"])
   out = io.StringIO()
-  assert cc.check(config, "v5e-4", out=out)
+  report = cc.check(config, "v5e-4", out=out)
+  assert report["fits"] and 0 < report["peak_bytes"] < report["hbm_bytes"] == 16 * 2 ** 30
   table = dict(line.split(None, 1) if "  " not in line else [s.strip() for s in line.split("  ", 1)]
                for line in out.getvalue().splitlines())
   assert table["topology"].startswith("v5e-4 = v5e:2x2: 4 devices")
   assert table["mesh"] == "{'data': 2, 'fsdp': 2, 'tensor': 1}"
   assert table["fits"] == "yes" and "of 16.00 GiB HBM" in table["peak / device"]
-  assert float(table["FLOPs / step"].split()[0]) > 1e6
+  # Every layer counted (a scanned body alone would fall below): at least 6 x params x tokens.
+  tokens = config.train.global_batch * config.data.tokens_per_row
+  assert table["FLOPs / step"] == f"{report['flops']:.3e} (all devices)"
+  assert report["flops"] >= 6 * report["num_params"] * tokens
 
   # A million rows a step cannot fit 16 GiB a device: reported as not fitting.
   big = config_lib.load_config(CONFIG + ":smoke")
   config_lib.apply_overrides(big, ["train.global_batch=1048576", "mesh.shape=(2,2,1)"])
   out = io.StringIO()
-  assert not cc.check(big, "v5e-4", out=out)
-  assert "NO" in out.getvalue()
+  report = cc.check(big, "v5e-4", out=out)
+  assert not report["fits"] and "NO" in out.getvalue()
 
 
 def test_bad_topology_is_one_error_line(capsys):
