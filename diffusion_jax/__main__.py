@@ -1,4 +1,4 @@
-"""python -m diffusion_jax <command>: quickstart, train, sample.
+"""python -m diffusion_jax <command>: quickstart, train, sample, data-stats.
 
   python -m diffusion_jax quickstart
   python -m diffusion_jax train --config=configs/dit_image.py:variant=S/2 --workdir=/tmp/run --config.train.steps=100
@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
   _add_sample_args(sample)
   sample.add_argument("--workdir", required=True)
   sample.add_argument("--out", default="", help="output folder (default WORKDIR/samples)")
+
+  stats = sub.add_parser("data-stats", help="print JSON statistics of a config's input pipeline",
+                         epilog="Override any config field with --config.section.field=value.")
+  stats.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  stats.add_argument("--num-batches", type=int, default=20)
+  stats.add_argument("--split", default=None, help="default: the config's data.split")
 
   quick = sub.add_parser("quickstart", help="build the digits data, train a small DiT, sample a grid per digit")
   quick.add_argument("--workdir", default="quickstart_out")
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
   args, rest = parser.parse_known_args(argv)
   overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
-  if unknown or (overrides and args.command not in ("train", "quickstart")):
+  if unknown or (overrides and args.command not in ("train", "quickstart", "data-stats")):
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
 
   from diffusion_jax import checkpoint, config as config_lib
@@ -148,6 +154,11 @@ def main(argv=None) -> int:
     elif args.command == "sample":
       run_sample(args.workdir, args.out, sampler=args.sampler, steps=args.sample_steps,
                  cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
+    elif args.command == "data-stats":
+      from diffusion_jax.data import stats
+
+      result = stats.data_stats(_load(args.config, overrides), num_batches=args.num_batches, split=args.split)
+      print(json.dumps(result, indent=1))
     elif args.command == "quickstart":
       start = time.time()
       if args.steps:

@@ -158,3 +158,13 @@ def test_sample_command_writes_grids_and_manifest(data_dir, tmp_path, capsys):
   assert grid.ndim == 3 and grid.shape[2] == 3 and grid.std() > 0
   for r in records:
     assert os.path.exists(os.path.join(out, r["file"]))
+
+
+def test_data_stats_command_prints_json(data_dir, capsys):
+  import json
+
+  assert cli.main(["data-stats", f"--config={CONFIG}:smoke", f"--config.data.data_dir={data_dir}",
+                   "--num-batches=2"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["batches"] == 2 and result["examples"] == 16  # smoke: 8 rows of one 16 px image each
+  assert result["packing_efficiency"] == 1.0 and result["frames"] == {"1": 16}
