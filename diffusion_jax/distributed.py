@@ -214,3 +214,58 @@ def check_agreement(config, *, code: str | None = None) -> dict:
           "code (install the same diffusion_jax source on every host)"
       raise ProcessMismatch(f"the {jax.process_count()} processes disagree on the {what}: {name} {listing}")
   return mine
+
+
+def saved_process_count(manager, step: int):
+  """How many processes wrote the data-iterator state of checkpoint `step`; None if it holds none."""
+  data_dir = os.path.join(str(manager.directory), str(step), "data")
+  counts = {int(name.rsplit("-of-", 1)[1][:-len(".json")])
+            for name in os.listdir(data_dir) if name.startswith("process_") and name.endswith(".json")} \
+      if os.path.isdir(data_dir) else set()
+  if len(counts) > 1:
+    raise ValueError(f"{data_dir} mixes data states of {sorted(counts)} processes")
+  return counts.pop() if counts else None
+
+
+def resume_data_iterator(manager, step: int, data_iter) -> str:
+  """Puts this process's fresh data iterator where checkpoint `step` left the run; returns how.
+
+  The iterator state is per process (each reads source[process_index::count]),
+  so it only means something to a run with the same process count:
+    'restored'  same count: this process's saved state, exactly once over the epoch;
+    'skipped'   another count (or no saved state): the new iterator (new shard) is
+                advanced by `step` local batches, so the run has drawn step x
+                global_batch rows as before and goes on deterministically; within
+                the epoch in progress some examples repeat and others are left out.
+  Skipping reads and packs those batches once, on every process (minutes for a
+  long run on a large step).
+  """
+  import grain
+  import orbax.checkpoint as ocp
+
+  if saved_process_count(manager, step) == jax.process_count():
+    manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return "restored"
+  for _ in range(step):
+    next(data_iter)
+  return "skipped"
+
+
+def process_zero_first(fn, *args, **kwargs):
+  """Runs fn on process 0, then, after a barrier, on all others; returns this process's result.
+
+  For one-time work on storage the processes may share, such as building a
+  dataset (sources.ensure_dataset): process 0 builds it, the others then find
+  it built (on a shared filesystem) or build their own copy (on local disks),
+  never two writers at once in one directory. If process 0 fails, it exits
+  and JAX ends the waiting processes after its heartbeat timeout.
+  """
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  from jax.experimental import multihost_utils
+
+  result = fn(*args, **kwargs) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("diffusion_jax.distributed.process_zero_first")
+  if jax.process_index() != 0:
+    result = fn(*args, **kwargs)
+  return result

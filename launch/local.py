@@ -75,8 +75,11 @@ def launch(command, *, processes: int, devices: int, port: int = 0, timeout_s: f
   deadline = time.monotonic() + timeout_s
   status = 0
   try:
-    while any(c.poll() is None for c in children):
-      failed = [c.returncode for c in children if c.returncode not in (None, 0)]
+    while True:
+      codes = [c.poll() for c in children]  # poll every child: each poll is what sets its returncode
+      if None not in codes:
+        break
+      failed = [code for code in codes if code not in (None, 0)]
       if failed or time.monotonic() > deadline:
         status = failed[0] if failed else 124
         why = f"a process exited with status {status}" if failed else f"the run passed --timeout={timeout_s:g}s"

@@ -40,6 +40,12 @@ DRIVER = textwrap.dedent("""
     config = config_lib.load_config(spec)
     if mode == "disagree":  # process 1 trains with another seed
       overrides.append(f"train.seed={jax.process_index()}")
+      def mark():  # what process 1 finds when its turn comes
+        found = sorted(os.listdir(workdir))
+        open(os.path.join(workdir, f"marker_{jax.process_index()}"), "w").close()
+        return found
+      os.makedirs(workdir, exist_ok=True)
+      zero_first = distributed.process_zero_first(mark)
     config_lib.apply_overrides(config, overrides)
     report = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                   device_count=jax.device_count(), local_device_count=jax.local_device_count())
@@ -58,6 +64,8 @@ DRIVER = textwrap.dedent("""
       pipeline.make_dataset = recording
       state, metrics = loop.train(config, workdir)
       report.update(loss=metrics["loss"], example_ids=seen, step=int(jax.device_get(state.step)))
+    if mode == "disagree":
+      report["zero_first"] = zero_first
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, f"process_{jax.process_index()}.json"), "w") as f:
       json.dump(report, f)
@@ -177,10 +185,20 @@ def test_two_processes_train_like_one_and_restore_elastically(data_dir, tmp_path
   restored2 = _restore_params(two, multi_dir, jax.devices()[:2])
   assert restored2.params["final_layer"]["linear"]["kernel"].sharding.mesh.shape["fsdp"] == 2
   _tree_allclose(jax.device_get(restored2), jax.device_get(restored8), rtol=0, atol=0)
+  # The data iterator on 1 process: the 2-process states do not apply, so it skips STEPS batches of its shard.
+  manager = checkpoint.make_manager(str(multi_dir), keep=3, create=False)
+  assert distributed.saved_process_count(manager, STEPS) == 2
+  resumed = iter(make_dataset(config, split=config.data.split, seed=config.data.shuffle_seed))
+  assert distributed.resume_data_iterator(manager, STEPS, resumed) == "skipped"
+  fresh = iter(make_dataset(config, split=config.data.split, seed=config.data.shuffle_seed))
+  for _ in range(STEPS):
+    next(fresh)
+  np.testing.assert_array_equal(next(resumed)["example_ids"], next(fresh)["example_ids"])
+  manager.close()
   print(f"2x4 run through the launcher: {multi_seconds:.1f}s, 1x8 run: {single_seconds:.1f}s")
 
 
-def test_processes_that_disagree_on_the_config_stop_before_any_step(data_dir, tmp_path):
+def test_processes_that_disagree_on_the_config_stop_before_any_step_and_zero_goes_first(data_dir, tmp_path):
   reports, _ = run_launcher(tmp_path, "disagree", tmp_path / "run", f"data.data_dir={data_dir}", *OVERRIDES,
                             processes=2, devices=1)
   for r in reports:  # every process sees both values, so all of them stop
@@ -188,6 +206,8 @@ def test_processes_that_disagree_on_the_config_stop_before_any_step(data_dir, tm
     assert "disagree on the config" in message and "config_hash" in message
     assert "process 0: " in message and "process 1: " in message
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  # process_zero_first: process 0 ran first, alone; process 1 ran after it.
+  assert reports[0]["zero_first"] == [] and reports[1]["zero_first"] == ["marker_0"]
 
 
 def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
@@ -212,3 +232,46 @@ def test_code_version_follows_the_source(tmp_path):
   (package / "a.py").write_text("x = 2\n")
   assert distributed.code_version(str(package)) != first
   assert distributed.code_version() == distributed.code_version(distributed.PACKAGE_DIR)
+
+
+def test_data_iterator_of_the_same_process_count_is_restored_exactly(data_dir, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  config = config_lib.load_config(CONFIG)
+  config_lib.apply_overrides(config, [f"data.data_dir={data_dir}"])
+  dataset = pipeline.make_dataset(config, split=config.data.split, seed=config.data.shuffle_seed)
+  saved = iter(dataset)
+  for _ in range(3):
+    next(saved)
+  manager = checkpoint.make_manager(str(tmp_path), keep=1)
+  manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(saved)))
+  manager.wait_until_finished()
+  assert distributed.saved_process_count(manager, 3) == 1
+  resumed = iter(dataset)
+  assert distributed.resume_data_iterator(manager, 3, resumed) == "restored"
+  np.testing.assert_array_equal(next(resumed)["example_ids"], next(saved)["example_ids"])
+  manager.close()
+
+
+def test_launcher_ends_the_others_when_one_fails_and_sets_the_environment(tmp_path):
+  script = tmp_path / "child.py"
+  script.write_text(textwrap.dedent("""
+      import os, sys, time
+      keys = ("COORDINATOR", "NUM_PROCESSES", "PROCESS_ID", "LOCAL_DEVICES")
+      print(" ".join(os.environ["DIFFUSION_JAX_" + k] for k in keys), os.environ["XLA_FLAGS"], flush=True)
+      if os.environ["DIFFUSION_JAX_PROCESS_ID"] == "1":
+        sys.exit(3)
+      time.sleep(120)  # process 0 would wait for process 1 forever
+  """))
+  start = time.time()
+  result = subprocess.run([sys.executable, LAUNCHER, "--processes=2", "--devices=3", "--", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert result.returncode == 3, result.stdout + result.stderr
+  assert time.time() - start < 30
+  lines = result.stdout.splitlines()
+  assert "launch: a process exited with status 3; ending the others" in lines
+  for i in range(2):
+    line = next(l for l in lines if l.startswith(f"[{i}] 127.0.0.1:"))
+    assert line.split()[2:] == ["2", str(i), "3", "--xla_force_host_platform_device_count=3"], line
