@@ -62,11 +62,17 @@ def _load(spec: str, overrides):
   return config
 
 
-def run_train(config, workdir: str) -> dict:
+def run_train(config, workdir: str):
+  """Trains in this process; with DIFFUSION_JAX_COORDINATOR etc. set, as one of several (see distributed.py)."""
+  from diffusion_jax import distributed
   from diffusion_jax.data import pipeline, sources
   from diffusion_jax.train import loop
 
-  sources.ensure_dataset(config.data.name, config.data.data_dir, **pipeline.builder_kwargs(config.data))
+  distributed.initialize()  # before any device is touched; a no-op for a single process
+  distributed.check_agreement(config)  # every process runs the same config and code, or none starts
+  # Several processes on one host share the data directory: process 0 builds it first.
+  distributed.process_zero_first(sources.ensure_dataset, config.data.name, config.data.data_dir,
+                                 **pipeline.builder_kwargs(config.data))
   return loop.train(config, workdir)
 
 
@@ -145,9 +151,10 @@ def main(argv=None) -> int:
   if unknown or (overrides and args.command not in ("train", "quickstart", "data-stats")):
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
 
-  from diffusion_jax import checkpoint, config as config_lib
+  from diffusion_jax import checkpoint, config as config_lib, distributed
 
-  user_errors = (config_lib.ConfigError, checkpoint.CheckpointMismatch, FileNotFoundError, ValueError)
+  user_errors = (config_lib.ConfigError, checkpoint.CheckpointMismatch, distributed.CoordinatorUnreachable,
+                 FileNotFoundError, ValueError)
   try:
     if args.command == "train":
       run_train(_load(args.config, overrides), args.workdir)
