@@ -152,9 +152,10 @@ def main(argv=None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
 
   from diffusion_jax import checkpoint, config as config_lib, distributed
+  from diffusion_jax.train import loop
 
   user_errors = (config_lib.ConfigError, checkpoint.CheckpointMismatch, distributed.CoordinatorUnreachable,
-                 FileNotFoundError, ValueError)
+                 loop.TrainingDiverged, FileNotFoundError, ValueError)
   try:
     if args.command == "train":
       run_train(_load(args.config, overrides), args.workdir)
@@ -170,7 +171,11 @@ def main(argv=None) -> int:
       start = time.time()
       if args.steps:
         overrides.append(f"train.steps={args.steps}")
-      run_train(_load(QUICKSTART_CONFIG, overrides), args.workdir)
+      config = _load(QUICKSTART_CONFIG, overrides)
+      state, _ = run_train(config, args.workdir)
+      if int(state.step) < config.train.steps:  # preempted: the checkpoint is saved, sampling waits
+        print(f"stopped at step {int(state.step)}; run the same command again to finish", flush=True)
+        return 0
       grid = run_sample(args.workdir, "", sampler=args.sampler, steps=args.sample_steps,
                         cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
       print(f"quickstart done in {time.time() - start:.0f}s: checkpoints, TensorBoard logs and metrics.jsonl "
