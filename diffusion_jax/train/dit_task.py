@@ -105,7 +105,43 @@ def loss_fn(params, model, schedule, batch, rng, config, *, train=True):
                                          learn_sigma=config.model.learn_sigma)
   loss_mask = (segment_ids > 0) & ~batch["cond_mask"]
   loss = objectives.reduce_per_example(token_loss, segment_ids, loss_mask, k)
-  return loss, {"loss": loss}
+  return loss, {"loss": loss, **timestep_bucket_losses(token_loss, segment_ids, loss_mask, t_example,
+                                                        schedule.num_steps)}
+
+
+NUM_T_BUCKETS = 4
+
+
+def timestep_bucket_losses(token_loss, segment_ids, loss_mask, t_example, num_steps: int) -> dict:
+  """The loss split by noise level: bucket i holds the examples with t in
+  [i T / 4, (i + 1) T / 4).
+
+  Returns loss_t{i}, the mean per-example loss over the bucket's examples
+  (objectives.reduce_per_example restricted to them), and examples_t{i}, how
+  many examples it averaged. An empty bucket reports loss 0 and count 0, never
+  NaN, so TensorBoard curves stay finite; weigh by the count to average
+  buckets over steps or batches (the eval section of train/loop.py does).
+  """
+  k = t_example.shape[1]
+  bucket_of_token = per_token(t_example * NUM_T_BUCKETS // num_steps, segment_ids)
+  ids = jnp.arange(1, k + 1, dtype=segment_ids.dtype)
+  out = {}
+  for i in range(NUM_T_BUCKETS):
+    mask = loss_mask & (bucket_of_token == i)
+    out[f"loss_t{i}"] = objectives.reduce_per_example(token_loss, segment_ids, mask, k)
+    present = jnp.any((segment_ids[..., None] == ids) & mask[..., None], axis=1)  # [B, K]
+    out[f"examples_t{i}"] = jnp.sum(present).astype(jnp.float32)
+  return out
+
+
+def eval_fn(params, model, schedule, batch, index, config) -> dict:
+  """Held-out loss of eval batch number `index`, deterministic: train=False
+  (no dropout, no label dropout) and timesteps and noise drawn from a key
+  fixed by (train.seed, index), so evaluations of the same params at
+  different steps see the same noise and compare directly."""
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed + 1), index)
+  _, aux = loss_fn(params, model, schedule, batch, rng, config, train=False)
+  return aux
 
 
 def sample(model, params, config, labels, rng, *, sampler="ddim", steps=50, eta=0.0, cfg_scale=1.0):
