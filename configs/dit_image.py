@@ -66,6 +66,8 @@ def get_config(arg: str = ""):
       keep_ckpts=3,
       grad_accum_steps=1,  # micro-batches per step (a lax.scan); the update is the global batch's
       max_consecutive_skips=20,  # stop after this many non-finite updates in a row (0 = never)
+      eval_every=500,  # held-out loss per timestep bucket (EMA params) every this many steps; 0 = off
+      eval_batches=4,  # the fixed eval set: this many batches of data.eval_split
       profile_steps=(0, 0),  # (start, stop): trace steps start+1..stop into WORKDIR/profile; equal = off
   )
 
@@ -105,6 +107,6 @@ def get_config(arg: str = ""):
     c.data.image_size = 16
     c.data.tokens_per_row = 64
     c.diffusion.num_steps = 100
-    c.train.update(global_batch=8, steps=20, warmup_steps=2, log_every=5, ckpt_every=10)
+    c.train.update(global_batch=8, steps=20, warmup_steps=2, log_every=5, ckpt_every=10, eval_every=0)
     c.sample.update(steps=5, per_class=2)
   return c

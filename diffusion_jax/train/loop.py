@@ -204,6 +204,52 @@ def _validate_resilience(config, data_parallel: int) -> None:
     raise ConfigError(f"train.max_consecutive_skips={max_skips!r} must be an int >= 0 (0 = never stop)")
 
 
+def make_evaluator(config, model, mesh, rules, params_shardings, split: str):
+  """evaluate(params) -> {"eval/loss", "eval/loss_t0".., "eval/examples"}: the
+  held-out diffusion loss (the MLPerf-style diffusion eval) on a fixed set.
+
+  The set is the first train.eval_batches batches of `split`, loaded once;
+  each batch's timesteps and noise come from a fixed key (the task's eval_fn),
+  so equal params give equal numbers and evaluations at different steps
+  compare directly. Batches and buckets are averaged weighted by their
+  example counts; a bucket without any example over the whole set is left out.
+  """
+  task = TASKS[config.task]
+  schedule = task.make_schedule(config)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  source = iter(pipeline.make_dataset(config, split=split, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), seed=config.data.shuffle_seed))
+  batches = [pipeline.make_global_batch(next(source), batch_sharding)
+             for _ in range(int(config.train.eval_batches))]
+  eval_batch = jax.jit(lambda params, batch, index: task.eval_fn(params, model, schedule, batch, index, config),
+                       in_shardings=(params_shardings, batch_sharding, replicated), out_shardings=replicated)
+
+  def evaluate(params) -> dict:
+    with sharding.activate(mesh, rules):
+      auxes = [jax.device_get(eval_batch(params, batch, np.int32(index))) for index, batch in enumerate(batches)]
+    buckets = range(dit_task.NUM_T_BUCKETS)
+    examples = [sum(float(aux[f"examples_t{i}"]) for i in buckets) for aux in auxes]
+    total = sum(examples)
+    result = {"eval/loss": sum(float(aux["loss"]) * n for aux, n in zip(auxes, examples)) / max(total, 1.0),
+              "eval/examples": total}
+    for i in buckets:
+      count = sum(float(aux[f"examples_t{i}"]) for aux in auxes)
+      if count:
+        result[f"eval/loss_t{i}"] = sum(float(aux[f"loss_t{i}"] * aux[f"examples_t{i}"]) for aux in auxes) / count
+    return result
+
+  return evaluate
+
+
+def _validate_eval(train_config) -> None:
+  every, batches = train_config.get("eval_every", 0), train_config.get("eval_batches", 1)
+  if not isinstance(every, int) or every < 0:
+    raise ConfigError(f"train.eval_every={every!r} must be an int >= 0 (0 = no evaluation)")
+  if every and (not isinstance(batches, int) or batches < 1):
+    raise ConfigError(f"train.eval_batches={batches!r} must be an int >= 1")
+
+
 def _test_signal_hook():
   """(step, signal) from DIFFUSION_JAX_TEST_SIGNAL_AT, or None."""
   text = os.environ.get(TEST_SIGNAL_ENV, "")
@@ -299,6 +345,7 @@ def train(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   _validate_resilience(config, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+  _validate_eval(config.train)
   test_signal = _test_signal_hook()
 
   # ------------------------------------------- refuse another model's workdir
@@ -336,6 +383,13 @@ def train(config, workdir: str):
   compiled = None  # compiled on the first batch; its cost analysis gives the FLOPs for MFU
   flops_per_step = None
   peak_per_device = metrics.device_peak_flops(mesh.devices.flat[0])
+
+  # ------------------------------------------------------------------- eval
+  # Held-out loss per timestep bucket with the EMA params, every eval_every steps.
+  eval_every = int(config.train.get("eval_every", 0))
+  evaluate = None
+  if eval_every:
+    evaluate = make_evaluator(config, model, mesh, rules, state_shardings.ema_params, config.data.eval_split)
 
   # ------------------------------------------------------------------- loop
   step = int(jax.device_get(state.step))
@@ -386,6 +440,13 @@ def train(config, workdir: str):
         shown = ("loss", "grad_norm", "steps_per_s", "tokens_per_s", "mfu", "skipped_steps")
         writer.progress(step, {k: last[k] for k in shown if k in last}, eta_s=last["eta_s"])
         window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
+
+      if evaluate is not None and step % eval_every == 0:
+        eval_start = time.time()
+        scores = evaluate(state.ema_params)
+        writer.write(step, scores)
+        writer.progress(step, {"eval/loss": scores["eval/loss"]})
+        window_start += time.time() - eval_start  # the throughput rates leave out evaluation
 
       if step % config.train.ckpt_every == 0 or step == total:
         skips.settle()  # never save a run that has just diverged
