@@ -14,7 +14,7 @@ from diffusion_jax.models import dit
 PATCH, CHANNELS = 2, 3
 P = PATCH * PATCH * CHANNELS
 SMOKE = dict(patch_dim=P, width=32, depth=2, num_heads=2, num_classes=10)
-LOGICAL_NAMES = {"batch", "length", "embed", "mlp", "heads", "kv", "patch", "classes", "layers"}
+LOGICAL_NAMES = {"batch", "length", "embed", "mlp", "heads", "kv", "patch", "classes", "layers", "modulation"}
 
 
 # ---------------------------------------------------------------------------
@@ -403,6 +403,7 @@ def test_every_param_has_logical_names_and_valid_shardings(variant, scan_layers)
   for leaf in boxed:
     assert isinstance(leaf, nn.LogicallyPartitioned)
     assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= LOGICAL_NAMES, leaf.names
+    assert set(leaf.names) <= {name for name, _ in rules}, f"no mesh rule for {leaf.names}"
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
   sharded_dims = 0
   for leaf, sharding in zip(boxed, jax.tree.leaves(shardings)):
