@@ -36,9 +36,7 @@ def measure(config_spec: str, overrides, steps: int, saves: int, steps_during_sa
   rules = sharding.logical_rules(config.mesh)
   model, optimizer, init_fn, _, state_shardings = loop.build_state(config, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(loop.make_train_step(config, model, optimizer),
-                    in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = loop.jit_train_step(config, model, optimizer, mesh, state_shardings)
   data_iter = iter(pipeline.make_dataset(config, split=config.data.split, seed=0))
   batches = [pipeline.make_global_batch(next(data_iter), batch_sharding) for _ in range(8)]
   state = init_fn(jax.random.PRNGKey(0))

@@ -26,9 +26,7 @@ def measure(config, policy: str, steps: int) -> dict:
   rules = sharding.logical_rules(config.mesh)
   model, optimizer, init_fn, _, state_shardings = loop.build_state(config, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(loop.make_train_step(config, model, optimizer),
-                    in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = loop.jit_train_step(config, model, optimizer, mesh, state_shardings)
   batch = jax.device_put(dit_task.dummy_batch(config, config.train.global_batch), batch_sharding)
   state = init_fn(jax.random.PRNGKey(0))
   with sharding.activate(mesh, rules):

@@ -32,9 +32,7 @@ def measure(config_spec: str, steps: int, overrides) -> dict:
   rules = sharding.logical_rules(config.mesh)
   model, optimizer, init_fn, _, state_shardings = loop.build_state(config, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(loop.make_train_step(config, model, optimizer),
-                    in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = loop.jit_train_step(config, model, optimizer, mesh, state_shardings)
   it = iter(pipeline.make_dataset(config, split=config.data.split, seed=0))
   local = [next(it) for _ in range(8)]
   batches = [pipeline.make_global_batch(b, batch_sharding) for b in local]

@@ -107,11 +107,8 @@ def lower_train_step(config, devices):
                     for k, v in one_row.items()}
   abstract_state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_shardings)
-  # The same jit as the loop's train step: shardings in and out, state donated.
-  step_fn = jax.jit(loop.make_train_step(config, model, optimizer),
-                    in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=0)
+  # The loop's own jitted train step.
+  step_fn = loop.jit_train_step(config, model, optimizer, mesh, state_shardings)
   with sharding.activate(mesh, rules):
     lowered = step_fn.lower(abstract_state, abstract_batch)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_state.params))

@@ -100,6 +100,16 @@ def build_state(config, mesh, rules):
   return model, optimizer, init_fn, abstract_state, state_shardings
 
 
+def jit_train_step(config, model, optimizer, mesh, state_shardings):
+  """The train step under jax.jit: state and batch shardings in and out, the state donated."""
+  return jax.jit(
+      make_train_step(config, model, optimizer),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+  )
+
+
 def loss_examples(batch, num_examples: int):
   """Examples of a packed batch that carry loss: those with at least one token
   that is neither padding nor conditioning (dit_task.loss_fn's loss mask, the
@@ -374,12 +384,7 @@ def train(config, workdir: str):
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_state.params))
 
   # ------------------------------------------------------------- train step
-  step_fn = jax.jit(
-      make_train_step(config, model, optimizer),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0,
-  )
+  step_fn = jit_train_step(config, model, optimizer, mesh, state_shardings)
   compiled = None  # compiled on the first batch; its cost analysis gives the FLOPs for MFU
   flops_per_step = None
   peak_per_device = metrics.device_peak_flops(mesh.devices.flat[0])
