@@ -8,7 +8,7 @@ import numpy as np
 
 from diffusion_jax import sharding
 from diffusion_jax.train import dit_task, loop
-from test_train import first_batch, smoke_config
+from test_train import first_batch, fixed_batch_setup, smoke_config
 
 
 def test_bucket_losses_split_examples_by_t_and_empty_buckets_are_zero():
@@ -69,16 +69,7 @@ def test_eval_runs_at_its_steps_on_the_validation_split_and_is_reproducible(data
 def test_bfloat16_compute_trains_with_float32_params(data_dir, tmp_path):
   config = smoke_config(data_dir, "train.steps=40", "train.lr=2e-3", "train.ckpt_every=1000",
                         "train.compute_dtype=bfloat16")
-  batch = first_batch(config)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.mesh)
-  model, _, init_fn, _, _ = loop.build_state(config, mesh, rules)
-  schedule = dit_task.make_schedule(config)
-
-  @jax.jit
-  def mean_loss(params):  # over 8 noise draws, as tests/test_train.py's float32 check
-    keys = jax.random.split(jax.random.PRNGKey(123), 8)
-    return jnp.mean(jax.vmap(lambda k: dit_task.loss_fn(params, model, schedule, batch, k, config, train=False)[0])(keys))
+  batch, mesh, rules, model, init_fn, mean_loss = fixed_batch_setup(config)
 
   with sharding.activate(mesh, rules):
     init_params = init_fn(jax.random.PRNGKey(config.train.seed)).params

@@ -156,17 +156,9 @@ def test_buffer_feeds_largest_first_and_tops_up_closed_rows():
 
 
 def test_skip_records_are_counted_on_the_next_row_never_packed():
-  packer = packing.BestFitPacker(16, 2, num_open_rows=1, buffer_size=0)
   stream = [packing.skip_record("too_big"), *_sized([16]), packing.skip_record("no_frames"),
             packing.skip_record("no_frames"), *_sized([8, 8])]
-  rows = []
-  for ex in stream:
-    packer.add(ex)
-    while (row := packer.pop()) is not None:
-      rows.append(row)
-  packer.flush()
-  while (row := packer.pop()) is not None:
-    rows.append(row)
+  rows = packing.pack_examples(stream, 16, 2, num_open_rows=1, buffer_size=0)
   assert [int((r["example_ids"] >= 0).sum()) for r in rows] == [1, 2]
   reasons = list(packing.SKIP_REASONS)
   assert rows[0]["skipped"][reasons.index("too_big")] == 1 and rows[0]["skipped"].sum() == 1

@@ -62,8 +62,8 @@ def test_loss_on_meshes_equals_one_device(data_dir, shape):
       assert any("tensor" in jax.tree_util.tree_leaves(tuple(s)) for s in specs)
 
 
-def test_smoke_training_lowers_loss_on_a_fixed_batch(data_dir, tmp_path):
-  config = smoke_config(data_dir, "train.steps=40", "train.lr=2e-3", "train.ckpt_every=1000")
+def fixed_batch_setup(config):
+  """(batch, mesh, rules, model, init_fn, mean_loss): mean_loss(params) on one fixed batch."""
   batch = first_batch(config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
@@ -71,10 +71,16 @@ def test_smoke_training_lowers_loss_on_a_fixed_batch(data_dir, tmp_path):
   schedule = dit_task.make_schedule(config)
 
   @jax.jit
-  def mean_loss(params):  # over 8 noise draws, so the comparison is not luck
+  def mean_loss(params):  # over 8 noise draws, so a comparison is not luck
     keys = jax.random.split(jax.random.PRNGKey(123), 8)
     return jnp.mean(jax.vmap(lambda k: dit_task.loss_fn(params, model, schedule, batch, k, config, train=False)[0])(keys))
 
+  return batch, mesh, rules, model, init_fn, mean_loss
+
+
+def test_smoke_training_lowers_loss_on_a_fixed_batch(data_dir, tmp_path):
+  config = smoke_config(data_dir, "train.steps=40", "train.lr=2e-3", "train.ckpt_every=1000")
+  _, mesh, rules, _, init_fn, mean_loss = fixed_batch_setup(config)
   with sharding.activate(mesh, rules):
     before = float(mean_loss(init_fn(jax.random.PRNGKey(config.train.seed)).params))
   state, metrics = loop.train(config, str(tmp_path / "run"))

@@ -143,12 +143,10 @@ class DigitsCanvas(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the digits ship with scikit-learn
     cfg = self.builder_config
-    images, labels = _load_digits()
-    order = np.random.default_rng([cfg.seed, 7]).permutation(len(images))
-    val_idx, train_idx = order[:cfg.validation_images], order[cfg.validation_images:]
+    train, validation = _split_digits(cfg.seed, 7, cfg.validation_images)
     return {
-        "train": self._generate_examples(images[train_idx], labels[train_idx], cfg.train_copies, 0),
-        "validation": self._generate_examples(images[val_idx], labels[val_idx], cfg.validation_copies, 1),
+        "train": self._generate_examples(*train, cfg.train_copies, 0),
+        "validation": self._generate_examples(*validation, cfg.validation_copies, 1),
     }
 
   def _generate_examples(self, images, labels, copies, split_code):
@@ -168,6 +166,17 @@ def _load_digits():
   digits = load_digits()
   return digits.images.astype(np.float64) / 16.0, digits.target.astype(np.int64)
 
+
+
+def _split_digits(seed: int, salt: int, validation_images: int):
+  """((train images, labels), (validation images, labels)): sklearn's digits split by a seeded permutation.
+
+  Each builder passes its own salt, so their splits are independent.
+  """
+  images, labels = _load_digits()
+  order = np.random.default_rng([seed, salt]).permutation(len(images))
+  val_idx, train_idx = order[:validation_images], order[validation_images:]
+  return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
 
 def render_digit(image: np.ndarray, label: int, size: int, rng: np.random.Generator):
   """Draws one 8x8 digit (intensities in [0, 1]) on a size x size canvas.
@@ -280,12 +289,10 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the digits ship with scikit-learn
     cfg = self.builder_config
-    images, labels = _load_digits()
-    order = np.random.default_rng([cfg.seed, 11]).permutation(len(images))
-    val_idx, train_idx = order[:cfg.validation_images], order[cfg.validation_images:]
+    train, validation = _split_digits(cfg.seed, 11, cfg.validation_images)
     return {
-        "train": self._generate_examples(images[train_idx], labels[train_idx], cfg.train_examples, 0),
-        "validation": self._generate_examples(images[val_idx], labels[val_idx], cfg.validation_examples, 1),
+        "train": self._generate_examples(*train, cfg.train_examples, 0),
+        "validation": self._generate_examples(*validation, cfg.validation_examples, 1),
     }
 
   def _generate_examples(self, images, labels, count, split_code):
