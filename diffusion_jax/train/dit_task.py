@@ -26,16 +26,33 @@ def example_grid(config) -> tuple:
   return (1 // pt, size // ph, size // pw)
 
 
+MODEL_FAMILIES = ("dit", "unet")
+
+
+def _model_family(config) -> str:
+  family = config.model.get("family", "dit")
+  if family not in MODEL_FAMILIES:
+    raise ConfigError(f"unknown model.family {family!r}; known: {MODEL_FAMILIES}")
+  return family
+
+
 def validate(config) -> None:
-  if config.model.variant not in dit.VARIANTS:
-    raise ConfigError(f"unknown model.variant {config.model.variant!r}; known: {sorted(dit.VARIANTS)}")
+  family = _model_family(config)
+  if family == "unet":
+    from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
+    variants = unet.VARIANTS
+  else:
+    variants = dit.VARIANTS
+  if config.model.variant not in variants:
+    raise ConfigError(f"unknown model.variant {config.model.variant!r} for model.family={family!r}; "
+                      f"known: {sorted(variants)}")
   pt, ph, pw = config.data.patch
   size = config.data.image_size
   if pt != 1:
     raise ConfigError(f"data.patch={tuple(config.data.patch)}: images are one-frame videos, the temporal patch must be 1")
   if size % ph or size % pw:
     raise ConfigError(f"data.patch={tuple(config.data.patch)} does not divide data.image_size={size}")
-  if dit.VARIANTS[config.model.variant]["patch"] != ph:
+  if family == "dit" and dit.VARIANTS[config.model.variant]["patch"] != ph:
     raise ConfigError(
         f"data.patch={tuple(config.data.patch)} disagrees with model.variant={config.model.variant!r} "
         f"(patch {dit.VARIANTS[config.model.variant]['patch']})")
@@ -44,12 +61,25 @@ def validate(config) -> None:
     raise ConfigError(
         f"data.tokens_per_row={config.data.tokens_per_row} is smaller than one example ({tokens} tokens at "
         f"image_size={size}, patch={tuple(config.data.patch)})")
+  if family == "unet":
+    # A convolutional net sees one example filling a fixed grid per row.
+    if config.data.examples_per_row != 1 or config.data.tokens_per_row != tokens:
+      raise ConfigError(
+          f"model.family='unet' needs one example filling each row: data.examples_per_row="
+          f"{config.data.examples_per_row} must be 1 and data.tokens_per_row={config.data.tokens_per_row} must "
+          f"equal the grid's {tokens} tokens (image_size={size}, patch={tuple(config.data.patch)})")
+    unet.check_grid(config.model.variant, example_grid(config))
   if config.diffusion.prediction not in ("eps", "v", "x0"):
     raise ConfigError(f"unknown diffusion.prediction {config.diffusion.prediction!r}; use eps, v or x0")
 
 
-def build_model(config) -> dit.DiT:
+def build_model(config):
+  """The backbone of `model.family`: 'dit' (models/dit.py, default) or 'unet' (models/unet.py)."""
   dtype = jnp.dtype(config.train.compute_dtype)
+  if _model_family(config) == "unet":
+    from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
+    return unet.build_unet(config.model, patch_dim=patch_dim(config), grid=example_grid(config),
+                           patch=tuple(config.data.patch), channels=config.data.channels, dtype=dtype)
   return dit.build_dit(config.model, patch_dim=patch_dim(config), dtype=dtype)
 
 
