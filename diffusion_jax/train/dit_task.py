@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import packing
+from diffusion_jax.data import packing, pipeline
 from diffusion_jax.diffusion import objectives, samplers, schedules
 from diffusion_jax.models import dit
 
@@ -164,6 +164,9 @@ def timestep_bucket_losses(token_loss, segment_ids, loss_mask, t_example, num_st
   return out
 
 
+make_dataset = pipeline.make_dataset  # packed rows of the configured tfds dataset
+
+
 def eval_fn(params, model, schedule, batch, index, config) -> dict:
   """Held-out loss of eval batch number `index`, deterministic: train=False
   (no dropout, no label dropout) and timesteps and noise drawn from a key
@@ -172,6 +175,22 @@ def eval_fn(params, model, schedule, batch, index, config) -> dict:
   rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed + 1), index)
   _, aux = loss_fn(params, model, schedule, batch, rng, config, train=False)
   return aux
+
+
+def summarize_eval(auxes: list[dict]) -> dict:
+  """eval/loss, eval/loss_t{i} and eval/examples over the eval set: batches and
+  buckets averaged weighted by their example counts; a bucket without any
+  example over the whole set is left out."""
+  buckets = range(NUM_T_BUCKETS)
+  examples = [sum(float(aux[f"examples_t{i}"]) for i in buckets) for aux in auxes]
+  total = sum(examples)
+  result = {"eval/loss": sum(float(aux["loss"]) * n for aux, n in zip(auxes, examples)) / max(total, 1.0),
+            "eval/examples": total}
+  for i in buckets:
+    count = sum(float(aux[f"examples_t{i}"]) for aux in auxes)
+    if count:
+      result[f"eval/loss_t{i}"] = sum(float(aux[f"loss_t{i}"] * aux[f"examples_t{i}"]) for aux in auxes) / count
+  return result
 
 
 def sample(model, params, config, labels, rng, *, sampler="ddim", steps=50, eta=0.0, cfg_scale=1.0):

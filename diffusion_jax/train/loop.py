@@ -43,12 +43,19 @@ from diffusion_jax import config as config_lib
 from diffusion_jax import metrics
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import pipeline
+from diffusion_jax.data import packing, pipeline
 from diffusion_jax.train import dit_task
 from diffusion_jax.train import state as state_lib
 
-# The small table of tasks: each module offers validate, build_model,
-# make_schedule, init_params and loss_fn.
+# The small table of tasks. Each module offers:
+#   validate(config)                         raise ConfigError before anything compiles
+#   build_model(config) -> flax module
+#   init_params(model, config, rng) -> params (logically boxed)
+#   make_schedule(config) -> whatever loss_fn needs as `schedule` (None for none)
+#   make_dataset(config, *, split, process_index, process_count, seed) -> Grain dataset of local batches
+#   loss_fn(params, model, schedule, batch, rng, config, *, train=True) -> (loss, aux)
+#   eval_fn(params, model, schedule, batch, index, config) -> aux (deterministic for an index)
+#   summarize_eval(auxes) -> {"eval/...": float} over the fixed eval set
 TASKS = {"dit": dit_task}
 
 TEST_SIGNAL_ENV = "DIFFUSION_JAX_TEST_SIGNAL_AT"
@@ -158,8 +165,11 @@ def make_train_step(config, model, optimizer):
       (loss, aux), grads = grad_fn(params, model, schedule, batch, rng, config)
       return loss, aux, grads
     micro = split_micro_batches(batch, accum)
-    k = batch["example_ids"].shape[1]  # K, examples per row
-    counts = jax.vmap(lambda b: loss_examples(b, k))(micro)
+    if "segment_ids" in batch:  # packed rows: weigh by loss-carrying examples
+      k = batch["example_ids"].shape[1]  # K, examples per row
+      counts = jax.vmap(lambda b: loss_examples(b, k))(micro)
+    else:  # fixed-shape examples: every micro-batch holds the same number
+      counts = jnp.ones((accum,), jnp.float32)
     # A batch without loss-carrying examples has loss 0 either way; equal weights avoid 0/0.
     weights = jnp.where(counts.sum() > 0, counts / jnp.maximum(counts.sum(), 1.0), 1.0 / accum)
 
@@ -215,21 +225,20 @@ def _validate_resilience(config, data_parallel: int) -> None:
 
 
 def make_evaluator(config, model, mesh, rules, params_shardings, split: str):
-  """evaluate(params) -> {"eval/loss", "eval/loss_t0".., "eval/examples"}: the
-  held-out diffusion loss (the MLPerf-style diffusion eval) on a fixed set.
+  """evaluate(params) -> the task's held-out metrics ("eval/..."), e.g. the
+  diffusion loss per timestep bucket (the MLPerf-style diffusion eval).
 
   The set is the first train.eval_batches batches of `split`, loaded once;
-  each batch's timesteps and noise come from a fixed key (the task's eval_fn),
-  so equal params give equal numbers and evaluations at different steps
-  compare directly. Batches and buckets are averaged weighted by their
-  example counts; a bucket without any example over the whole set is left out.
+  the task's eval_fn is deterministic for a batch index (fixed noise), so
+  equal params give equal numbers and evaluations at different steps compare
+  directly; the task's summarize_eval averages over the set.
   """
   task = TASKS[config.task]
   schedule = task.make_schedule(config)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  source = iter(pipeline.make_dataset(config, split=split, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), seed=config.data.shuffle_seed))
+  source = iter(task.make_dataset(config, split=split, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), seed=config.data.shuffle_seed))
   batches = [pipeline.make_global_batch(next(source), batch_sharding)
              for _ in range(int(config.train.eval_batches))]
   eval_batch = jax.jit(lambda params, batch, index: task.eval_fn(params, model, schedule, batch, index, config),
@@ -238,18 +247,18 @@ def make_evaluator(config, model, mesh, rules, params_shardings, split: str):
   def evaluate(params) -> dict:
     with sharding.activate(mesh, rules):
       auxes = [jax.device_get(eval_batch(params, batch, np.int32(index))) for index, batch in enumerate(batches)]
-    buckets = range(dit_task.NUM_T_BUCKETS)
-    examples = [sum(float(aux[f"examples_t{i}"]) for i in buckets) for aux in auxes]
-    total = sum(examples)
-    result = {"eval/loss": sum(float(aux["loss"]) * n for aux, n in zip(auxes, examples)) / max(total, 1.0),
-              "eval/examples": total}
-    for i in buckets:
-      count = sum(float(aux[f"examples_t{i}"]) for aux in auxes)
-      if count:
-        result[f"eval/loss_t{i}"] = sum(float(aux[f"loss_t{i}"] * aux[f"examples_t{i}"]) for aux in auxes) / count
-    return result
+    return task.summarize_eval(auxes)
 
   return evaluate
+
+
+def _count_examples_and_tokens(local_batch) -> tuple[int, int]:
+  """(examples, non-padding tokens) of a local batch: packed rows count their
+  example ids and segment ids; a fixed-shape batch counts its rows and pixels."""
+  if "segment_ids" in local_batch:
+    return int(np.sum(local_batch["example_ids"] >= 0)), int(np.sum(local_batch["segment_ids"] > 0))
+  first = next(iter(v for k, v in local_batch.items() if k not in packing.HOST_KEYS))
+  return len(first), 0
 
 
 def _validate_eval(train_config) -> None:
@@ -366,7 +375,7 @@ def train(config, workdir: str):
   writer = metrics.for_process(workdir, config.train.steps)
 
   # ------------------------------------------------------------------- data
-  dataset = pipeline.make_dataset(
+  dataset = task.make_dataset(
       config, split=config.data.split, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.data.shuffle_seed)
   data_iter = iter(dataset)
@@ -423,8 +432,9 @@ def train(config, workdir: str):
       step += 1
       skips.push(aux["skipped"], step)
       window_steps += 1
-      window_examples += int(np.sum(local["example_ids"] >= 0)) * jax.process_count()
-      window_tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+      examples, tokens = _count_examples_and_tokens(local)
+      window_examples += examples * jax.process_count()
+      window_tokens += tokens * jax.process_count()
       saved_now = False
       if profiling and step >= profile_stop:
         jax.block_until_ready(aux)
