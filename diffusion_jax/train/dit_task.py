@@ -68,7 +68,10 @@ def validate(config) -> None:
           f"model.family='unet' needs one example filling each row: data.examples_per_row="
           f"{config.data.examples_per_row} must be 1 and data.tokens_per_row={config.data.tokens_per_row} must "
           f"equal the grid's {tokens} tokens (image_size={size}, patch={tuple(config.data.patch)})")
-    unet.check_grid(config.model.variant, example_grid(config))
+    try:
+      unet.check_image_size(config.model.variant, size, size)
+    except ValueError as e:
+      raise ConfigError(f"model.variant={config.model.variant!r} at data.image_size={size}: {e}") from e
   if config.diffusion.prediction not in ("eps", "v", "x0"):
     raise ConfigError(f"unknown diffusion.prediction {config.diffusion.prediction!r}; use eps, v or x0")
 
