@@ -44,7 +44,7 @@ from diffusion_jax import metrics
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import packing, pipeline
-from diffusion_jax.train import dit_task
+from diffusion_jax.train import classifier_task, dit_task
 from diffusion_jax.train import state as state_lib
 
 # The small table of tasks. Each module offers:
@@ -56,7 +56,7 @@ from diffusion_jax.train import state as state_lib
 #   loss_fn(params, model, schedule, batch, rng, config, *, train=True) -> (loss, aux)
 #   eval_fn(params, model, schedule, batch, index, config) -> aux (deterministic for an index)
 #   summarize_eval(auxes) -> {"eval/...": float} over the fixed eval set
-TASKS = {"dit": dit_task}
+TASKS = {"dit": dit_task, "classifier": classifier_task}
 
 TEST_SIGNAL_ENV = "DIFFUSION_JAX_TEST_SIGNAL_AT"
 

@@ -1,0 +1,198 @@
+"""The project's own digit classifier: a small CNN trained in the one loop on real frames.
+
+Evaluation uses it twice: its logits say whether a sample of class 3 looks
+like a 3 (conditional accuracy), and its penultimate features are the default
+feature space of the Fréchet distance and KID (evaluate.py). It plays the
+role Inception-v3 plays for FID on ImageNet, for the built-in digits.
+
+Batches are fixed-shape (one example per row, not packed): frames uint8
+[B, S, S, 3] at data.image_size and int32 labels [B]. The network resizes
+any frame to model.input_size inside (bilinear, antialiased), so one
+classifier serves samples of every size.
+
+Task interface: see the TASKS comment in train/loop.py.
+"""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffusion_jax import config as config_lib
+from diffusion_jax.config import ConfigError
+from diffusion_jax.data import pipeline, sources
+
+
+class DigitClassifier(nn.Module):
+  """Three conv stages (3x3 conv, ReLU, 2x2 max pool) -> global mean -> Dense features -> logits.
+
+  Input: frames [N, H, W, 3], uint8 (0..255) or float in [-1, 1] (the data
+  pipeline's convention); they are resized to input_size x input_size first.
+  Returns (logits [N, num_classes], features [N, features]).
+  """
+
+  num_classes: int = 10
+  input_size: int = 32
+  widths: tuple = (32, 64, 128)
+  features: int = 128
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, frames):
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+      raise ValueError(f"DigitClassifier wants frames [N, H, W, 3], got shape {tuple(frames.shape)}")
+    if frames.dtype == jnp.uint8:
+      x = frames.astype(jnp.float32) / 127.5 - 1.0
+    else:
+      x = frames.astype(jnp.float32)
+    n = x.shape[0]
+    x = jax.image.resize(x, (n, self.input_size, self.input_size, 3), "bilinear", antialias=True)
+    x = x.astype(self.dtype)
+    for i, width in enumerate(self.widths):
+      x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv_{i}")(x)
+      x = nn.relu(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    features = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="features")(x))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features)
+    return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- task interface
+
+def validate(config) -> None:
+  data, model = config.data, config.model
+  if data.channels != 3:
+    raise ConfigError(f"data.channels={data.channels}: the digit classifier reads RGB frames (3 channels)")
+  if int(data.image_size) < 8:
+    raise ConfigError(f"data.image_size={data.image_size} must be >= 8 px")
+  if int(model.input_size) < 8 or int(model.input_size) % (2 ** len(model.widths)):
+    raise ConfigError(f"model.input_size={model.input_size} must be >= 8 and divisible by 2^{len(model.widths)} "
+                      f"(one 2x pooling per entry of model.widths={tuple(model.widths)})")
+  if int(model.num_classes) < 2:
+    raise ConfigError(f"model.num_classes={model.num_classes} must be >= 2")
+
+
+def build_model(config) -> DigitClassifier:
+  return DigitClassifier(
+      num_classes=int(config.model.num_classes), input_size=int(config.model.input_size),
+      widths=tuple(int(w) for w in config.model.widths), features=int(config.model.features),
+      dtype=jnp.dtype(config.train.compute_dtype))
+
+
+def init_params(model, config, rng):
+  size = int(config.data.image_size)
+  return model.init(rng, jnp.zeros((1, size, size, 3), jnp.uint8))["params"]
+
+
+def make_schedule(config):
+  del config  # no diffusion process
+  return None
+
+
+def loss_fn(params, model, schedule, batch, rng, config, *, train=True):
+  """Mean softmax cross-entropy over the batch; aux has loss and accuracy."""
+  del schedule, rng, config, train  # deterministic network: no dropout, no noise
+  logits, _ = model.apply({"params": params}, batch["frames"])
+  labels = batch["labels"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+  return loss, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_fn(params, model, schedule, batch, index, config) -> dict:
+  """Sums (not means) over the batch, so summarize_eval weighs every example alike."""
+  del schedule, index, config
+  logits, _ = model.apply({"params": params}, batch["frames"])
+  labels = batch["labels"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {"loss_sum": losses.sum(), "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+          "count": jnp.asarray(labels.shape[0], jnp.float32)}
+
+
+def summarize_eval(auxes: list[dict]) -> dict:
+  count = sum(float(a["count"]) for a in auxes)
+  return {"eval/loss": sum(float(a["loss_sum"]) for a in auxes) / max(count, 1.0),
+          "eval/accuracy": sum(float(a["correct"]) for a in auxes) / max(count, 1.0),
+          "eval/examples": count}
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclasses.dataclass(frozen=True)
+class SingleDigitFrame(grain.transforms.RandomMap):
+  """tfds example -> {"frames": uint8 [S, S, 3], "labels": int32}: one random frame, resized to S.
+
+  digits_canvas examples are one-frame videos; a moving_digits clip gives one
+  of its frames (single-digit clips only: make_dataset filters the others).
+  """
+
+  size: int
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    video = np.asarray(element["video"])
+    frame = video[int(rng.integers(0, video.shape[0]))] if video.ndim == 4 else video
+    if frame.shape[:2] != (self.size, self.size):
+      resized = sources.resize_frames(frame[None].astype(np.float32), self.size, self.size)[0]
+      frame = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+    return {"frames": frame, "labels": np.int32(element["label"])}
+
+
+def _single_digit(element: dict) -> bool:
+  """moving_digits clips may hold 2-3 digits; their `label` is the first one's only."""
+  return "labels" not in element or len(element["labels"]) == 1
+
+
+def make_dataset(config, *, split: str, process_index: int = 0, process_count: int = 1, seed: int = 0,
+                 num_epochs: int | None = None) -> grain.IterDataset:
+  """This process's fixed-shape batches of one split, shuffled, repeated num_epochs (None: forever)."""
+  data = config.data
+  global_batch = int(config.train.global_batch)
+  if global_batch % process_count:
+    raise ValueError(f"train.global_batch={global_batch} is not divisible by process_count={process_count}")
+  source = sources.open_source(data.name, split, data.data_dir, **pipeline.builder_kwargs(data))
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if data.name == "moving_digits":
+    ds = ds.filter(_single_digit)
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.random_map(SingleDigitFrame(size=int(data.image_size)), seed=seed)
+  return ds.to_iter_dataset().batch(global_batch // process_count, drop_remainder=True)
+
+
+# --------------------------------------------------------------------------- inference
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(config_json: str):
+  model = build_model(config_lib.from_json(config_json))
+  return jax.jit(lambda params, frames: model.apply({"params": params}, frames))
+
+
+def classify(export, frames, *, batch_size: int = 256):
+  """(logits [N, num_classes], features [N, D]) as float32 numpy, for uint8 frames [N, H, W, 3].
+
+  `export` is an export.load_export(...) of a classifier run (task
+  "classifier"). Frames of any size are resized inside the network. Runs in
+  fixed-size chunks (the last one padded) so any N compiles once per frame size.
+  """
+  if export.config.task != "classifier":
+    raise ValueError(f"classify needs an export of task 'classifier', got task {export.config.task!r} "
+                     f"({export.path})")
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f"classify wants uint8 frames [N, H, W, 3], got {frames.dtype} {frames.shape}")
+  apply = _jitted_apply(config_lib.to_json(export.config))
+  chunk = min(batch_size, max(len(frames), 1))
+  logits, features = [], []
+  for start in range(0, len(frames), chunk):
+    part = frames[start:start + chunk]
+    padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], np.uint8)])
+    out_logits, out_features = jax.device_get(apply(export.params, padded))
+    logits.append(out_logits[:len(part)])
+    features.append(out_features[:len(part)])
+  if not logits:
+    return np.zeros((0, int(export.config.model.num_classes)), np.float32), np.zeros((0, 0), np.float32)
+  return np.concatenate(logits), np.concatenate(features)
