@@ -68,12 +68,117 @@ def test_attention_bfloat16_inputs_use_float32_softmax():
 def test_attention_rejects_bad_input():
   q, k, v = _qkv(jax.random.key(3), (1, 4, 2, 4))
   seg = jnp.ones((1, 4), jnp.int32)
-  with pytest.raises(ValueError, match="backend"):
+  with pytest.raises(ValueError, match=r"Unknown attention backend 'flash9000'; valid: \('xla', 'gpu', 'splash', "):
     layers.dot_product_attention(q, k, v, seg, seg, backend="flash9000")
   with pytest.raises(ValueError, match="segment ids"):
     layers.dot_product_attention(q, k, v, seg[:, :3], seg)
   with pytest.raises(ValueError, match="disagree"):
     layers.dot_product_attention(q, k[..., :2], v[..., :2], seg, seg)
+
+
+# Packed rows for the backend comparisons: several examples of different
+# lengths, trailing padding, and (cross-attention) text of other lengths where
+# example 3 of row 0 has no text at all, so its queries have no key.
+_Q_SEGMENTS = np.array([[1] * 9 + [2] * 14 + [3] * 6 + [0] * 4,
+                        [1] * 20 + [2] * 13])
+_TEXT_SEGMENTS = np.array([[1] * 3 + [2] * 5 + [0] * 3,
+                           [2] * 4 + [1] * 6 + [0]])
+# What each backend runs here: 'splash' itself needs a TPU.
+_CPU_BACKENDS = ("gpu", "splash_interpret")
+
+
+def _backend_fn(backend, q_ids, kv_ids):
+  """jit(value and grads) of a nonlinear function of the attention output."""
+  def loss(q, k, v):
+    out = layers.dot_product_attention(q, k, v, q_ids, kv_ids, backend=backend)
+    return jnp.sum(jnp.sin(out.astype(jnp.float32)) * jnp.arange(out.shape[-1])), out
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def test_backend_names():
+  assert layers.ATTENTION_BACKENDS == ("xla", "gpu", "splash", "splash_interpret")
+  assert layers.gpu_implementation() == "xla"  # cuDNN on a GPU only
+  assert layers.splash_block_size(33) == (128, 128)
+  assert layers.splash_block_size(640) == (640, 128)
+  assert layers.splash_block_size(1000) == (1024, 512)
+  assert layers.splash_block_size(768) == (768, 256)
+
+
+@pytest.mark.parametrize("backend", _CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_backends_agree_with_xla_on_packed_rows(backend, kind):
+  """Outputs and all three gradients equal the reference (float32, to rounding);
+  padding and queries without keys are exactly zero in every backend."""
+  q_ids = jnp.asarray(_Q_SEGMENTS, jnp.int32)
+  kv_ids = q_ids if kind == "self" else jnp.asarray(_TEXT_SEGMENTS, jnp.int32)
+  q, _, _ = _qkv(jax.random.key(10), q_ids.shape + (2, 8))
+  _, k, v = _qkv(jax.random.key(11), kv_ids.shape + (2, 8))
+  (value, out), grads = _backend_fn(backend, q_ids, kv_ids)(q, k, v)
+  (ref_value, ref_out), ref_grads = _backend_fn("xla", q_ids, kv_ids)(q, k, v)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
+  keyless = np.array([[qi == 0 or qi not in kv_row for qi in q_row]
+                      for q_row, kv_row in zip(np.asarray(q_ids).tolist(), np.asarray(kv_ids).tolist())])
+  assert keyless.sum() == (4 if kind == "self" else 4 + 6)  # the padding (+ example 3 of row 0, without text)
+  assert np.all(np.asarray(out)[keyless] == 0.0) and np.all(np.asarray(grads[0])[keyless] == 0.0)
+  assert np.abs(np.asarray(out)[~keyless]).min() > 0
+
+
+def _naive_attention_cross(q, k, v, q_ids, kv_ids):
+  """float64 per-query softmax over the keys of its own segment (zeros if none)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  q_ids, kv_ids = np.asarray(q_ids), np.asarray(kv_ids)
+  out = np.zeros_like(q)
+  for b in range(q.shape[0]):
+    for i in range(q.shape[1]):
+      keys = np.nonzero((kv_ids[b] == q_ids[b, i]) & (q_ids[b, i] != 0))[0]
+      if len(keys) == 0:
+        continue
+      logits = np.einsum("khd,hd->hk", k[b, keys], q[b, i]) / math.sqrt(q.shape[-1])
+      w = np.exp(logits - logits.max(-1, keepdims=True))
+      out[b, i] = np.einsum("hk,khd->hd", w / w.sum(-1, keepdims=True), v[b, keys])
+  return out
+
+
+def test_cross_attention_reference_matches_naive():
+  q_ids, kv_ids = jnp.asarray(_Q_SEGMENTS, jnp.int32), jnp.asarray(_TEXT_SEGMENTS, jnp.int32)
+  q, _, _ = _qkv(jax.random.key(12), q_ids.shape + (2, 4))
+  _, k, v = _qkv(jax.random.key(13), kv_ids.shape + (2, 4))
+  out = layers.dot_product_attention(q, k, v, q_ids, kv_ids)
+  np.testing.assert_allclose(out, _naive_attention_cross(q, k, v, q_ids, kv_ids), atol=1e-5)
+
+
+def test_gpu_backend_bfloat16_matches_reference():
+  q_ids = jnp.asarray(_Q_SEGMENTS, jnp.int32)
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(jax.random.key(14), q_ids.shape + (2, 8)))
+  out = layers.dot_product_attention(q, k, v, q_ids, q_ids, backend="gpu")
+  ref = layers.dot_product_attention(q, k, v, q_ids, q_ids, backend="xla")
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+def test_query_has_key_without_the_full_mask():
+  q_ids = jnp.asarray(_Q_SEGMENTS, jnp.int32)
+  kv_ids = jnp.asarray(_TEXT_SEGMENTS, jnp.int32)
+  expected = np.asarray(layers._segment_mask(q_ids, kv_ids)).any(axis=(1, 3))
+  np.testing.assert_array_equal(layers._query_has_key(q_ids, kv_ids), expected)
+  np.testing.assert_array_equal(layers._query_has_key(q_ids, q_ids), np.asarray(q_ids) != 0)
+
+
+def test_self_attention_module_runs_every_cpu_backend_alike():
+  width, heads = 16, 2
+  x = jax.random.normal(jax.random.key(15), (2, 12, width))
+  seg = jnp.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12], jnp.int32)
+  pos = jnp.zeros((2, 12, 3), jnp.int32).at[..., 2].set(jnp.arange(12) % 5)
+  module = layers.SelfAttention(heads, rope=True)
+  params = module.init(jax.random.key(16), x, seg, pos)
+  ref = module.apply(params, x, seg, pos)
+  for backend in _CPU_BACKENDS:
+    out = jax.jit(module.clone(backend=backend).apply)(params, x, seg, pos)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_rope_split_rule():

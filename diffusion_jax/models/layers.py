@@ -14,6 +14,7 @@ Initialisers follow DiT (Peebles & Xie, 2023), whose linear layers use
 xavier_uniform with zero bias (timm's Attention and Mlp), and whose timestep
 MLP and class table use normal(0.02).
 """
+import functools
 import math
 from typing import Any, Sequence
 
@@ -22,8 +23,6 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-
-ATTENTION_BACKENDS = ("xla",)
 
 xavier_uniform = nn.initializers.xavier_uniform
 zeros = nn.initializers.zeros_init()
@@ -37,6 +36,21 @@ def _named(init, names):
 # Attention
 # ---------------------------------------------------------------------------
 
+# 'xla': the segment-masked einsum/softmax reference, any platform.
+# 'gpu': jax.nn.dot_product_attention with a mask built from the segment ids;
+#   its cuDNN flash kernel on a GPU (bf16/fp16 inputs), its XLA path elsewhere
+#   (so the wrapper runs and is tested on CPU).
+# 'splash': the Pallas TPU splash-attention kernel with SegmentIds (TPU only).
+# 'splash_interpret': the same kernel run by the Pallas interpreter (any
+#   platform; slow, for tests and debugging).
+ATTENTION_BACKENDS = ("xla", "gpu", "splash", "splash_interpret")
+
+# Splash's sequence tiles: lengths are padded (segment id 0) to a multiple of
+# SPLASH_LENGTH_MULTIPLE (the TPU lane width), and the tile is the largest of
+# SPLASH_BLOCK_SIZES that divides the padded length.
+SPLASH_LENGTH_MULTIPLE = 128
+SPLASH_BLOCK_SIZES = (512, 256, 128)
+
 
 def _segment_mask(q_segment_ids, kv_segment_ids):
   """[B, 1, Lq, Lk] bool: same example and neither token is padding."""
@@ -45,7 +59,30 @@ def _segment_mask(q_segment_ids, kv_segment_ids):
   return (same & real)[:, None]
 
 
-def _xla_attention(q, k, v, mask):
+def _query_has_key(q_segment_ids, kv_segment_ids):
+  """[B, Lq] bool: the query is not padding and some key shares its segment id.
+
+  Without building the [Lq, Lk] mask (the kernels never do): a binary search
+  of each query's id in its row's sorted key ids, O(L log L). For
+  self-attention (the same ids on both sides) every real query has a key.
+  """
+  real = q_segment_ids != 0
+  if q_segment_ids is kv_segment_ids:
+    return real
+  sorted_kv = jnp.sort(kv_segment_ids, axis=-1)
+  index = jax.vmap(jnp.searchsorted)(sorted_kv, q_segment_ids)
+  index = jnp.minimum(index, sorted_kv.shape[-1] - 1)
+  return real & (jnp.take_along_axis(sorted_kv, index, axis=-1) == q_segment_ids)
+
+
+def _zero_keyless_queries(out, has_key):
+  # A select, not a product: a kernel's arbitrary (finite) output on a query
+  # without keys neither leaks forward nor sends gradient back.
+  return jnp.where(has_key[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
+  mask = _segment_mask(q_segment_ids, kv_segment_ids)
   depth = q.shape[-1]
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   logits = logits.astype(jnp.float32) / math.sqrt(depth)
@@ -60,20 +97,121 @@ def _xla_attention(q, k, v, mask):
   return out.astype(q.dtype)
 
 
+def gpu_implementation():
+  """The `implementation` the 'gpu' backend gives jax.nn.dot_product_attention here.
+
+  'cudnn' when JAX's default backend is a GPU, 'xla' otherwise (CPU tests and
+  TPU run the very same wrapper through XLA's reference path).
+  """
+  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def _gpu_attention(q, k, v, q_segment_ids, kv_segment_ids):
+  """jax.nn.dot_product_attention (layout [B, L, H, D], as ours) with a segment mask.
+
+  cuDNN's flash attention takes the mask as an additive bias, supports fp16 and
+  bf16 inputs only and computes its softmax in float32. Queries without keys
+  get the kernel's uniform average (the mask is a finite fill): zeroed after.
+  """
+  implementation = gpu_implementation()
+  if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention backend 'gpu' runs cuDNN flash attention, which needs bfloat16 or float16 "
+                     f"inputs, got {q.dtype}: set train.compute_dtype=bfloat16 or model.attention_backend=xla.")
+  mask = _segment_mask(q_segment_ids, kv_segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def splash_block_size(length):
+  """(padded length, tile) of one sequence axis for the splash kernel."""
+  padded = -(-length // SPLASH_LENGTH_MULTIPLE) * SPLASH_LENGTH_MULTIPLE
+  return padded, next(b for b in SPLASH_BLOCK_SIZES if padded % b == 0)
+
+
+def _splash_kernel(num_heads, q_len, kv_len, block_q, block_kv, interpret):
+  """A splash MHA kernel with a full (all True) static mask on every head: the
+  segment ids alone decide who attends to whom. Built while tracing (its mask
+  tables become constants of that trace), so it is not cached across traces."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  mask = splash.MultiHeadMask([splash.FullMask((q_len, kv_len)) for _ in range(num_heads)])
+  blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                             block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+                             block_q_dq=block_q, block_kv_dq=block_kv)
+  return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret):
+  """Pallas splash attention (jax.experimental.pallas.ops.tpu.splash_attention).
+
+  The kernel wants one example's [H, L, D] operands, unscaled logits and
+  lengths in whole tiles: q is pre-scaled by 1/sqrt(D), both sequences are
+  padded with segment id 0 to `splash_block_size`, the batch is vmapped and the
+  padding cut back. Padding queries (id 0) attend to padding keys (id 0) inside
+  the kernel, so no kernel row is empty; they are zeroed by the caller.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  batch, q_len, num_heads, depth = q.shape
+  kv_len = k.shape[1]
+  q_padded, block_q = splash_block_size(q_len)
+  kv_padded, block_kv = splash_block_size(kv_len)
+
+  def pad(x, length):
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, length - x.shape[1])
+    return jnp.pad(x, widths)
+
+  q = (q.astype(jnp.float32) / math.sqrt(depth)).astype(q.dtype)
+  q, q_ids = pad(q, q_padded), pad(q_segment_ids.astype(jnp.int32), q_padded)
+  k, v, kv_ids = pad(k, kv_padded), pad(v, kv_padded), pad(kv_segment_ids.astype(jnp.int32), kv_padded)
+  kernel = _splash_kernel(num_heads, q_padded, kv_padded, block_q, block_kv, interpret)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, H, D] <-> [B, H, L, D]
+
+  def one_example(q, k, v, q_ids, kv_ids):
+    return kernel(q, k, v, segment_ids=splash.SegmentIds(q=q_ids, kv=kv_ids))
+
+  out = jax.vmap(one_example)(heads_first(q), heads_first(k), heads_first(v), q_ids, kv_ids)
+  return heads_first(out)[:, :q_len].astype(q.dtype)
+
+
+def _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, *, interpret):
+  """Splash under the active mesh: a Pallas kernel has no SPMD partitioning
+  rule, so it runs in a shard_map over the logical ('batch', 'length',
+  'heads') axes of q. Keys and values enter whole along their length (each
+  query shard needs every key of its row), which is the all-gather that
+  sequence sharding pays."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, interpret=interpret)
+  P = jax.sharding.PartitionSpec
+  batch_axes, length_axes, heads_axes = (nn.logical_to_mesh_axes(("batch", "length", "heads")) or P(None, None, None))
+  q_spec, kv_spec = P(batch_axes, length_axes, heads_axes, None), P(batch_axes, None, heads_axes, None)
+  body = functools.partial(_splash_attention, interpret=interpret)
+  return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch_axes, length_axes),
+                                                  P(batch_axes, None)),
+                       out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+
+
 def dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend="xla"):
   """Scaled dot-product attention restricted to tokens of the same example.
+
+  Self-attention passes the same segment ids twice; cross-attention to text
+  passes the text's ids (`text_segment_ids`) as kv_segment_ids, with Lk != Lq.
 
   Args:
     q: [B, Lq, H, D] queries.
     k, v: [B, Lk, H, D] keys and values.
     q_segment_ids: [B, Lq] int, 0 = padding, k >= 1 = example k of the row.
     kv_segment_ids: [B, Lk] int, same convention.
-    backend: 'xla' (the reference einsum/softmax implementation).
+    backend: one of ATTENTION_BACKENDS: 'xla' (the reference), 'gpu'
+      (jax.nn.dot_product_attention; cuDNN on a GPU), 'splash' (Pallas TPU
+      splash attention), 'splash_interpret' (splash in the Pallas interpreter).
 
   Returns:
     [B, Lq, H, D] in q's dtype. A query attends only to keys with its own
-    non-zero segment id; a query with no such key (padding) gets zeros. The
-    softmax runs in float32 whatever the input dtype.
+    non-zero segment id; a query with no such key (padding, or an example
+    without text) gets exactly zeros and no gradient. Every backend computes
+    its softmax in float32 and agrees with 'xla' to rounding.
   """
   if backend not in ATTENTION_BACKENDS:
     raise ValueError(f"Unknown attention backend {backend!r}; valid: {ATTENTION_BACKENDS}.")
@@ -87,8 +225,13 @@ def dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend="xl
     raise ValueError(
         f"segment ids {q_segment_ids.shape}, {kv_segment_ids.shape} do not match "
         f"q {q.shape[:2]} and k {k.shape[:2]}.")
-  mask = _segment_mask(q_segment_ids, kv_segment_ids)
-  return _xla_attention(q, k, v, mask)
+  if backend == "xla":
+    return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  if backend == "gpu":
+    out = _gpu_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  else:
+    out = _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, interpret=backend == "splash_interpret")
+  return _zero_keyless_queries(out, _query_has_key(q_segment_ids, kv_segment_ids))
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +471,11 @@ class SelfAttention(nn.Module):
   very same distribution (fan_avg of the fused matrix is 2*width).
 
   Optional QK-norm (LayerNorm over head_dim, as timm's qk_norm) and 3D RoPE on
-  q and k when `rope` is set.
+  q and k when `rope` is set. `backend` is one of ATTENTION_BACKENDS.
+
+  Sequence parallelism: with a rule ('length', <mesh axis>) the queries stay
+  split along the sequence and K/V are all-gathered (see __call__), so the
+  result equals the unsharded one.
   """
   num_heads: int
   qk_norm: bool = False
@@ -361,6 +508,12 @@ class SelfAttention(nn.Module):
     if self.rope:
       q = apply_rope_3d(q, positions, split=self.rope_split, theta=self.rope_theta)
       k = apply_rope_3d(k, positions, split=self.rope_split, theta=self.rope_theta)
+    # Sequence sharding stays exact: where the rules split 'length' over a mesh
+    # axis, q (and the output) stay split, but every query shard needs all keys
+    # of its row, so K and V are constrained whole along length (None): the
+    # compiler all-gathers them. A no-op when 'length' is not sharded.
+    k = nn.with_logical_constraint(k, ("batch", None, "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", None, "heads", "kv"))
     out = dot_product_attention(q, k, v, segment_ids, segment_ids, backend=self.backend)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     proj_init = xavier_uniform(in_axis=(0, 1), out_axis=2)
