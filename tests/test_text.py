@@ -92,6 +92,8 @@ def test_encode_tokens_and_padding_invariance(encoder):
   np.testing.assert_allclose(short, long[:, :16], atol=2e-5)
   alone, _ = encoder.encode(SENTENCES[1:2], max_length=16)
   np.testing.assert_allclose(alone[0], short[1], atol=2e-5)
+  empty, empty_mask = encoder.encode([], max_length=16)
+  assert empty.shape == (0, 16, 384) and empty_mask.shape == (0, 16)
   assert (short[~short_mask] == 0).all() and (np.abs(short[short_mask]).sum(-1) > 0).all()
   # the sentence embedding is the masked mean of these token outputs
   mean = short.sum(1) / short_mask.sum(1, keepdims=True)

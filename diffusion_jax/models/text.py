@@ -229,6 +229,8 @@ class FrozenTextEncoder:
 
   def _run(self, ids, mask):
     n = ids.shape[0]
+    if n == 0:
+      return np.zeros((0, ids.shape[1], self.dim), np.float32)
     padded = 1 << max(0, (n - 1).bit_length())
     if padded != n:  # padding rows are [CLS]-only so no row is fully masked; dropped below
       ids = np.concatenate([ids, np.zeros((padded - n, ids.shape[1]), ids.dtype)])
