@@ -151,3 +151,57 @@ def mfu(flops_per_step, steps_per_s: float, num_devices: int, peak_per_device):
 
 def for_process(workdir: str, total_steps: int) -> MetricWriter:
   return MetricWriter(workdir, total_steps, enabled=jax.process_index() == 0)
+
+
+# --------------------------------------------------------------------------- image quality
+
+def psnr(x, y, *, data_range: float = 2.0):
+  """Peak signal-to-noise ratio in dB over the last three axes [..., H, W, C]: 10 log10(R^2 / MSE).
+
+  data_range R is max - min of the value range (2 for [-1, 1], 255 for
+  uint8). Identical images give inf. Works on numpy or jax arrays, in jit.
+  """
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  mse = jnp.mean(jnp.square(x - y), axis=(-3, -2, -1))
+  return 10.0 * jnp.log10(data_range ** 2 / mse)
+
+
+def _gaussian_window(size: int, sigma: float):
+  offsets = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0
+  w = jnp.exp(-0.5 * jnp.square(offsets / sigma))
+  return w / w.sum()
+
+
+def ssim(x, y, *, data_range: float = 2.0, window: int = 11, sigma: float = 1.5):
+  """Structural similarity (Wang et al. 2004) over the last three axes [..., H, W, C], mean over
+  pixels and channels.
+
+  The paper's settings, as skimage.metrics.structural_similarity(...,
+  gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+  data_range=R, channel_axis=-1): an 11x11 Gaussian window (sigma 1.5),
+  K1 = 0.01, K2 = 0.03, statistics over the valid window positions only. The
+  window shrinks to the largest odd size <= min(H, W) for smaller images.
+  Identical images give 1.
+  """
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  height, width = x.shape[-3:-1]
+  size = min(window, height, width)
+  size -= 1 - size % 2
+  w = _gaussian_window(size, sigma)
+
+  def blur(a):  # separable valid filtering of [..., H, W, C]
+    lead = a.shape[:-3]
+    a = a.reshape((-1,) + a.shape[-3:])
+    h = jnp.stack([a[:, i:i + a.shape[1] - size + 1] for i in range(size)], 0)
+    a = jnp.tensordot(w, h, axes=1)
+    h = jnp.stack([a[:, :, i:i + a.shape[2] - size + 1] for i in range(size)], 0)
+    a = jnp.tensordot(w, h, axes=1)
+    return a.reshape(lead + a.shape[1:])
+
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mu_x, mu_y = blur(x), blur(y)
+  var_x = blur(x * x) - mu_x * mu_x
+  var_y = blur(y * y) - mu_y * mu_y
+  cov = blur(x * y) - mu_x * mu_y
+  s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+  return jnp.mean(s, axis=(-3, -2, -1))
