@@ -28,7 +28,10 @@ setuptools.setup(
     extras_require={
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # libtpu (through jax[tpu], pinned to the jax the tests run) lets
+        # tests/test_compile_check.py compile the train step for a TPU slice on
+        # a CPU-only machine; it idles elsewhere (JAX_PLATFORMS=cpu in tests).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "jax[tpu]==0.10.2"],
     },
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.__main__:main"]},
 )
