@@ -4,7 +4,10 @@ One step directory holds three items:
   state   the TrainState (params, opt_state, EMA, step, rng), restored onto
           whatever mesh the abstract target carries, so any topology can read it;
   data    the Grain iterator state, one JSON file per process;
-  config  the run's config as JSON (read back without pickle or eval).
+  config  the run's config as JSON (read back without pickle or eval);
+  extras  optional JSON a task computes from that step's params (the loop's
+          checkpoint_extras hook, e.g. a VAE's latent statistics), so it
+          always matches the params saved beside it.
 Orbax writes into a temporary directory and renames it when complete, so a
 save cut short by a crash is never the one restored.
 """
@@ -35,16 +38,18 @@ def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.Checkpo
   return ocp.CheckpointManager(
       directory,
       options=options,
-      item_names=("state", "data", "config"),
+      item_names=("state", "data", "config", "extras"),
   )
 
 
-def save(manager, step: int, state, data_iterator, config, *, force=False) -> bool:
-  """Starts an async save; returns whether a save was started."""
+def save(manager, step: int, state, data_iterator, config, *, force=False, extras=None) -> bool:
+  """Starts an async save; returns whether a save was started. `extras`: a JSON-able dict or None."""
   args = dict(
       state=ocp.args.StandardSave(state),
       config=ocp.args.JsonSave(config.to_dict()),
   )
+  if extras is not None:
+    args["extras"] = ocp.args.JsonSave(extras)
   if data_iterator is not None:
     args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
   return manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -57,6 +62,14 @@ def saved_config(manager, step=None):
     return None
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return config_lib.from_json(json.dumps(restored["config"]))
+
+
+def saved_extras(manager, step=None):
+  """The extras JSON saved with a checkpoint (newest by default); None if none was saved."""
+  step = manager.latest_step() if step is None else step
+  if step is None or not os.path.isdir(os.path.join(os.fspath(manager.directory), str(step), "extras")):
+    return None
+  return manager.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))["extras"]
 
 
 def _field(config, dotted):

@@ -44,7 +44,7 @@ from diffusion_jax import metrics
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import packing, pipeline
-from diffusion_jax.train import classifier_task, dit_task
+from diffusion_jax.train import classifier_task, dit_task, vae_task
 from diffusion_jax.train import state as state_lib
 
 # The small table of tasks. Each module offers:
@@ -56,7 +56,11 @@ from diffusion_jax.train import state as state_lib
 #   loss_fn(params, model, schedule, batch, rng, config, *, train=True) -> (loss, aux)
 #   eval_fn(params, model, schedule, batch, index, config) -> aux (deterministic for an index)
 #   summarize_eval(auxes) -> {"eval/...": float} over the fixed eval set
-TASKS = {"dit": dit_task, "classifier": classifier_task}
+# and optionally:
+#   LOSS_TAKES_STEP = True                   loss_fn also gets step= (the state's step, a traced int32)
+#   checkpoint_extras(scores, config) -> dict  JSON saved with each checkpoint, from the eval
+#                                            scores of that step's EMA params (evaluated at every save)
+TASKS = {"dit": dit_task, "classifier": classifier_task, "vae": vae_task}
 
 TEST_SIGNAL_ENV = "DIFFUSION_JAX_TEST_SIGNAL_AT"
 
@@ -158,9 +162,13 @@ def make_train_step(config, model, optimizer):
   schedule = task.make_schedule(config)
   lr_fn = state_lib.learning_rate_schedule(config.train)
   accum = int(config.train.get("grad_accum_steps", 1))
-  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+  value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
 
-  def loss_and_grads(params, batch, rng):
+  def loss_and_grads(params, batch, rng, step):
+    if getattr(task, "LOSS_TAKES_STEP", False):
+      grad_fn = lambda *args: value_and_grad(*args, step=step)
+    else:
+      grad_fn = value_and_grad
     if accum == 1:
       (loss, aux), grads = grad_fn(params, model, schedule, batch, rng, config)
       return loss, aux, grads
@@ -185,7 +193,7 @@ def make_train_step(config, model, optimizer):
     return jnp.dot(weights, losses), aux, grads
 
   def train_step(state, batch):
-    loss, aux, grads = loss_and_grads(state.params, batch, state.step_rng())
+    loss, aux, grads = loss_and_grads(state.params, batch, state.step_rng(), state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     updated = state.replace(
@@ -400,9 +408,11 @@ def train(config, workdir: str):
 
   # ------------------------------------------------------------------- eval
   # Held-out loss per timestep bucket with the EMA params, every eval_every steps.
+  # A task's checkpoint_extras also needs the eval scores of each saved step.
   eval_every = int(config.train.get("eval_every", 0))
+  extras_fn = getattr(task, "checkpoint_extras", None)
   evaluate = None
-  if eval_every:
+  if eval_every or extras_fn is not None:
     evaluate = make_evaluator(config, model, mesh, rules, state_shardings.ema_params, config.data.eval_split)
 
   # ------------------------------------------------------------------- loop
@@ -411,6 +421,17 @@ def train(config, workdir: str):
   if jax.process_index() == 0:
     print(f"{config.task}: {num_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, steps {step}->{total}", flush=True)
   last = {}
+  scores, scores_step = None, None
+
+  def save(force=False):
+    nonlocal scores, scores_step
+    extras = None
+    if extras_fn is not None:
+      if scores_step != step:
+        scores, scores_step = evaluate(state.ema_params), step
+      extras = extras_fn(scores, config)
+    return checkpoint.save(manager, step, state, _IteratorSnapshot(data_iter), config, force=force, extras=extras)
+
   preemption = _Preemption(step, config.train.log_every)
   skips = _SkipGuard(int(config.train.get("max_consecutive_skips", 0)), workdir, manager)
   profile_start, profile_stop = tuple(config.train.get("profile_steps", (0, 0)))
@@ -456,16 +477,16 @@ def train(config, workdir: str):
         writer.progress(step, {k: last[k] for k in shown if k in last}, eta_s=last["eta_s"])
         window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
 
-      if evaluate is not None and step % eval_every == 0:
+      if eval_every and step % eval_every == 0:
         eval_start = time.time()
-        scores = evaluate(state.ema_params)
+        scores, scores_step = evaluate(state.ema_params), step
         writer.write(step, scores)
         writer.progress(step, {"eval/loss": scores["eval/loss"]})
         window_start += time.time() - eval_start  # the throughput rates leave out evaluation
 
       if step % config.train.ckpt_every == 0 or step == total:
         skips.settle()  # never save a run that has just diverged
-        saved_now = checkpoint.save(manager, step, state, _IteratorSnapshot(data_iter), config)
+        saved_now = save()
 
       if test_signal is not None and step == test_signal[0]:
         os.kill(os.getpid(), test_signal[1])
@@ -473,7 +494,7 @@ def train(config, workdir: str):
       if preemption.should_stop(step) and step < total:
         skips.settle()
         if not saved_now:
-          checkpoint.save(manager, step, state, _IteratorSnapshot(data_iter), config, force=True)
+          save(force=True)
         manager.wait_until_finished()
         if jax.process_index() == 0:
           print(f"preempted: saved step {step} in {workdir}; run the same command to resume", flush=True)

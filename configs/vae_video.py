@@ -1,0 +1,112 @@
+"""Causal video VAE (images are one-frame videos) on the built-in moving digits.
+
+  python -m diffusion_jax train --config=configs/vae_video.py:quickstart --workdir=/tmp/vae_quick
+  python -m diffusion_jax train --config=configs/vae_video.py:variant=video16 --workdir=/tmp/vae_video16
+  python -m diffusion_jax train --config=configs/vae_video.py:smoke --workdir=/tmp/vae_smoke
+
+Arguments after the colon (comma separated): variant=<smoke|small|small_image|
+sd|video4|video8|video16> (models/vae.py's VARIANTS), latent_channels=<n>
+(0 = the variant's), autoencoder (deterministic, no KL), gan (a 3D patch
+discriminator from loss.gan_start on), quickstart (~3 minutes on a 2-core
+CPU), smoke (seconds, for tests).
+
+The checkpoint stores the latents' per-channel mean/std (eval split, EMA
+params) next to the config; train/vae_task.load_vae returns them.
+"""
+import ml_collections
+
+
+def get_config(arg: str = ""):
+  from diffusion_jax.config import parse_arg
+
+  arg = parse_arg(arg, variant="", latent_channels=0, autoencoder=False, gan=False, quickstart=False,
+                  smoke=False)
+  variant = arg.variant or ("smoke" if arg.smoke else "small" if arg.quickstart else "video16")
+  c = ml_collections.ConfigDict()
+  c.task = "vae"
+
+  # Data: fixed-shape clips [B, frames, height, width, 3]; shorter clips and
+  # images sit at frame 0 with a frame mask.
+  c.data = dict(
+      name="moving_digits",
+      data_dir="",  # "" = $DIFFUSION_JAX_DATA or ~/.cache/diffusion_jax/data
+      split="train",
+      eval_split="validation",
+      builder=dict(min_side=24, max_side=64, max_digits=2, durations=(1, 5, 9, 17), train_examples=2000,
+                   validation_examples=200),
+      frames=17,  # T = 1 + 4k
+      height=128,
+      width=128,
+      spatial="resize_crop",  # shorter side scaled to the crop's, then a random crop; or "crop"
+      channels=3,
+      shuffle_seed=0,
+      num_workers=0,
+  )
+
+  c.model = dict(
+      variant=variant,
+      variational=not arg.autoencoder,
+      latent_channels=arg.latent_channels,  # 0 = the variant's
+  )
+
+  c.loss = dict(
+      l1_weight=1.0,
+      l2_weight=0.0,
+      kl_weight=0.0 if arg.autoencoder else 1e-4,  # per latent element, against per-pixel L1
+      gan_weight=0.5 if arg.gan else 0.0,  # times VQGAN's adaptive weight
+      gan_start=2000,  # discriminator and generator GAN terms from this step on
+      disc_widths=(64, 128),
+  )
+
+  c.train = dict(
+      seed=0,
+      global_batch=16,
+      steps=50000,
+      lr=1e-4,
+      lr_schedule="cosine",
+      warmup_steps=500,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      ema_decay=0.999,
+      compute_dtype="float32",
+      log_every=100,
+      ckpt_every=2000,
+      keep_ckpts=3,
+      grad_accum_steps=1,
+      max_consecutive_skips=20,
+      eval_every=2000,  # PSNR/SSIM/latent stats of the EMA params on the fixed eval set
+      eval_batches=4,
+      profile_steps=(0, 0),
+  )
+
+  # The VAE's params are replicated (data parallelism); the kernel and channel
+  # axes have names so a bigger one can be split by editing this table only.
+  c.mesh = dict(
+      shape=(-1, 1, 1),
+      axes=("data", "fsdp", "tensor"),
+      rules=(
+          ("batch", ("data", "fsdp")),
+          ("kernel_t", None),
+          ("kernel_h", None),
+          ("kernel_w", None),
+          ("channels_in", None),
+          ("channels", None),
+      ),
+  )
+
+  if arg.quickstart:
+    c.data.builder = dict(min_side=24, max_side=48, max_digits=2, durations=(1, 5, 9), train_examples=1000,
+                          validation_examples=64)
+    c.data.update(frames=5, height=32, width=32)
+    c.loss.gan_start = 300
+    c.train.update(global_batch=8, steps=600, lr=2e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
+                   ckpt_every=600, keep_ckpts=1, eval_every=600, eval_batches=4)
+
+  if arg.smoke:
+    c.data.builder = dict(min_side=16, max_side=24, max_digits=1, durations=(1, 5, 6), train_examples=32,
+                          validation_examples=8)
+    c.data.update(frames=5, height=16, width=16)
+    c.loss.update(gan_start=2, disc_widths=(8, 8))
+    c.train.update(global_batch=8, steps=4, warmup_steps=1, lr=1e-3, log_every=2, ckpt_every=4, keep_ckpts=1,
+                   eval_every=0, eval_batches=1)
+  return c
