@@ -15,6 +15,9 @@ row, and writes the packed-batch contract of DESIGN.md:
   grid         [K, 3] int32    (T', H', W') of example k, 0 where empty
   example_ids  [K] int64       dataset id of example k, -1 where empty
   labels       [K] int32       class label of example k, -1 where empty
+  text         [Lt, Dt] float32 the examples' caption tokens (text-encoder outputs), packed
+  text_segment_ids [Lt] int32  which example each text token belongs to, 0 = padding
+                               (both only when the packer has text_tokens_per_row > 0)
   captions     [K] str         caption of example k, "" where empty      (host only)
   skipped      [R] int32       examples skipped since the previous row,  (host only)
                                per reason of SKIP_REASONS
@@ -112,8 +115,11 @@ def _normalize_example(example: dict) -> dict:
   caption = example.get("caption", "")
   if isinstance(caption, bytes):
     caption = caption.decode()
+  text = np.asarray(example.get("text", np.zeros((0, 0), np.float32)), np.float32)
+  if text.ndim != 2:
+    raise ValueError(f"example 'text' must be [n_text, Dt], got shape {text.shape}")
   return dict(
-      patches=patches, positions=positions, cond_mask=cond_mask, grid=grid,
+      patches=patches, positions=positions, cond_mask=cond_mask, grid=grid, text=text,
       id=int(example.get("id", -1)), label=int(example.get("label", -1)), caption=str(caption))
 
 
@@ -132,7 +138,7 @@ def _decode_array(d: dict) -> np.ndarray:
   return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
 
 
-_ARRAY_KEYS = ("patches", "positions", "cond_mask", "grid")
+_ARRAY_KEYS = ("patches", "positions", "cond_mask", "grid", "text")
 _SCALAR_KEYS = ("id", "label", "caption")
 
 
@@ -141,7 +147,9 @@ def _encode_example(ex: dict) -> dict:
 
 
 def _decode_example(d: dict) -> dict:
-  return {**{k: _decode_array(d[k]) for k in _ARRAY_KEYS},
+  arrays = {k: _decode_array(d[k]) for k in _ARRAY_KEYS if k in d}
+  arrays.setdefault("text", np.zeros((0, 0), np.float32))  # states written before text existed
+  return {**arrays,
           "id": int(d["id"]), "label": int(d["label"]), "caption": str(d["caption"])}
 
 
@@ -151,6 +159,10 @@ def _tokens(ex: dict) -> int:
 
 def _row_tokens(row: list[dict]) -> int:
   return sum(_tokens(ex) for ex in row)
+
+
+def _row_text_tokens(row: list[dict]) -> int:
+  return sum(ex["text"].shape[0] for ex in row)
 
 
 class BestFitPacker:
@@ -174,7 +186,11 @@ class BestFitPacker:
   """
 
   def __init__(self, tokens_per_row: int, examples_per_row: int, num_open_rows: int = 8,
-               buffer_size: int = 32):
+               buffer_size: int = 32, text_tokens_per_row: int = 0):
+    if text_tokens_per_row < 0:
+      raise ValueError(f"text_tokens_per_row must be >= 0, got {text_tokens_per_row}")
+    self.text_tokens_per_row = text_tokens_per_row  # Lt; 0 = rows carry no text
+    self._text_dim = -1
     if tokens_per_row < 1 or examples_per_row < 1 or num_open_rows < 1 or buffer_size < 0:
       raise ValueError(
           "tokens_per_row, examples_per_row and num_open_rows must be >= 1 and buffer_size >= 0, got "
@@ -207,16 +223,30 @@ class BestFitPacker:
       self._patch_dim = p
     elif p != self._patch_dim:
       raise ValueError(f"example id={ex['id']} has patch size {p}, earlier examples {self._patch_dim}")
+    if self.text_tokens_per_row:
+      n_text, text_dim = ex["text"].shape
+      if n_text > self.text_tokens_per_row:
+        raise ValueError(f"example id={ex['id']} has {n_text} caption tokens, more than "
+                         f"text_tokens_per_row={self.text_tokens_per_row}")
+      if n_text and self._text_dim not in (-1, text_dim):
+        raise ValueError(f"example id={ex['id']} has text width {text_dim}, earlier examples {self._text_dim}")
+      if n_text:
+        self._text_dim = text_dim
     self._pending.append(ex)
     if len(self._pending) > self.buffer_size:
       self._place(self._take_largest(self.tokens_per_row))
 
-  def _take_largest(self, at_most: int) -> dict | None:
-    """Removes and returns the largest waiting example of <= at_most tokens (earliest on ties)."""
+  def _text_fits(self, ex: dict, row: list[dict]) -> bool:
+    return not self.text_tokens_per_row or (
+        ex["text"].shape[0] + _row_text_tokens(row) <= self.text_tokens_per_row)
+
+  def _take_largest(self, at_most: int, row: list[dict] = ()) -> dict | None:
+    """Removes and returns the largest waiting example of <= at_most tokens whose
+    caption also fits `row`'s text budget (earliest on ties)."""
     best = None
     for i, ex in enumerate(self._pending):
       n = _tokens(ex)
-      if n <= at_most and (best is None or n > _tokens(self._pending[best])):
+      if n <= at_most and self._text_fits(ex, row) and (best is None or n > _tokens(self._pending[best])):
         best = i
     return None if best is None else self._pending.pop(best)
 
@@ -225,7 +255,7 @@ class BestFitPacker:
     best, best_free = None, None
     for i, row in enumerate(self._open):  # open rows always have a free example slot
       free = self.tokens_per_row - _row_tokens(row)
-      if n <= free and (best is None or free < best_free):
+      if n <= free and self._text_fits(ex, row) and (best is None or free < best_free):
         best, best_free = i, free
     if best is None:
       if len(self._open) >= self.num_open_rows:
@@ -239,7 +269,7 @@ class BestFitPacker:
   def _close(self, index: int) -> None:
     row = self._open.pop(index)
     while len(row) < self.examples_per_row:
-      filler = self._take_largest(self.tokens_per_row - _row_tokens(row))
+      filler = self._take_largest(self.tokens_per_row - _row_tokens(row), row)
       if filler is None:
         break
       row.append(filler)
@@ -257,7 +287,7 @@ class BestFitPacker:
     if not self._ready:
       return None
     row = materialize_row(self._ready.popleft(), self.tokens_per_row, self.examples_per_row,
-                          max(self._patch_dim, 0))
+                          max(self._patch_dim, 0), self.text_tokens_per_row, max(self._text_dim, 0))
     row["skipped"] = self._skipped
     self._skipped = np.zeros(len(SKIP_REASONS), np.int32)
     return row
@@ -269,6 +299,7 @@ class BestFitPacker:
         "ready": [[_encode_example(ex) for ex in row] for row in self._ready],
         "skipped": [int(c) for c in self._skipped],
         "patch_dim": self._patch_dim,
+        "text_dim": self._text_dim,
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -277,10 +308,11 @@ class BestFitPacker:
     self._ready = collections.deque([_decode_example(d) for d in row] for row in state["ready"])
     self._skipped = np.asarray(state["skipped"], np.int32)
     self._patch_dim = int(state["patch_dim"])
+    self._text_dim = int(state.get("text_dim", -1))
 
 
 def materialize_row(examples: list[dict], tokens_per_row: int, examples_per_row: int,
-                    patch_dim: int) -> dict[str, np.ndarray]:
+                    patch_dim: int, text_tokens_per_row: int = 0, text_dim: int = 0) -> dict[str, np.ndarray]:
   """Writes normalized examples, in order, into one contract row (module docstring)."""
   L, K = tokens_per_row, examples_per_row
   row = dict(
@@ -304,6 +336,15 @@ def materialize_row(examples: list[dict], tokens_per_row: int, examples_per_row:
     row["example_ids"][k] = ex["id"]
     row["labels"][k] = ex["label"]
     start = end
+  if text_tokens_per_row:
+    row["text"] = np.zeros((text_tokens_per_row, text_dim), np.float32)
+    row["text_segment_ids"] = np.zeros((text_tokens_per_row,), np.int32)
+    start = 0
+    for k, ex in enumerate(examples):
+      end = start + ex["text"].shape[0]
+      row["text"][start:end] = ex["text"]
+      row["text_segment_ids"][start:end] = k + 1
+      start = end
   return row
 
 
@@ -321,14 +362,16 @@ def split_row(row: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         patches=row["patches"][token_mask], positions=row["positions"][token_mask],
         cond_mask=row["cond_mask"][token_mask], grid=row["grid"][k],
         id=int(row["example_ids"][k]), label=int(row["labels"][k]),
-        caption=str(row["captions"][k]) if "captions" in row else ""))
+        caption=str(row["captions"][k]) if "captions" in row else "",
+        **({"text": row["text"][row["text_segment_ids"] == k + 1]} if "text" in row else {})))
   return out
 
 
 def pack_examples(examples: Iterable[dict], tokens_per_row: int, examples_per_row: int,
-                  num_open_rows: int = 8, buffer_size: int = 32) -> list[dict[str, np.ndarray]]:
+                  num_open_rows: int = 8, buffer_size: int = 32,
+                  text_tokens_per_row: int = 0) -> list[dict[str, np.ndarray]]:
   """Packs a finite iterable of examples into rows (no Grain; for tools and tests)."""
-  packer = BestFitPacker(tokens_per_row, examples_per_row, num_open_rows, buffer_size)
+  packer = BestFitPacker(tokens_per_row, examples_per_row, num_open_rows, buffer_size, text_tokens_per_row)
   rows = []
   for ex in examples:
     packer.add(ex)
@@ -360,17 +403,17 @@ class PackIterDataset(grain.IterDataset):
   """
 
   def __init__(self, parent: grain.IterDataset, *, tokens_per_row: int, examples_per_row: int,
-               num_open_rows: int = 8, buffer_size: int = 32):
+               num_open_rows: int = 8, buffer_size: int = 32, text_tokens_per_row: int = 0):
     super().__init__(parent)
-    BestFitPacker(tokens_per_row, examples_per_row, num_open_rows, buffer_size)  # validates now
-    self._sizes = (tokens_per_row, examples_per_row, num_open_rows, buffer_size)
+    self._sizes = (tokens_per_row, examples_per_row, num_open_rows, buffer_size, text_tokens_per_row)
+    BestFitPacker(*self._sizes)  # validates now
 
   def __iter__(self) -> "PackDatasetIterator":
     return PackDatasetIterator(self._parent.__iter__(), BestFitPacker(*self._sizes))
 
   def __str__(self) -> str:
     return ("PackIterDataset(tokens_per_row=%d, examples_per_row=%d, num_open_rows=%d, "
-            "buffer_size=%d)" % self._sizes)
+            "buffer_size=%d, text_tokens_per_row=%d)" % self._sizes)
 
 
 class PackDatasetIterator(grain.DatasetIterator):
@@ -408,7 +451,8 @@ class PackDatasetIterator(grain.DatasetIterator):
 
 
 def pack(dataset: grain.IterDataset, *, tokens_per_row: int, examples_per_row: int,
-         num_open_rows: int = 8, buffer_size: int = 32) -> PackIterDataset:
+         num_open_rows: int = 8, buffer_size: int = 32, text_tokens_per_row: int = 0) -> PackIterDataset:
   """dataset of examples -> dataset of packed rows (see PackIterDataset)."""
   return PackIterDataset(dataset, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
-                         num_open_rows=num_open_rows, buffer_size=buffer_size)
+                         num_open_rows=num_open_rows, buffer_size=buffer_size,
+                         text_tokens_per_row=text_tokens_per_row)

@@ -24,6 +24,18 @@ config.data keys read here (the optional ones with their defaults):
   min_side = 4 patches        the fit-to-L rule shrinks the shorter side no further
   pack_open_rows = 8          BestFitPacker's open rows
   pack_buffer = 32            BestFitPacker's buffer of waiting examples
+  text_tokens_per_row = 0     Lt: packed caption-token budget of a row (0 = no text in the batch)
+
+Encoded datasets (diffusion_jax/encode.py; data.name is their directory)
+carry each caption's text-encoder tokens (`text`, packed into `text` /
+`text_segment_ids` rows) and either pixels (`video`) or a causal VAE's
+posterior (`latent_mean`, `latent_logvar`). A latent example is sampled
+z = mean + exp(logvar / 2) n (LDM's convention: the posterior, not its mean)
+and normalised per channel, (z - mean_c) / std_c, with the latent statistics
+stored in the dataset's metadata by `encode` from the VAE's checkpoint, so a
+diffusion model always trains on unit-variance latents. Latent clips are cut
+to a prefix of latent frames (by causality a prefix of latents is exactly the
+encoding of a prefix of frames) and centre-cropped spatially to fit L.
 
 Checkpointing: the iterator from iter(make_dataset(...)) has get_state() /
 set_state(); its state is JSON (the packer's buffer and open rows included),
@@ -38,6 +50,7 @@ one file per process. With Orbax, save and restore it next to the train state:
 """
 import dataclasses
 import math
+import os
 from typing import Any
 
 import grain
@@ -142,7 +155,53 @@ class PrepareExample(grain.transforms.RandomMap):
   max_frames: int = 0
   min_side: int = 0
 
+  latent_mean: tuple = ()
+  latent_std: tuple = ()
+  text_tokens_per_row: int = 0
+
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    example = self._latent_example(element, rng) if "latent_mean" in element else self._pixel_example(element, rng)
+    if "skipped" not in example and self.text_tokens_per_row and "text" in element:
+      text = np.asarray(element["text"], np.float32)[:int(element.get("text_length", len(element["text"])))]
+      example["text"] = text[:self.text_tokens_per_row]
+    return example
+
+  def _latent_example(self, element: dict, rng: np.random.Generator) -> dict:
+    mean = np.asarray(element["latent_mean"], np.float32)
+    logvar = np.asarray(element["latent_logvar"], np.float32)
+    if mean.ndim != 4 or mean.shape != logvar.shape or 0 in mean.shape:
+      return packing.skip_record("bad_shape")
+    if mean.shape[-1] != self.channels:
+      return packing.skip_record("bad_channels")
+    if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
+      return packing.skip_record("non_finite")
+    frames, height, width = mean.shape[:3]
+    pt, ph, pw = self.patch
+    height, width = height // ph * ph, width // pw * pw
+    if height == 0 or width == 0:
+      return packing.skip_record("bad_shape")
+    per_frame = (height // ph) * (width // pw)
+    if per_frame > self.tokens_per_row:  # centre-crop both sides by one factor to fit one frame in L
+      scale = np.sqrt(self.tokens_per_row / per_frame)
+      height = max(ph, int(height * scale) // ph * ph)
+      width = max(pw, int(width * scale) // pw * pw)
+      per_frame = (height // ph) * (width // pw)
+    limit = self.tokens_per_row // per_frame * pt
+    if self.max_frames:
+      limit = min(limit, self.max_frames)
+    frames = min(frames, limit) // pt * pt
+    if frames == 0:
+      return packing.skip_record("too_big")
+    top, left = (mean.shape[1] - height) // 2, (mean.shape[2] - width) // 2
+    window = (slice(0, frames), slice(top, top + height), slice(left, left + width))
+    z = mean[window] + np.exp(0.5 * logvar[window]) * rng.standard_normal(mean[window].shape).astype(np.float32)
+    if self.latent_mean:
+      z = (z - np.asarray(self.latent_mean, np.float32)) / np.asarray(self.latent_std, np.float32)
+    tokens, positions, grid = packing.patchify(z, self.patch)
+    return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32),
+                id=int(element["id"]), label=int(element["label"]), caption=element.get("caption", b""))
+
+  def _pixel_example(self, element: dict, rng: np.random.Generator) -> dict:
     video = np.asarray(element["video"])
     if video.ndim == 3:
       video = video[None]
@@ -212,6 +271,7 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   tokens_per_row, examples_per_row = int(data.tokens_per_row), int(data.examples_per_row)
 
   source = sources.open_source(data.name, split, data.data_dir, **builder_kwargs(data))
+  stats = latent_stats(data)
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} examples, fewer than {process_count} processes")
   ds = grain.MapDataset.source(source)[process_index::process_count]
@@ -219,12 +279,15 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   prepare = PrepareExample(
       patch=patch, channels=int(data.channels), tokens_per_row=tokens_per_row,
       max_area=int(data.get("max_area", 0)), max_frames=int(data.get("max_frames", 0)),
-      min_side=int(data.get("min_side", 4 * max(patch[1:]))))
+      min_side=int(data.get("min_side", 4 * max(patch[1:]))),
+      latent_mean=tuple(stats["mean"]) if stats else (), latent_std=tuple(stats["std"]) if stats else (),
+      text_tokens_per_row=int(data.get("text_tokens_per_row", 0)))
   ds = ds.random_map(prepare, seed=seed)
   ds = ds.to_iter_dataset()
   ds = packing.pack(ds, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
                     num_open_rows=int(data.get("pack_open_rows", 8)),
-                    buffer_size=int(data.get("pack_buffer", 32)))
+                    buffer_size=int(data.get("pack_buffer", 32)),
+                    text_tokens_per_row=int(data.get("text_tokens_per_row", 0)))
   if drop_remainder:
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
@@ -233,6 +296,31 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.num_workers)))
   return ds
+
+
+def latent_stats(data_config) -> dict | None:
+  """The per-channel latent {mean, std} a latent dataset was encoded with, or None for pixels.
+
+  A latent dataset whose channel count differs from data.channels is a
+  config error naming both sides (a VAE of another latent width).
+  """
+  if not os.path.isfile(os.path.join(str(data_config.name), "metadata.json")):
+    return None
+  from diffusion_jax import encode  # pylint: disable=g-import-not-at-top  (only encoded datasets need it)
+
+  meta = encode.encoded_metadata(str(data_config.name))
+  if not meta or meta.get("content") != "latents":
+    return None
+  vae = meta["vae"]
+  if int(vae["latent_channels"]) != int(data_config.channels):
+    raise ValueError(
+        f"data.channels={data_config.channels} but the latent dataset {data_config.name} holds "
+        f"{vae['latent_channels']}-channel latents of the VAE {vae['path']}; set data.channels="
+        f"{vae['latent_channels']}")
+  stats = vae.get("latent_stats") or {}
+  if "mean" not in stats or "std" not in stats:
+    raise ValueError(f"the latent dataset {data_config.name} has no latent_stats (mean, std) in its metadata")
+  return {"mean": [float(x) for x in stats["mean"]], "std": [float(x) for x in stats["std"]]}
 
 
 def _mark_absl_flags_parsed():

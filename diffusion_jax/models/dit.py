@@ -51,19 +51,85 @@ def _zero_dense(features, out_name, dtype, param_dtype, name):
                   bias_init=nn.with_logical_partitioning(layers.zeros, (out_name,)), name=name)
 
 
+class CrossAttention(nn.Module):
+  """Multi-head attention from video tokens to their own example's text tokens.
+
+  PixArt-alpha's text conditioning (Chen et al. 2023), with the packed rule:
+  token i of example k attends only to text tokens whose text_segment_id is k
+  (layers.dot_product_attention with q/kv segment ids); a token whose
+  example has no text gets zeros. The output projection is zero-initialised,
+  so a fresh block is still the identity (as adaLN-Zero intends).
+  """
+  num_heads: int
+  backend: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, segment_ids, text, text_segment_ids):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+
+    def project(name, inputs, length_name):
+      y = layers._EinsumDense("bld,dhk->blhk", (width, self.num_heads, head_dim), ("embed", "heads", "kv"), init,
+                              ("heads", "kv"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(inputs)
+      return nn.with_logical_constraint(y, ("batch", length_name, "heads", "kv"))
+
+    q = project("query", x, "length")
+    k, v = project("key", text, "text_length"), project("value", text, "text_length")
+    out = layers.dot_product_attention(q, k, v, segment_ids, text_segment_ids, backend=self.backend)
+    return layers._EinsumDense("blhk,hkd->bld", (self.num_heads, head_dim, width), ("heads", "kv", "embed"),
+                               layers.zeros, ("embed",), dtype=self.dtype, param_dtype=self.param_dtype,
+                               name="proj")(out)
+
+
+class CaptionEmbedder(nn.Module):
+  """Text-encoder outputs [B, Lt, Dt] -> [B, Lt, width] (PixArt's caption MLP),
+  with caption dropout for classifier-free guidance.
+
+  A dropped example's text tokens are all replaced by one learned null vector
+  `null_text` [Dt] (PixArt's y_embedding), so the unconditional model is a
+  real input, not a missing one. `drop` [B, K] says which examples to drop.
+  """
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text, text_segment_ids, drop):
+    text_dim = text.shape[-1]
+    null = self.param("null_text", nn.with_logical_partitioning(nn.initializers.normal(text_dim ** -0.5),
+                                                                ("text_embed",)), (text_dim,), self.param_dtype)
+    dropped = jnp.take_along_axis(drop, jnp.maximum(text_segment_ids - 1, 0), axis=1) & (text_segment_ids > 0)
+    text = jnp.where(dropped[..., None], null.astype(text.dtype), text)
+    init = nn.initializers.xavier_uniform()
+    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),
+                 bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="fc1")(text.astype(self.dtype))
+    h = nn.gelu(h, approximate=True)
+    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
+                 bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(h)
+    return nn.with_logical_constraint(h, ("batch", "text_length", "embed"))
+
+
 class DiTBlock(nn.Module):
-  """DiT block with adaLN-Zero: gate * sublayer(modulate(LN(x), shift, scale))."""
+  """DiT block with adaLN-Zero: gate * sublayer(modulate(LN(x), shift, scale)),
+  plus, with text, an ungated cross-attention sublayer between self-attention
+  and the MLP (PixArt-alpha's block)."""
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = False
   rope: bool = False
   rope_split: Sequence[float] = (0.25, 0.375, 0.375)
   attention_backend: str = "xla"
+  cross_attention: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, segment_ids, positions):
+  def __call__(self, x, c, segment_ids, positions, text=None, text_segment_ids=None):
     width = x.shape[-1]
     modulation = _zero_dense(6 * width, "modulation", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
@@ -74,6 +140,14 @@ class DiTBlock(nn.Module):
                              name="attn")(h, segment_ids, positions)
     x = x + gate_msa * h
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    if self.cross_attention:
+      h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                       bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="norm_cross")(x)
+      x = x + CrossAttention(self.num_heads, backend=self.attention_backend, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="cross_attn")(h, segment_ids, text, text_segment_ids)
+      x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     h = modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
     h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
@@ -103,7 +177,12 @@ class DiT(nn.Module):
   Attributes:
     patch_dim: P, features of one input patch.
     width, depth, num_heads, mlp_ratio: transformer size (see VARIANTS).
-    num_classes: real classes; label `num_classes` is the null (unconditional) class.
+    num_classes: real classes; label `num_classes` is the null (unconditional)
+      class. 0 = no class conditioning (labels are ignored).
+    text_dim: width Dt of the text-encoder outputs; > 0 adds caption
+      embedding and a cross-attention sublayer to every block (text-to-video).
+    caption_dropout_prob: probability of replacing an example's caption by the
+      learned null caption when train=True (CFG training on text).
     class_dropout_prob: probability of replacing an example's label by the null
       class when train=True (classifier-free guidance training).
     learn_sigma: output 2P values per token (prediction | variance) instead of P.
@@ -126,6 +205,8 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   num_classes: int = 1000
   class_dropout_prob: float = 0.1
+  text_dim: int = 0
+  caption_dropout_prob: float = 0.1
   learn_sigma: bool = True
   pos_embedding: str = "sincos2d"
   rope_split: Sequence[float] = (0.25, 0.375, 0.375)
@@ -167,16 +248,18 @@ class DiT(nn.Module):
       block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan_layers)
     kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
                   rope=self.pos_embedding == "rope3d", rope_split=tuple(self.rope_split),
-                  attention_backend=self.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype)
+                  attention_backend=self.attention_backend, cross_attention=self.text_dim > 0,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth,
+                        in_axes=(nn.broadcast,) * 5, length=self.depth,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       return [scanned(**kwargs, name="blocks")]
     return [block_cls(**kwargs, name=f"blocks_{i}") for i in range(self.depth)]
 
   @nn.compact
-  def __call__(self, x, t, labels, segment_ids, positions, *, train=False):
+  def __call__(self, x, t, labels, segment_ids, positions, *, train=False, text=None, text_segment_ids=None,
+               text_null=None):
     """Predict per token.
 
     Args:
@@ -186,7 +269,12 @@ class DiT(nn.Module):
       labels: [B, K] int class of each example of the row (null = num_classes).
       segment_ids: [B, L] int, 0 = padding, k >= 1 = example k.
       positions: [B, L, 3] int (t, h, w) patch coordinates in its example.
-      train: enables label dropout (rng stream 'dropout').
+      train: enables label and caption dropout (rng stream 'dropout').
+      text: [B, Lt, Dt] text-encoder outputs of the row's captions, packed
+        (required when text_dim > 0).
+      text_segment_ids: [B, Lt] int, the example each text token belongs to; 0 = padding.
+      text_null: [B, K] bool, examples whose caption is replaced by the null
+        caption (the unconditional branch of CFG); default none.
 
     Returns:
       [B, L, P_out] float32. Padding tokens hold finite values to be masked.
@@ -204,17 +292,31 @@ class DiT(nn.Module):
 
     t_emb = layers.TimestepEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                                     name="t_embedder")(t)
-    y_embedder = layers.LabelEmbedder(self.num_classes, self.width, self.class_dropout_prob, dtype=self.dtype,
-                                      param_dtype=self.param_dtype, name="y_embedder")
-    if train and self.class_dropout_prob > 0:
-      labels = y_embedder.drop_labels(labels, self.make_rng("dropout"))  # per example, as DiT
-    example_index = jnp.maximum(segment_ids - 1, 0)  # padding borrows example 1's label; masked later
-    token_labels = jnp.take_along_axis(labels, example_index, axis=1)
-    c = t_emb + y_embedder(token_labels)
+    c = t_emb
+    example_index = jnp.maximum(segment_ids - 1, 0)  # padding borrows example 1's; masked later
+    if self.num_classes > 0:
+      y_embedder = layers.LabelEmbedder(self.num_classes, self.width, self.class_dropout_prob, dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name="y_embedder")
+      if train and self.class_dropout_prob > 0:
+        labels = y_embedder.drop_labels(labels, self.make_rng("dropout"))  # per example, as DiT
+      c = c + y_embedder(jnp.take_along_axis(labels, example_index, axis=1))
     c = nn.with_logical_constraint(c, ("batch", "length", "embed"))
 
+    text_tokens = None
+    if self.text_dim > 0:
+      if text is None or text_segment_ids is None:
+        raise ValueError(f"this DiT has text_dim={self.text_dim}: pass text [B, Lt, Dt] and text_segment_ids [B, Lt]")
+      if text.ndim != 3 or text.shape[-1] != self.text_dim or text_segment_ids.shape != text.shape[:2]:
+        raise ValueError(f"text must be [B, Lt, {self.text_dim}] with text_segment_ids [B, Lt]; got "
+                         f"{text.shape}, {text_segment_ids.shape}")
+      drop = jnp.zeros(labels.shape, bool) if text_null is None else jnp.asarray(text_null, bool)
+      if train and self.caption_dropout_prob > 0:
+        drop = drop | jax.random.bernoulli(self.make_rng("dropout"), self.caption_dropout_prob, labels.shape)
+      text_tokens = CaptionEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name="caption_embedder")(text, text_segment_ids, drop)
+
     for block in self._block_stack():
-      x, _ = block(x, c, segment_ids, positions)
+      x, _ = block(x, c, segment_ids, positions, text_tokens, text_segment_ids)
 
     out = FinalLayer(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="final_layer")(x, c)
     out = nn.with_logical_constraint(out, ("batch", "length", "patch"))
@@ -249,7 +351,7 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
   if variant not in VARIANTS:
     raise ValueError(f"Unknown DiT variant {variant!r}; valid: {sorted(VARIANTS)}.")
   if "num_classes" not in cfg:
-    raise ValueError("model config needs num_classes.")
+    raise ValueError("model config needs num_classes (0 for none).")
   size = VARIANTS[variant]
   optional = {k: cfg[k] for k in ("mlp_ratio", "qk_norm") if k in cfg}
   if "rope_split" in cfg:
@@ -261,6 +363,8 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
       num_heads=size["num_heads"],
       num_classes=cfg["num_classes"],
       class_dropout_prob=cfg.get("class_dropout_prob", 0.1),
+      text_dim=cfg.get("text_dim", 0),
+      caption_dropout_prob=cfg.get("caption_dropout_prob", 0.1),
       learn_sigma=cfg.get("learn_sigma", True),
       pos_embedding=cfg.get("pos_embedding", "sincos2d"),
       attention_backend=cfg.get("attention_backend", "xla"),

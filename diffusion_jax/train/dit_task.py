@@ -3,6 +3,24 @@
 The loop calls these functions and nothing else. Timesteps are drawn per
 example ([B, K]) and gathered to tokens through segment ids, so one row can
 hold examples at different noise levels.
+
+Two objectives (config.diffusion.kind):
+  ddpm  discrete timesteps of a beta schedule, eps / v / x0 prediction, learned
+        variance (the image DiT's objective).
+  flow  rectified flow, the video default: x_t = (1 - t) x0 + t noise, the model
+        predicts v = noise - x0 and sees 1000 t. Times are logit-normal (SD3) and
+        shifted per example by s = sqrt(n / diffusion.shift_base_tokens), n the
+        example's own token count (frames x height x width), so large and long
+        clips train at more noise, as they need (SD3's resolution shift, applied
+        to duration too as Open-Sora does).
+Loss weighting, both kinds: every example of the batch counts once, whatever
+its size (the mean over its loss tokens, then the mean over examples), so long
+clips do not drown short ones; padding and conditioning tokens carry no loss.
+
+Conditioning by masking (Sora, Open-Sora): with the probabilities of
+config.diffusion.cond, a video example's first frame (i2v), first n frames
+(extend), first and last frames (interpolate) or random frames become clean
+context at t = 0 without loss; the same masks drive the samplers' modes.
 """
 import jax
 import jax.numpy as jnp
@@ -36,7 +54,40 @@ def _model_family(config) -> str:
   return family
 
 
+DIFFUSION_KINDS = ("ddpm", "flow")
+COND_MODES = ("i2v", "extend", "interpolate", "random")
+
+
+def is_flow(config) -> bool:
+  return config.diffusion.get("kind", "ddpm") == "flow"
+
+
+def uses_text(config) -> bool:
+  return int(config.model.get("text_dim", 0)) > 0
+
+
 def validate(config) -> None:
+  if config.diffusion.get("kind", "ddpm") not in DIFFUSION_KINDS:
+    raise ConfigError(f"unknown diffusion.kind {config.diffusion.kind!r}; use one of {DIFFUSION_KINDS}")
+  unknown = set(config.diffusion.get("cond", {}) or {}) - set(COND_MODES)
+  if unknown:
+    raise ConfigError(f"unknown diffusion.cond modes {sorted(unknown)}; known: {COND_MODES}")
+  if sum((config.diffusion.get("cond", {}) or {}).values()) > 1:
+    raise ConfigError(f"diffusion.cond probabilities {dict(config.diffusion.cond)} sum to more than 1")
+  if uses_text(config) and int(config.data.get("text_tokens_per_row", 0)) < 1:
+    raise ConfigError(f"model.text_dim={config.model.text_dim} needs data.text_tokens_per_row >= 1 "
+                      "(the packed caption budget of a row)")
+  if is_flow(config) and config.model.get("learn_sigma", False):
+    raise ConfigError("diffusion.kind='flow' predicts a velocity: set model.learn_sigma=False")
+  if not is_flow(config) and config.diffusion.prediction not in ("eps", "v", "x0"):
+    raise ConfigError(f"unknown diffusion.prediction {config.diffusion.prediction!r}; use eps, v or x0")
+  if "image_size" not in config.data:  # native-size video data: the pipeline fits each example to L
+    if config.model.variant not in dit.VARIANTS:
+      raise ConfigError(f"unknown model.variant {config.model.variant!r}; known: {sorted(dit.VARIANTS)}")
+    if dit.VARIANTS[config.model.variant]["patch"] != config.data.patch[1]:
+      raise ConfigError(f"data.patch={tuple(config.data.patch)} disagrees with model.variant="
+                        f"{config.model.variant!r} (patch {dit.VARIANTS[config.model.variant]['patch']})")
+    return
   family = _model_family(config)
   if family == "unet":
     from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
@@ -72,8 +123,6 @@ def validate(config) -> None:
       unet.check_image_size(config.model.variant, size, size)
     except ValueError as e:
       raise ConfigError(f"model.variant={config.model.variant!r} at data.image_size={size}: {e}") from e
-  if config.diffusion.prediction not in ("eps", "v", "x0"):
-    raise ConfigError(f"unknown diffusion.prediction {config.diffusion.prediction!r}; use eps, v or x0")
 
 
 def build_model(config):
@@ -86,7 +135,10 @@ def build_model(config):
   return dit.build_dit(config.model, patch_dim=patch_dim(config), dtype=dtype)
 
 
-def make_schedule(config) -> schedules.Schedule:
+def make_schedule(config) -> schedules.Schedule | None:
+  """The beta schedule of the ddpm kind; None for rectified flow."""
+  if is_flow(config):
+    return None
   return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
 
 
@@ -101,14 +153,38 @@ def dummy_batch(config, rows: int) -> dict:
       grid=np.zeros((rows, k, 3), np.int32),
       example_ids=np.zeros((rows, k), np.int64),
       labels=np.zeros((rows, k), np.int32),
+      **_dummy_text(config, rows),
   )
+
+
+def _dummy_text(config, rows: int) -> dict:
+  if not uses_text(config):
+    return {}
+  lt = int(config.data.text_tokens_per_row)
+  return dict(text=np.zeros((rows, lt, int(config.model.text_dim)), np.float32),
+              text_segment_ids=np.ones((rows, lt), np.int32))
+
+
+def apply_model(model, params, x, t, batch, *, train=False, rngs=None, labels=None, text_null=None):
+  """The backbone on packed tokens x [B, L, P] at per-token model times t [B, L],
+  with the batch's segments, positions, labels and (when present) packed text."""
+  kwargs = {}
+  if "text" in batch:
+    kwargs = dict(text=batch["text"], text_segment_ids=batch["text_segment_ids"])
+    if text_null is not None:
+      kwargs["text_null"] = text_null
+  labels = batch["labels"] if labels is None else labels
+  out = model.apply({"params": params}, x, t.astype(jnp.float32), labels, batch["segment_ids"], batch["positions"],
+                    train=train, rngs=rngs or {}, **kwargs)
+  return out.astype(jnp.float32)
 
 
 def init_params(model, config, rng):
   batch = dummy_batch(config, 1)
   t = jnp.zeros(batch["segment_ids"].shape, jnp.float32)
+  text = {k: batch[k] for k in ("text", "text_segment_ids") if k in batch}
   return model.init({"params": rng}, batch["patches"], t, batch["labels"], batch["segment_ids"],
-                    batch["positions"], train=False)["params"]
+                    batch["positions"], train=False, **text)["params"]
 
 
 def per_token(values, segment_ids):
@@ -118,28 +194,85 @@ def per_token(values, segment_ids):
   return jnp.take_along_axis(values, index, axis=1)
 
 
+def example_token_counts(segment_ids, num_examples: int):
+  """[B, K] number of tokens of each example of each row."""
+  ids = jnp.arange(1, num_examples + 1, dtype=segment_ids.dtype)
+  return jnp.sum(segment_ids[..., None] == ids, axis=1)
+
+
+def flow_shift(config, segment_ids, num_examples: int):
+  """[B, K] resolution/duration shift s = sqrt(n / diffusion.shift_base_tokens) (1 when the base is 0)."""
+  base = float(config.diffusion.get("shift_base_tokens", 0))
+  if base <= 0:
+    return jnp.ones(segment_ids.shape[:1] + (num_examples,), jnp.float32)
+  counts = example_token_counts(segment_ids, num_examples).astype(jnp.float32)
+  return jnp.sqrt(jnp.maximum(counts, 1.0) / base)
+
+
+def frame_cond_mask(rng, batch, probs: dict, max_frames: int = 256):
+  """[B, L] bool: tokens that become clean context under a random conditioning mode.
+
+  Per video example (more than one latent frame) one mode is drawn with the
+  probabilities of `probs` (the rest: none): i2v = frame 0; extend = frames
+  < n, n uniform in [1, T' - 1]; interpolate = frames 0 and T' - 1; random =
+  each frame with probability 1/2, the last frame always left to predict.
+  Images never get context (they would keep no loss).
+  """
+  segment_ids, positions, grid = batch["segment_ids"], batch["positions"], batch["grid"]
+  rows, k = grid.shape[:2]
+  mode_rng, extend_rng, random_rng = jax.random.split(rng, 3)
+  thresholds = np.cumsum([float(probs.get(m, 0.0)) for m in COND_MODES])
+  u = jax.random.uniform(mode_rng, (rows, k))
+  mode = jnp.searchsorted(jnp.asarray(thresholds, jnp.float32), u, side="right")  # len(COND_MODES) = none
+  frames = grid[..., 0]
+  n_extend = jax.random.randint(extend_rng, (rows, k), 1, jnp.maximum(frames, 2))
+  random_frames = jax.random.bernoulli(random_rng, 0.5, (rows, k, max_frames))
+  tok_mode, tok_frames, tok_extend = (per_token(v, segment_ids) for v in (mode, frames, n_extend))
+  frame = positions[..., 0]
+  tok_random = jnp.take_along_axis(per_token(random_frames, segment_ids), jnp.minimum(frame, max_frames - 1)[..., None],
+                                   axis=-1)[..., 0]
+  last = frame == tok_frames - 1
+  cond = ((tok_mode == 0) & (frame == 0)) | ((tok_mode == 1) & (frame < tok_extend)) | \
+         ((tok_mode == 2) & ((frame == 0) | last)) | ((tok_mode == 3) & tok_random & ~last)
+  return cond & (tok_frames > 1) & (segment_ids > 0)
+
+
 def loss_fn(params, model, schedule, batch, rng, config, *, train=True):
   """Diffusion loss of one packed batch; each example weighs the same (see reduce_per_example)."""
-  t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+  t_rng, noise_rng, dropout_rng, cond_rng = jax.random.split(rng, 4)
   x0 = batch["patches"]
   segment_ids = batch["segment_ids"]
   rows, k = batch["labels"].shape
-  t_example = jax.random.randint(t_rng, (rows, k), 0, schedule.num_steps)
-  # Conditioning tokens stay clean (t = 0) and carry no loss.
-  t = jnp.where(batch["cond_mask"], 0, per_token(t_example, segment_ids))
+  cond_mask = batch["cond_mask"]
+  cond_probs = dict(config.diffusion.get("cond", {}) or {})
+  if train and any(cond_probs.values()):
+    cond_mask = cond_mask | frame_cond_mask(cond_rng, batch, cond_probs)
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-  x_t = schedules.q_sample(schedule, x0, t, noise)
-  x_t = jnp.where(batch["cond_mask"][..., None], x0, x_t)
-  out = model.apply({"params": params}, x_t, t.astype(jnp.float32), batch["labels"], segment_ids,
-                    batch["positions"], train=train, rngs={"dropout": dropout_rng})
-  out = out.astype(jnp.float32)
-  token_loss = objectives.per_token_loss(schedule, out, x0, x_t, t, noise,
-                                         prediction=config.diffusion.prediction,
-                                         learn_sigma=config.model.learn_sigma)
-  loss_mask = (segment_ids > 0) & ~batch["cond_mask"]
+  rngs = {"dropout": dropout_rng}
+  if is_flow(config):
+    flow = config.diffusion
+    t_example = objectives.logit_normal_times(t_rng, (rows, k), flow.get("logit_mean", 0.0), flow.get("logit_std", 1.0))
+    t_example = objectives.shift_times(t_example, flow_shift(config, segment_ids, k))
+    # Conditioning tokens stay clean (t = 0) and carry no loss.
+    t = jnp.where(cond_mask, 0.0, per_token(t_example, segment_ids))
+    x_t, _ = objectives.flow_interpolate(x0, noise, t)
+    out = apply_model(model, params, x_t, 1000.0 * t, batch, train=train, rngs=rngs)
+    token_loss = objectives.flow_loss_per_token(out, x0, noise)
+    t_bucket = jnp.minimum((t_example * 1000).astype(jnp.int32), 999)
+    num_steps = 1000
+  else:
+    t_example = jax.random.randint(t_rng, (rows, k), 0, schedule.num_steps)
+    t = jnp.where(cond_mask, 0, per_token(t_example, segment_ids))
+    x_t = schedules.q_sample(schedule, x0, t, noise)
+    x_t = jnp.where(cond_mask[..., None], x0, x_t)
+    out = apply_model(model, params, x_t, t, batch, train=train, rngs=rngs)
+    token_loss = objectives.per_token_loss(schedule, out, x0, x_t, t, noise,
+                                           prediction=config.diffusion.prediction,
+                                           learn_sigma=config.model.learn_sigma)
+    t_bucket, num_steps = t_example, schedule.num_steps
+  loss_mask = (segment_ids > 0) & ~cond_mask
   loss = objectives.reduce_per_example(token_loss, segment_ids, loss_mask, k)
-  return loss, {"loss": loss, **timestep_bucket_losses(token_loss, segment_ids, loss_mask, t_example,
-                                                        schedule.num_steps)}
+  return loss, {"loss": loss, **timestep_bucket_losses(token_loss, segment_ids, loss_mask, t_bucket, num_steps)}
 
 
 NUM_T_BUCKETS = 4
@@ -232,3 +365,76 @@ def sample(model, params, config, labels, rng, *, sampler="ddim", steps=50, eta=
   videos = jax.vmap(lambda tokens: packing.unpatchify(tokens, grid, tuple(config.data.patch), config.data.channels))(x0)
   images = videos[:, 0]
   return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
+
+
+SAMPLERS = ("euler", "heun", "ddim", "ddpm")
+
+
+def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=30, cfg_scale=1.0, eta=0.0,
+             ddpm_strength=1.0):
+  """Samples every example of packed rows in one compiled loop; returns x0 tokens [B, L, P].
+
+  `rows` follows the packed-batch contract (segment_ids, positions, grid,
+  labels, and text/text_segment_ids for text models) plus what the modes need:
+    cond_mask [B, L]   tokens given as context (i2v: the first latent frame;
+                       extension: the first frames; interpolation: first and
+                       last), held at their `patches` values and t = 0;
+    patches [B, L, P]  the given tokens' values, and for SDEdit the clip to edit;
+    strength [B, K]    1 = start from pure noise (text-to-video and the frame
+                       modes); s < 1 = SDEdit: start at time s from
+                       (1 - s) x_edit + s noise (flow) or at step s T (DDPM).
+  CFG (cfg_scale != 1) runs the conditional and the unconditional model as one
+  batch: the unconditional branch has every caption replaced by the null
+  caption and every label by the null class. Flow samplers: 'euler', 'heun'
+  on per-token clocks (flow_time_grid; each example shifted by its own token
+  count); DDPM-family: 'ddim', 'ddpm', where SDEdit takes one strength for
+  the whole call, `ddpm_strength` (a Python float: it fixes the step count).
+  Jit it with model, config, sampler, steps, cfg_scale, eta and ddpm_strength static.
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; use one of {SAMPLERS}")
+  segment_ids, cond_mask = rows["segment_ids"], rows["cond_mask"]
+  given = jnp.asarray(rows["patches"], jnp.float32)
+  k = rows["grid"].shape[1]
+  strength = jnp.asarray(rows.get("strength", jnp.ones(rows["grid"].shape[:2])), jnp.float32)
+  noise_rng, sample_rng = jax.random.split(rng)
+  noise = jax.random.normal(noise_rng, given.shape, jnp.float32)
+  null_labels = jnp.full_like(rows["labels"], int(config.model.get("num_classes", 0)))
+  text_null = jnp.ones(rows["labels"].shape, bool)
+  both = jax.tree_util.tree_map(lambda v: jnp.concatenate([v, v], axis=0),
+                                {key: rows[key] for key in ("segment_ids", "positions", "text", "text_segment_ids",
+                                                           "labels") if key in rows})
+  both_labels = jnp.concatenate([rows["labels"], null_labels], axis=0)
+  both_null = jnp.concatenate([jnp.zeros_like(text_null), text_null], axis=0)
+
+  def model_fn(x, t_model):
+    if cfg_scale == 1.0:
+      return apply_model(model, params, x, t_model, rows)
+    out = apply_model(model, params, jnp.concatenate([x, x], 0), jnp.concatenate([t_model, t_model], 0), both,
+                      labels=both_labels, text_null=both_null)
+    cond, uncond = jnp.split(out, 2, axis=0)
+    channels = x.shape[-1]
+    guided = uncond[..., :channels] + cfg_scale * (cond[..., :channels] - uncond[..., :channels])
+    return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+
+  if is_flow(config):
+    if sampler not in ("euler", "heun"):
+      raise ValueError(f"a flow model samples with euler or heun, not {sampler!r}")
+    start = per_token(strength, segment_ids)
+    times = samplers.flow_time_grid(steps, start, per_token(flow_shift(config, segment_ids, k), segment_ids))
+    x_init = (1.0 - start[..., None]) * given + start[..., None] * noise
+    return samplers.flow_sample(lambda x, t: model_fn(x, 1000.0 * t), x_init, times, method=sampler,
+                                keep_mask=cond_mask, keep_x0=given)
+
+  schedule = make_schedule(config)
+  learn_sigma = bool(config.model.get("learn_sigma", False))
+  common = dict(prediction=config.diffusion.prediction, learn_sigma=learn_sigma, keep_mask=cond_mask, keep_x0=given)
+  if sampler == "ddpm":
+    return samplers.ddpm_sample(schedule, model_fn, noise, sample_rng, **common)
+  # SDEdit on the DDPM family: one start step for the whole call.
+  start_step = int(round(float(ddpm_strength) * (schedule.num_steps - 1)))
+  x_init = noise
+  if start_step < schedule.num_steps - 1:
+    x_init = schedules.q_sample(schedule, given, jnp.full(segment_ids.shape, start_step, jnp.int32), noise)
+  return samplers.ddim_sample(schedule, model_fn, x_init, sample_rng if eta else None, num_steps=steps, eta=eta,
+                              start_step=start_step, **common)

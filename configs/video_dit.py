@@ -1,0 +1,135 @@
+"""Sora-style video DiT: rectified flow over packed spacetime patches of native-size clips.
+
+  python -m diffusion_jax data-stats --config=configs/video_dit.py
+  python -m diffusion_jax train --config=configs/video_dit.py:data=/data/enc_latents,channels=4 --workdir=/tmp/vdit
+  python -m diffusion_jax train --config=configs/video_dit.py:smoke --workdir=/tmp/vdit_smoke
+
+Arguments after the colon (comma separated):
+  variant=<S/2|B/4|XL/2|3B|tiny|smoke>  a row of models/dit.py's VARIANTS (default B/4 on pixels, B/2 on latents)
+  data=<dir>     an encoded dataset (`python -m diffusion_jax encode`): VAE latents or pixels, with
+                 caption embeddings; the model then cross-attends to the captions. Without it the
+                 model trains unconditionally on the built-in `moving_digits` pixels.
+  channels=<C>   channels of the data: 3 for pixels, the VAE's latent channels for latents
+  smoke          seconds, for tests;  quickstart: the CPU text-to-video recipe of the quickstart
+Images are one-frame videos: every row mixes them with clips of 5-33 frames.
+"""
+import ml_collections
+
+
+def get_config(arg: str = ""):
+  from diffusion_jax.config import parse_arg
+
+  arg = parse_arg(arg, variant="", data="", channels=3, smoke=False, quickstart=False)
+  latent = arg.channels != 3
+  variant = arg.variant or ("smoke" if arg.smoke else "tiny" if arg.quickstart else "B/2" if latent else "B/4")
+  patch = int(variant.split("/")[1]) if "/" in variant else 2
+  text = bool(arg.data)
+  c = ml_collections.ConfigDict()
+  c.task = "dit"
+
+  # Data: native sizes and durations, packed NaViT-style into rows of L tokens.
+  c.data = dict(
+      name=arg.data or "moving_digits",
+      data_dir="",
+      split="train",
+      eval_split="validation",
+      builder={},  # moving_digits' defaults: 24-96 px sides, 1/5/9/17/33 frames, 1-3 digits
+      patch=(1, patch, patch),
+      channels=arg.channels,
+      tokens_per_row=4096,  # L
+      examples_per_row=32,  # K
+      text_tokens_per_row=32 * 32 if text else 0,  # Lt: K captions of <= 32 tokens each always fit
+      max_frames=0,
+      max_area=0,
+      shuffle_seed=0,
+      num_workers=0,
+      pack_buffer=64,
+  )
+
+  c.model = dict(
+      family="dit",
+      variant=variant,
+      num_classes=0,  # conditioning comes from the captions
+      text_dim=384 if text else 0,  # all-MiniLM-L6-v2's width (diffusion_jax/models/text.py)
+      caption_dropout_prob=0.1,
+      learn_sigma=False,
+      pos_embedding="rope3d",
+      rope_split=(0.25, 0.375, 0.375),  # head-dim share of (t, h, w)
+      qk_norm=True,
+      attention_backend="xla",
+      scan_layers=True,
+      remat="none",
+  )
+
+  c.diffusion = dict(
+      kind="flow",  # rectified flow; "ddpm" uses schedule / num_steps / prediction below
+      logit_mean=0.0,
+      logit_std=1.0,
+      shift_base_tokens=256,  # t-shift s = sqrt(tokens of the example / 256)
+      cond=dict(i2v=0.1, extend=0.05, interpolate=0.05, random=0.05),  # conditioning-frame modes in training
+      schedule="linear",
+      num_steps=1000,
+      prediction="v",
+  )
+
+  c.train = dict(
+      seed=0,
+      global_batch=8,
+      steps=100_000,
+      lr=1e-4,
+      warmup_steps=1000,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      ema_decay=0.9999,
+      compute_dtype="bfloat16",
+      log_every=50,
+      ckpt_every=1000,
+      keep_ckpts=3,
+      grad_accum_steps=1,
+      max_consecutive_skips=20,
+      eval_every=1000,
+      eval_batches=4,
+      profile_steps=(0, 0),
+  )
+
+  c.mesh = dict(
+      shape=(1, -1, 1),  # FSDP over every device by default
+      axes=("data", "fsdp", "tensor"),
+      rules=(
+          ("batch", ("data", "fsdp")),
+          ("length", None),  # ("length", "tensor") shards long sequences; attention gathers K/V
+          ("text_length", None),
+          ("embed", "fsdp"),
+          ("embed_out", None),
+          ("text_embed", None),
+          ("mlp", "tensor"),
+          ("modulation", None),  # see configs/dit_image.py
+          ("heads", "tensor"),
+          ("kv", None),
+          ("patch", None),
+          ("classes", None),
+          ("layers", None),
+      ),
+  )
+
+  c.sample = dict(sampler="euler", steps=30, cfg_scale=4.0, seed=0, rows_per_call=4,
+                  prompts=("a red 3 moving quickly to the right", "a green 7 moving slowly up"),
+                  size=(32, 32), frames=9)
+
+  if arg.quickstart:
+    c.data.update(tokens_per_row=512, examples_per_row=8, text_tokens_per_row=8 * 32 if text else 0, pack_buffer=32)
+    c.train.update(global_batch=8, steps=1500, lr=1e-3, warmup_steps=100, ema_decay=0.999,
+                   compute_dtype="float32", log_every=50, ckpt_every=500, eval_every=500, eval_batches=2)
+    c.mesh.shape = (-1, 1, 1)
+    c.sample.update(steps=20, size=(32, 32), frames=9)
+
+  if arg.smoke:
+    c.data.update(builder=dict(min_side=16, max_side=24, durations=(1, 5, 9), train_examples=64,
+                               validation_examples=16),
+                  tokens_per_row=256, examples_per_row=8, text_tokens_per_row=8 * 32 if text else 0,
+                  pack_buffer=8)
+    c.train.update(global_batch=8, steps=20, lr=1e-3, warmup_steps=2, ema_decay=0.999, compute_dtype="float32",
+                   log_every=5, ckpt_every=10, eval_every=0)
+    c.mesh.shape = (-1, 1, 1)
+    c.sample.update(steps=4, size=(16, 16), frames=5)
+  return c
