@@ -28,17 +28,20 @@ from diffusion_jax.data import pipeline, sources
 
 
 class DigitClassifier(nn.Module):
-  """Three conv stages (3x3 conv, ReLU, 2x2 max pool) -> global mean -> Dense features -> logits.
+  """Conv stages (3x3 conv, ReLU, 2x2 max pool) -> flatten -> Dense features (ReLU) -> logits.
 
   Input: frames [N, H, W, 3], uint8 (0..255) or float in [-1, 1] (the data
-  pipeline's convention); they are resized to input_size x input_size first.
-  Returns (logits [N, num_classes], features [N, features]).
+  pipeline's convention). Each frame is resized to input_size x input_size
+  and standardised (its own mean and std over pixels and channels), which
+  makes the net indifferent to the canvas's colours and brightness and lets a
+  short run learn fast. Flattening (not a global mean) keeps where the strokes
+  are. Returns (logits [N, num_classes], features [N, features]).
   """
 
   num_classes: int = 10
-  input_size: int = 32
-  widths: tuple = (32, 64, 128)
-  features: int = 128
+  input_size: int = 24
+  widths: tuple = (16, 32, 64)
+  features: int = 64
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -51,12 +54,13 @@ class DigitClassifier(nn.Module):
       x = frames.astype(jnp.float32)
     n = x.shape[0]
     x = jax.image.resize(x, (n, self.input_size, self.input_size, 3), "bilinear", antialias=True)
+    x = (x - x.mean(axis=(1, 2, 3), keepdims=True)) / (x.std(axis=(1, 2, 3), keepdims=True) + 1e-3)
     x = x.astype(self.dtype)
     for i, width in enumerate(self.widths):
       x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv_{i}")(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = jnp.mean(x, axis=(1, 2))
+    x = x.reshape(n, -1)
     features = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="features")(x))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features)
     return logits.astype(jnp.float32), features.astype(jnp.float32)
