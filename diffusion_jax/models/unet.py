@@ -342,9 +342,8 @@ class UNet(nn.Module):
         if h.shape[1] in self.attention_resolutions:
           h = attend(h, f"up_{level}_block_{block}")
       if level != 0:
-        n, hh, ww, c = h.shape
-        h = jax.image.resize(h, (n, 2 * hh, 2 * ww, c), "nearest")
-        h = _conv(c, 3, names, self.dtype, self.param_dtype, f"up_{level}_upsample")(h)
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+        h = _conv(h.shape[-1], 3, names, self.dtype, self.param_dtype, f"up_{level}_upsample")(h)
 
     h = nn.silu(_group_norm(self.num_groups, self.dtype, self.param_dtype, "norm_out")(h))
     out_channels = 2 * self.channels if self.learn_sigma else self.channels
