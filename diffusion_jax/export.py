@@ -88,7 +88,8 @@ def flatten_params(params) -> dict[str, Any]:
 
 
 def _cast(params, dtype: str):
-  """Floating leaves to `dtype`; integer leaves (if any) unchanged. Arrays or ShapeDtypeStructs."""
+  """Floating leaves to `dtype`; integer leaves (if any) unchanged. ShapeDtypeStructs, or arrays,
+  which are cast on the host (numpy) so no small device program compiles per leaf shape."""
   target = jnp.dtype(dtype)
 
   def cast(x):
@@ -96,7 +97,7 @@ def _cast(params, dtype: str):
       return x
     if isinstance(x, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(x.shape, target, sharding=x.sharding)
-    return x.astype(target)
+    return np.asarray(x).astype(target)
 
   return jax.tree_util.tree_map(cast, params)
 
@@ -188,7 +189,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
     raise ValueError(f"{out_dir} exists and is not an empty directory; choose another export directory")
   config, step, params = restore_ema_params(workdir, step)
   training_config_hash = config_lib.config_hash(config)
-  params = _cast(params, dtype)
+  params = _cast(jax.device_get(params), dtype)  # numpy on the host
 
   staging = f"{out_dir}.partial-{os.getpid()}"
   if os.path.exists(staging):
@@ -199,7 +200,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
     checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
     checkpointer.wait_until_finished()
     checkpointer.close()
-    host_params = jax.device_get(params)
+    host_params = params
     if safetensors:
       import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
