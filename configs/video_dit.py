@@ -112,6 +112,11 @@ def get_config(arg: str = ""):
       ),
   )
 
+  # Filled at train time from the encoded dataset's metadata (__main__.record_conditioners) and saved
+  # with every checkpoint: the VAE to decode with, the latent normalisation, the text encoder.
+  c.latent = dict(vae="", mean=(), std=())
+  c.text = dict(encoder_dir="", max_length=32)
+
   c.sample = dict(sampler="euler", steps=30, cfg_scale=4.0, seed=0, rows_per_call=4,
                   prompts=("a red 3 moving quickly to the right", "a green 7 moving slowly up"),
                   size=(32, 32), frames=9)

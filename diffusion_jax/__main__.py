@@ -1,8 +1,10 @@
-"""python -m diffusion_jax <command>: quickstart, train, sample, data-stats.
+"""python -m diffusion_jax <command>: quickstart, train, encode, sample, export, evaluate, data-stats.
 
   python -m diffusion_jax quickstart
   python -m diffusion_jax train --config=configs/dit_image.py:variant=S/2 --workdir=/tmp/run --config.train.steps=100
-  python -m diffusion_jax sample --workdir=/tmp/run --sampler=ddim --steps=50 --cfg-scale=4
+  python -m diffusion_jax sample --workdir=/tmp/run --sampler=ddim --steps-sample=50 --cfg-scale=4
+  python -m diffusion_jax encode --source=moving_digits --vae=/tmp/vae --out=/tmp/latents
+  python -m diffusion_jax sample --workdir=/tmp/vdit --prompt="a red 3 moving quickly to the right" --size=32,32 --frames=9
 
 Mistakes in what the user gave (a config, an override, a workdir, a dataset)
 print one `error:` line and exit 2; --debug shows the traceback instead.
@@ -28,10 +30,28 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   train.add_argument("--workdir", required=True)
 
-  sample = sub.add_parser("sample", help="sample class grids from a run's newest checkpoint (EMA params)")
+  sample = sub.add_parser("sample", help="sample from a run's newest checkpoint (EMA params): class grids for "
+                                         "an image DiT, videos from prompts for a video DiT (diffusion_jax/sample.py)")
   _add_sample_args(sample)
   sample.add_argument("--workdir", required=True)
   sample.add_argument("--out", default="", help="output folder (default WORKDIR/samples)")
+  sample.add_argument("--prompt", action="append", default=[], help="video: a prompt (repeatable)")
+  sample.add_argument("--prompts", default="", help="video: a JSON-lines file of requests")
+  sample.add_argument("--size", default="", help="video: HEIGHT,WIDTH in pixels (default: the config's)")
+  sample.add_argument("--frames", type=int, default=0, help="video: frames (default: the config's)")
+  sample.add_argument("--mode", default="t2v", choices=("t2v", "i2v", "extend", "interpolate", "sdedit"))
+  sample.add_argument("--input", default="", help="video: the image or video the mode conditions on")
+  sample.add_argument("--strength", type=float, default=0.7, help="sdedit: noise level to start from, (0, 1]")
+
+  encode = sub.add_parser("encode", help="write a dataset of VAE latents (or pixels) and caption embeddings")
+  encode.add_argument("--source", required=True, help="built-in dataset name or a tfds dataset directory")
+  encode.add_argument("--builder", default="{}", help="built-in builder arguments as JSON, e.g. '{\"min_side\": 16}'")
+  encode.add_argument("--data-dir", default="", help="where built-in datasets live (default ~/.cache/diffusion_jax/data)")
+  encode.add_argument("--splits", default="train,validation")
+  encode.add_argument("--vae", default="", help="a VAE training workdir; empty = keep pixels")
+  encode.add_argument("--text-encoder", default="", help="text-encoder directory (default: the installed wheel's)")
+  encode.add_argument("--text-max-length", type=int, default=32)
+  encode.add_argument("--out", required=True)
 
   stats = sub.add_parser("data-stats", help="print JSON statistics of a config's input pipeline",
                          epilog="Override any config field with --config.section.field=value.")
@@ -47,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_sample_args(p):
-  p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
-  p.add_argument("--steps-sample", dest="sample_steps", type=int, default=0, help="sampling steps (ddim)")
+  p.add_argument("--sampler", default="", choices=("", "ddim", "ddpm", "euler", "heun"),
+                 help="default: the config's sample.sampler")
+  p.add_argument("--steps-sample", dest="sample_steps", type=int, default=0, help="sampling steps (not ddpm)")
   p.add_argument("--cfg-scale", type=float, default=None)
   p.add_argument("--per-class", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
@@ -69,11 +90,91 @@ def run_train(config, workdir: str):
   from diffusion_jax.train import loop
 
   distributed.initialize()  # before any device is touched; a no-op for a single process
+  record_conditioners(config)
   distributed.check_agreement(config)  # every process runs the same config and code, or none starts
   # Several processes on one host share the data directory: process 0 builds it first.
   distributed.process_zero_first(sources.ensure_dataset, config.data.name, config.data.data_dir,
                                  **pipeline.builder_kwargs(config.data))
   return loop.train(config, workdir)
+
+
+def record_conditioners(config) -> None:
+  """Writes into the config what a model trained on an encoded dataset decodes and conditions with:
+  latent.{vae, mean, std} (the VAE and the per-channel statistics the pipeline
+  normalises latents with) and text.{encoder_dir, max_length}. The checkpoint
+  keeps the config, so sampling and export undo exactly the normalisation
+  training used."""
+  import ml_collections
+
+  from diffusion_jax import encode
+  from diffusion_jax.data import pipeline
+
+  stats = pipeline.latent_stats(config.data)
+  if stats is None and not os.path.isfile(os.path.join(str(config.data.name), "metadata.json")):
+    return
+  meta = encode.encoded_metadata(str(config.data.name))
+  text = meta.get("text_encoder") or {}
+  if text and int(config.model.get("text_dim", 0)) not in (0, int(text["dim"])):
+    raise ValueError(f"model.text_dim={config.model.text_dim} but {config.data.name} holds {text['dim']}-wide "
+                     f"caption embeddings of {text['name']}")
+  with config.unlocked():
+    if stats is not None:
+      config.latent = ml_collections.ConfigDict(
+          dict(vae=meta["vae"]["path"], mean=tuple(stats["mean"]), std=tuple(stats["std"])))
+    if text:
+      config.text = ml_collections.ConfigDict(dict(encoder_dir=text["path"], max_length=int(text["max_length"])))
+
+
+def run_encode(args) -> str:
+  from diffusion_jax import distributed, encode
+  from diffusion_jax.data import sources
+  import jax
+
+  try:
+    builder = json.loads(args.builder)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--builder is not JSON: {e}") from e
+  distributed.initialize()
+  distributed.process_zero_first(sources.ensure_dataset, args.source, args.data_dir, **builder)
+  for split in [s for s in args.splits.split(",") if s]:
+    start = time.time()
+    encode.encode_dataset(args.source, split, args.data_dir, args.out, vae_path=args.vae,
+                          text_encoder_dir=args.text_encoder, text_max_length=args.text_max_length,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          builder_kwargs=builder)
+    print(f"encoded {args.source}/{split} in {time.time() - start:.0f}s -> {args.out}", flush=True)
+  return args.out
+
+
+def run_sample_video(args) -> str:
+  from diffusion_jax import sample as sample_lib
+
+  gen = sample_lib.load_generator(args.workdir)
+  cfg = gen.config.sample
+  size = tuple(int(x) for x in args.size.split(",")) if args.size else tuple(cfg.size)
+  if len(size) != 2:
+    raise ValueError(f"--size={args.size!r}: use HEIGHT,WIDTH")
+  prompts = args.prompt or ([] if args.prompts else list(cfg.prompts))
+  requests = sample_lib.parse_requests(prompts, args.prompts, dict(
+      size=size, frames=args.frames or cfg.frames, mode=args.mode, input=args.input, strength=args.strength))
+  out = args.out or os.path.join(args.workdir, "samples")
+  return sample_lib.run(gen, requests, out, sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
+                        seed=args.seed)
+
+
+def _saved_config(workdir: str):
+  from diffusion_jax import checkpoint
+
+  manager = checkpoint.make_manager(workdir, keep=1, create=False)
+  config = checkpoint.saved_config(manager)
+  manager.close()
+  if config is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}")
+  return config
+
+
+def is_image_model(config) -> bool:
+  return "image_size" in config.data
 
 
 def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, per_class: int, seed: int) -> str:
@@ -97,6 +198,7 @@ def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, p
   manager.close()
 
   steps = steps or config.sample.steps
+  sampler = sampler or config.sample.sampler
   cfg_scale = config.sample.cfg_scale if cfg_scale is None else cfg_scale
   per_class = per_class or config.sample.per_class
   classes = list(range(config.model.num_classes))
@@ -160,8 +262,13 @@ def main(argv=None) -> int:
     if args.command == "train":
       run_train(_load(args.config, overrides), args.workdir)
     elif args.command == "sample":
-      run_sample(args.workdir, args.out, sampler=args.sampler, steps=args.sample_steps,
-                 cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
+      if _saved_config(args.workdir).task == "dit" and not is_image_model(_saved_config(args.workdir)):
+        run_sample_video(args)
+      else:
+        run_sample(args.workdir, args.out, sampler=args.sampler, steps=args.sample_steps,
+                   cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
+    elif args.command == "encode":
+      run_encode(args)
     elif args.command == "data-stats":
       from diffusion_jax.data import stats
 
