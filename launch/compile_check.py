@@ -115,6 +115,20 @@ def lower_train_step(config, devices):
   return lowered, mesh, num_params
 
 
+def compile_for_topology(lowered):
+  """lowered.compile() with JAX's persistent cache off: an executable compiled
+  for a described slice has no client to be loaded back from the cache, so
+  caching it only writes entries that every later read warns about."""
+  import jax
+
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return lowered.compile()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
 def step_flops(config):
   """FLOPs of one whole train step (all devices), from the HLO of the step with its layers unrolled.
 
@@ -122,7 +136,9 @@ def step_flops(config):
   (model.scan_layers) would show one layer's FLOPs; lowering (no compile) an
   unrolled copy counts them all. The copy is lowered unsharded on one host
   CPU device (the TPU topology's lowering has no cost analysis): the global
-  program's FLOPs. None where no count comes back.
+  program's FLOPs. None where no count comes back. A Pallas TPU attention
+  kernel ('splash') does not lower for the CPU (and a custom call has no cost
+  analysis), so the copy counts the same attention through the 'xla' backend.
   """
   import jax
 
@@ -132,6 +148,8 @@ def step_flops(config):
   if "scan_layers" in unrolled.model:
     unrolled.model.scan_layers = False
   unrolled.mesh.shape = [1] * len(unrolled.mesh.shape)
+  if unrolled.model.get("attention_backend", "xla") == "splash":
+    unrolled.model.attention_backend = "xla"
   lowered, _, _ = lower_train_step(unrolled, jax.devices("cpu")[:1])
   analysis = lowered.cost_analysis() or {}
   flops = analysis.get("flops")
@@ -156,7 +174,7 @@ def check(config, topology_arg: str, out=sys.stdout) -> dict:
   hbm_per_device = HBM_GIB[gen] * GIB * chip_count(topology) / len(devices)
   try:
     lowered, mesh, num_params = lower_train_step(config, devices)
-    compiled = lowered.compile()
+    compiled = compile_for_topology(lowered)
   except Exception as e:  # libtpu refuses a program larger than HBM at compile time
     if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
       raise

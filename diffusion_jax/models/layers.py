@@ -184,7 +184,14 @@ def _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, *, interpret):
   if mesh.empty or mesh.size == 1:
     return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, interpret=interpret)
   P = jax.sharding.PartitionSpec
-  batch_axes, length_axes, heads_axes = (nn.logical_to_mesh_axes(("batch", "length", "heads")) or P(None, None, None))
+
+  def dividing(axes, size):  # a dim the mesh axes do not divide (a 1-row init batch) stays whole
+    names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    return axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None
+
+  batch_axes, length_axes, heads_axes = nn.logical_to_mesh_axes(("batch", "length", "heads"))
+  batch_axes, length_axes, heads_axes = (dividing(batch_axes, q.shape[0]), dividing(length_axes, q.shape[1]),
+                                         dividing(heads_axes, q.shape[2]))
   q_spec, kv_spec = P(batch_axes, length_axes, heads_axes, None), P(batch_axes, None, heads_axes, None)
   body = functools.partial(_splash_attention, interpret=interpret)
   return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch_axes, length_axes),
