@@ -11,8 +11,10 @@ video samples, one GIF per sample. By the export's task:
        real frames of the dataset's eval split and the samples, in a pluggable
        feature space; the held-out diffusion loss per timestep bucket
        (dit_task.eval_fn + summarize_eval over train.eval_batches eval batches).
-  vae  PSNR and SSIM of reconstructions of eval-split frames (needs the vae
-       task's reconstruct(model, params, config, videos uint8 [N, T, H, W, C])).
+  vae  the vae task's held-out metrics (eval/psnr, eval/ssim from metrics.py,
+       eval/l1, eval/kl, latent stats) over ceil(num_samples / global_batch)
+       eval-split batches, reconstructions of the first batch as a grid
+       (real | reconstruction, first frames) and side-by-side GIFs.
 
 Feature spaces (the `feature_extractor` callable contract): a function
 frames -> features, taking uint8 numpy frames [N, H, W, 3] (image models; videos
@@ -114,43 +116,6 @@ def kernel_inception_distance(features_a, features_b, *, num_subsets: int = 100,
   values = [mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
             for _ in range(num_subsets)]
   return float(np.mean(values)), float(np.std(values))
-
-
-# --------------------------------------------------------------------------- reconstruction metrics
-
-def psnr(reference, estimate, *, data_range: float = 255.0) -> float:
-  """Peak signal-to-noise ratio in dB, 10 log10(range^2 / MSE) over all values (inf when equal)."""
-  reference, estimate = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
-  mse = np.mean((reference - estimate) ** 2)
-  return float("inf") if mse == 0 else float(10.0 * np.log10(data_range ** 2 / mse))
-
-
-def ssim(reference, estimate, *, data_range: float = 255.0) -> float:
-  """Mean SSIM of two images [H, W] or [H, W, C] (Wang et al. 2004): an 11-tap Gaussian window with
-  sigma 1.5, K1 = 0.01, K2 = 0.03, population (co)variances, channels averaged; the border where the
-  window does not fit is left out (skimage's gaussian_weights=True convention)."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-
-  x, y = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
-  if x.shape != y.shape:
-    raise ValueError(f"ssim of differently shaped images: {x.shape} vs {y.shape}")
-  if x.ndim == 2:
-    x, y = x[..., None], y[..., None]
-  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-  sigma, truncate = 1.5, 3.5  # radius int(3.5 * 1.5 + 0.5) = 5: an 11-tap window
-  scores = []
-  for c in range(x.shape[-1]):
-    a, b = x[..., c], y[..., c]
-
-    def blur(z):
-      return ndimage.gaussian_filter(z, sigma, truncate=truncate, mode="reflect")
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    pad = 5
-    scores.append(score[pad:-pad, pad:-pad].mean() if min(a.shape) > 2 * pad else score.mean())
-  return float(np.mean(scores))
 
 
 # --------------------------------------------------------------------------- motion
@@ -281,6 +246,13 @@ def real_frames(config, num: int, *, seed: int, data_dir: str = "") -> np.ndarra
   return np.stack(frames)
 
 
+def _config_with_data_dir(config, data_dir: str):
+  config = config_lib.from_json(config_lib.to_json(config))
+  if data_dir:
+    config.data.data_dir = data_dir
+  return config
+
+
 def _one_device_mesh(config):
   """The config's mesh axes on the first local device: the model's logical constraints resolve,
   and nothing is split."""
@@ -289,14 +261,13 @@ def _one_device_mesh(config):
   return sharding.make_mesh(mesh_config, devices=jax.local_devices()[:1]), sharding.logical_rules(mesh_config)
 
 
-def held_out_loss(export, *, data_dir: str = "") -> dict:
-  """The task's held-out metrics (eval_fn + summarize_eval) over train.eval_batches batches of the
-  eval split, the loop's fixed eval set (same seed, same noise): comparable with the run's eval/*."""
+def held_out_loss(export, *, data_dir: str = "", batches: int = 0) -> dict:
+  """The task's held-out metrics (eval_fn + summarize_eval) over `batches` (default
+  train.eval_batches) batches of the eval split: the loop's fixed eval set (same seed, same noise),
+  so the numbers compare with the run's eval/*."""
   from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.from_json(config_lib.to_json(export.config))
-  if data_dir:
-    config.data.data_dir = data_dir
+  config = _config_with_data_dir(export.config, data_dir)
   task = loop.TASKS[config.task]
   model, schedule = task.build_model(config), task.make_schedule(config)
   mesh, rules = _one_device_mesh(config)
@@ -305,7 +276,7 @@ def held_out_loss(export, *, data_dir: str = "") -> dict:
   eval_batch = jax.jit(lambda params, batch, index: task.eval_fn(params, model, schedule, batch, index, config))
   auxes = []
   with sharding.activate(mesh, rules):
-    for index in range(int(config.train.get("eval_batches", 1))):
+    for index in range(batches or int(config.train.get("eval_batches", 1))):
       batch = {k: v for k, v in next(source).items() if k not in ("captions", "skipped")}
       auxes.append(jax.device_get(eval_batch(export.params, batch, np.int32(index))))
   return task.summarize_eval(auxes)
@@ -367,19 +338,31 @@ def _evaluate_dit(export, out_dir, *, num_samples, seed, classifier, feature_ext
 
 
 def _evaluate_vae(export, out_dir, *, num_samples, seed, data_dir) -> dict:
-  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  """Held-out reconstruction metrics of a VAE export over the loop's fixed eval batches (the
+  eval set is fixed by data.shuffle_seed; `seed` does not change it)."""
+  del seed
+  from diffusion_jax.train import vae_task  # pylint: disable=g-import-not-at-top
 
-  task = loop.TASKS[export.config.task]
-  if not hasattr(task, "reconstruct"):
-    raise ValueError(f"task {export.config.task!r} has no reconstruct(model, params, config, videos); "
-                     "PSNR/SSIM need it")
-  real = real_frames(export.config, num_samples, seed=seed, data_dir=data_dir)
-  recon = np.asarray(task.reconstruct(task.build_model(export.config), export.params, export.config,
-                                      real[:, None]))[:, 0]
-  metrics = dict(psnr=float(np.mean([psnr(a, b) for a, b in zip(real, recon)])),
-                 ssim=float(np.mean([ssim(a, b) for a, b in zip(real, recon)])))
-  pairs = np.stack([real, recon], axis=1).reshape((-1,) + real.shape[1:])
-  return metrics, [save_grid(pairs, os.path.join(out_dir, "reconstructions.png"), columns=2)]
+  config = _config_with_data_dir(export.config, data_dir)
+  batches = -(-num_samples // int(config.train.global_batch))
+  metrics = held_out_loss(export, data_dir=data_dir, batches=batches)
+  metrics["eval_clips"] = batches * int(config.train.global_batch)
+
+  batch = next(iter(vae_task.make_dataset(config, split=config.data.eval_split, seed=config.data.shuffle_seed)))
+  video = np.asarray(batch["video"])[:num_samples]
+  model = vae_task.build_model(config)
+  mesh, rules = _one_device_mesh(config)
+  with sharding.activate(mesh, rules):
+    recon, _, _ = jax.jit(lambda p, v: model.apply({"params": p}, v, sample_posterior=False))(
+        export.params["vae"], video.astype(np.float32) / 127.5 - 1.0)
+  recon = np.asarray(np.clip((np.asarray(recon) + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
+  pairs = np.stack([video[:, 0], recon[:, 0]], axis=1).reshape((-1,) + video.shape[2:])
+  files = [save_grid(pairs, os.path.join(out_dir, "reconstructions.png"), columns=2)]
+  if video.shape[1] > 1:
+    for i in range(len(video)):
+      files.append(save_gif(np.concatenate([video[i], recon[i]], axis=2),
+                            os.path.join(out_dir, f"reconstruction_{i:04d}.gif")))
+  return metrics, files
 
 
 def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, classifier: str = "",

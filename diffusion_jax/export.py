@@ -5,7 +5,8 @@ An export directory holds
   params/             the EMA params as an Orbax PyTree checkpoint (float32 or bfloat16)
   config.json         the run's full config (config.to_json)
   export.json         provenance: task, step, config hash, dataset, code version,
-                      param count, dtype, created time, every file with its size
+                      param count, dtype, created time, every file with its size;
+                      the checkpoint's extras (a VAE's latent_stats) where saved
   params.safetensors  optional: the same params flat, keys "/"-joined ("blocks/attn/query/kernel")
   vae/                latent models only: the VAE the model decodes with, itself an export
 
@@ -148,6 +149,15 @@ def restore_ema_params(workdir: str, step: int | None = None):
   return config, step, restored["state"]["ema_params"]
 
 
+def _saved_extras(workdir: str, step: int):
+  """The JSON extras a task saved with the checkpoint (e.g. the VAE's latent_stats), or None."""
+  manager = checkpoint.make_manager(workdir, keep=1, create=False)
+  try:
+    return checkpoint.saved_extras(manager, step)
+  finally:
+    manager.close()
+
+
 def _files_with_sizes(root: str) -> dict[str, int]:
   files = {}
   for directory, _, names in os.walk(root):
@@ -221,6 +231,11 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
         dtype=dtype,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+    extras = _saved_extras(workdir, step)
+    if extras:
+      info["extras"] = extras
+      if "latent_stats" in extras:  # what vae_task.load_vae reads from an export
+        info["latent_stats"] = {k: list(extras["latent_stats"][k]) for k in ("mean", "std")}
     latent = config.get("latent", None)
     if latent is not None and latent.get("vae", ""):
       info["vae"] = _bundle_vae(str(latent.vae), os.path.join(staging, VAE_DIR), dtype)

@@ -163,8 +163,9 @@ def test_latent_model_bundles_its_vae_and_references_the_text_encoder(run, tmp_p
   VAE task is another module's; the bundling is the same for any task)."""
   config, workdir, state = run
   latent_config = config_lib.from_json(config_lib.to_json(config))
-  latent_config.latent = dict(vae=workdir, stats="")
-  latent_config.text = dict(encoder_dir="/models/all-MiniLM-L6-v2")
+  # The fields the CLI's record_conditioners writes for a model trained on an encoded dataset.
+  latent_config.latent = dict(vae=workdir, mean=(0.1, -0.2), std=(1.5, 0.9))
+  latent_config.text = dict(encoder_dir="/models/all-MiniLM-L6-v2", max_length=32)
   latent_workdir = str(tmp_path / "latent_run")
   manager = checkpoint.make_manager(latent_workdir, keep=1)
   checkpoint.save(manager, 7, state, None, latent_config)
@@ -174,6 +175,7 @@ def test_latent_model_bundles_its_vae_and_references_the_text_encoder(run, tmp_p
   out = export_lib.export(latent_workdir, str(tmp_path / "latent_export"))
   loaded = export_lib.load_export(out)
   assert loaded.config.latent.vae == "vae"  # the bundled copy, relative to the export
+  assert list(loaded.config.latent.mean) == [0.1, -0.2] and loaded.config.text.max_length == 32
   assert loaded.info["vae"]["source"] == os.path.abspath(workdir) and loaded.info["vae"]["step"] == 3
   assert loaded.info["text_encoder"] == {"name": "all-MiniLM-L6-v2", "dir": "/models/all-MiniLM-L6-v2"}
   assert loaded.vae is not None and loaded.vae.info["task"] == "dit"
