@@ -21,7 +21,7 @@ Architecture, as DDPM's diffusion_tf/models/unet.py:
   attention over the pixels, zero-initialised 1x1 output, residual.
   Initialisers are DDPM's: variance_scaling(1, fan_avg, uniform), zero biases,
   and (near) zero for the last conv of a residual block, the attention output
-  and conv_out, so a fresh network outputs 0.
+  and conv_out (exactly zero here, see ddpm_init), so a fresh network outputs 0.
 
 Text conditioning (LDM): with context_dim > 0, each attention site also gets a
 cross-attention layer from the pixels to the row's text tokens (GroupNorm, q
@@ -69,8 +69,14 @@ LOGICAL_NAMES = frozenset({"channels", "channels_in", "patch", "embed", "mlp", "
 
 
 def ddpm_init(scale=1.0):
-  """DDPM's default_init: variance_scaling(scale, fan_avg, uniform); scale 0 -> 1e-10."""
-  return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
+  """DDPM's default_init: variance_scaling(scale, fan_avg, uniform).
+
+  DDPM turns scale 0 into 1e-10 (zero up to rounding); here scale 0 is exactly
+  zero, as guided-diffusion's zero_module, which also spares a random draw
+  (CPU compile time of the init grows with their number)."""
+  if scale == 0:
+    return layers.zeros
+  return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
 def timestep_embedding(t, dim):
