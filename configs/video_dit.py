@@ -5,11 +5,12 @@
   python -m diffusion_jax train --config=configs/video_dit.py:smoke --workdir=/tmp/vdit_smoke
 
 Arguments after the colon (comma separated):
-  variant=<S/2|B/4|XL/2|3B|tiny|smoke>  a row of models/dit.py's VARIANTS (default B/4 on pixels, B/2 on latents)
+  variant=<S/2|B/4|XL/2|3B/2|tiny|smoke>  a row of models/dit.py's VARIANTS (default B/4 on pixels, B/2 on latents)
   data=<dir>     an encoded dataset (`python -m diffusion_jax encode`): VAE latents or pixels, with
                  caption embeddings; the model then cross-attends to the captions. Without it the
                  model trains unconditionally on the built-in `moving_digits` pixels.
   channels=<C>   channels of the data: 3 for pixels, the VAE's latent channels for latents
+  text           caption cross-attention without naming a dataset (e.g. for launch/compile_check.py)
   smoke          seconds, for tests;  quickstart: the CPU text-to-video recipe of the quickstart
 Images are one-frame videos: every row mixes them with clips of 5-33 frames.
 """
@@ -19,11 +20,11 @@ import ml_collections
 def get_config(arg: str = ""):
   from diffusion_jax.config import parse_arg
 
-  arg = parse_arg(arg, variant="", data="", channels=3, smoke=False, quickstart=False)
+  arg = parse_arg(arg, variant="", data="", channels=3, text=False, smoke=False, quickstart=False)
   latent = arg.channels != 3
   variant = arg.variant or ("smoke" if arg.smoke else "tiny" if arg.quickstart else "B/2" if latent else "B/4")
   patch = int(variant.split("/")[1]) if "/" in variant else 2
-  text = bool(arg.data)
+  text = arg.text or bool(arg.data)
   c = ml_collections.ConfigDict()
   c.task = "dit"
 

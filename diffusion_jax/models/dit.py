@@ -334,6 +334,10 @@ VARIANTS = {
     for size, (depth, width, heads) in _SIZES.items()
     for patch in (2, 4, 8)
 }
+# A ~3B-parameter video recipe for pods: with caption cross-attention a block
+# holds about 22 width^2 weights (attention 4, cross-attention 4, MLP 8, adaLN 6),
+# so 28 x 22 x 2304^2 = 3.3B; head dim 128.
+VARIANTS["3B/2"] = dict(depth=28, width=2304, num_heads=18, patch=2)
 VARIANTS["tiny"] = dict(depth=4, width=128, num_heads=4, patch=2)
 VARIANTS["smoke"] = dict(depth=2, width=32, num_heads=2, patch=2)
 
