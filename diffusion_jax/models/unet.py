@@ -244,9 +244,12 @@ class UNet(nn.Module):
     _, height, width = self.image_shape
     check_resolution(height, width, len(self.channel_mults))
     for c in self._channel_counts():
-      if c % self.num_groups or c % self.num_heads:
-        raise ValueError(f"{c} channels are not divisible by num_groups={self.num_groups} "
-                         f"and num_heads={self.num_heads}.")
+      if c % self.num_groups:
+        raise ValueError(f"{c} channels (a level's width or an up-path concatenation) are not divisible by "
+                         f"num_groups={self.num_groups}.")
+    for c in {self.base_channels * m for m in self.channel_mults}:
+      if c % self.num_heads:
+        raise ValueError(f"{c} channels are not divisible by num_heads={self.num_heads}.")
     tokens = math.prod(int(g) for g in self.grid)
     if x.ndim != 3 or x.shape[1:] != (tokens, self.patch_dim):
       raise ValueError(f"x must be [B, L={tokens}, P={self.patch_dim}] (one example of grid {tuple(self.grid)} "
