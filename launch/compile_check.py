@@ -120,13 +120,18 @@ def compile_for_topology(lowered):
   for a described slice has no client to be loaded back from the cache, so
   caching it only writes entries that every later read warns about."""
   import jax
+  from jax.experimental.compilation_cache import compilation_cache
 
+  # JAX decides once per process whether the cache is used: reset that
+  # decision around the switch, both ways.
   enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   try:
     return lowered.compile()
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 def step_flops(config):
