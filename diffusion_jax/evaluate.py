@@ -109,9 +109,13 @@ def mmd2_unbiased(features_a, features_b) -> float:
 def kernel_inception_distance(features_a, features_b, *, num_subsets: int = 100, subset_size: int = 1000,
                               seed: int = 0) -> tuple[float, float]:
   """KID (Binkowski et al. 2018): mean and std of mmd2_unbiased over `num_subsets` random subsets of
-  min(subset_size, m, n) samples from each set, drawn without replacement by a seeded generator."""
+  min(subset_size, m // 2, n // 2) samples (at least 2) from each set, drawn without replacement by
+  a seeded generator. Halving keeps the subsets different from each other (so the std means
+  something) when there are fewer than 2 x subset_size samples; each estimate stays unbiased.
+  The value scales with the features' magnitude (a cubic kernel): compare KIDs within one feature
+  space only."""
   a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-  size = min(subset_size, len(a), len(b))
+  size = max(2, min(subset_size, len(a) // 2, len(b) // 2))
   rng = np.random.default_rng(seed)
   values = [mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
             for _ in range(num_subsets)]
@@ -225,9 +229,9 @@ def write_samples(samples, labels, out_dir: str, num_classes: int) -> list[str]:
 
 # --------------------------------------------------------------------------- data
 
-def real_frames(config, num: int, *, seed: int, data_dir: str = "") -> np.ndarray:
-  """`num` frames uint8 [num, S, S, C] of the config's eval split, a seeded subset, resized to
-  data.image_size where they differ (the size the model samples at)."""
+def real_frames(config, num: int, *, seed: int, data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
+  """(frames uint8 [num, S, S, C], labels [num]) of the config's eval split, a seeded subset,
+  resized to data.image_size where they differ (the size the model samples at)."""
   data = config.data
   source = sources.open_source(data.name, data.eval_split, data_dir or data.data_dir,
                                **pipeline.builder_kwargs(data))
@@ -236,14 +240,16 @@ def real_frames(config, num: int, *, seed: int, data_dir: str = "") -> np.ndarra
   rng = np.random.default_rng([seed, 1])
   indices = rng.choice(len(source), num, replace=num > len(source))
   size = int(data.image_size)
-  frames = []
+  frames, labels = [], []
   for index in indices:
-    video = np.asarray(source[int(index)]["video"])
+    example = source[int(index)]
+    labels.append(int(example["label"]))
+    video = np.asarray(example["video"])
     frame = video[0] if video.ndim == 4 else video
     if frame.shape[:2] != (size, size):
       frame = np.clip(np.round(sources.resize_frames(frame[None].astype(np.float32), size, size)[0]), 0, 255)
     frames.append(frame.astype(np.uint8))
-  return np.stack(frames)
+  return np.stack(frames), np.asarray(labels, np.int64)
 
 
 def _config_with_data_dir(config, data_dir: str):
@@ -312,10 +318,13 @@ def _evaluate_dit(export, out_dir, *, num_samples, seed, classifier, feature_ext
   files = write_samples(samples, labels, out_dir, num_classes)
 
   classifier_export = export_lib.load_export(classifier) if classifier else None
-  real = real_frames(config, num_samples, seed=seed, data_dir=data_dir)
+  real, real_labels = real_frames(config, num_samples, seed=seed, data_dir=data_dir)
   if classifier_export is not None:
     predicted = np.argmax(classifier_task.classify(classifier_export, samples)[0], axis=-1)
     metrics["classifier_accuracy"] = float(np.mean(predicted == labels))
+    # The same classifier on real frames of this size: the ceiling the samples are held to.
+    real_predicted = np.argmax(classifier_task.classify(classifier_export, real)[0], axis=-1)
+    metrics["classifier_accuracy_real"] = float(np.mean(real_predicted == real_labels))
     metrics["classifier"] = classifier_export.path
   if feature_extractor is None and classifier_export is not None:
     feature_extractor = _classifier_features(classifier_export)
@@ -331,8 +340,8 @@ def _evaluate_dit(export, out_dir, *, num_samples, seed, classifier, feature_ext
     metrics["kid"], metrics["kid_std"] = kernel_inception_distance(real_features, fake_features, seed=seed)
   else:
     metrics["feature_space"] = "none (no classifier export and no feature_extractor: FD and KID skipped)"
-  files.append(save_grid(real[np.argsort(np.arange(len(real)) % num_classes, kind="stable")],
-                         os.path.join(out_dir, "real.png"), columns=max(-(-num_samples // num_classes), 1)))
+  files.append(save_grid(real[np.argsort(real_labels, kind="stable")], os.path.join(out_dir, "real.png"),
+                         columns=max(-(-num_samples // num_classes), 1)))
   metrics.update(held_out_loss(export, data_dir=data_dir))
   return metrics, files
 

@@ -169,9 +169,9 @@ def test_evaluate_dit_export_writes_finite_reproducible_metrics(exports, data_di
                                   data_dir=data_dir)
   on_disk = json.loads((tmp_path / "a" / "metrics.json").read_text())
   assert on_disk == json.loads(json.dumps(metrics))
-  for name in ("classifier_accuracy", "fd", "kid", "kid_std", "eval/loss"):
+  for name in ("classifier_accuracy", "classifier_accuracy_real", "fd", "kid", "kid_std", "eval/loss"):
     assert np.isfinite(metrics[name]), name
-  assert 0.0 <= metrics["classifier_accuracy"] <= 1.0 and metrics["fd"] > 0
+  assert 0.0 <= metrics["classifier_accuracy"] <= 1.0 and metrics["fd"] > 0 and metrics["kid_std"] > 0
   assert metrics["feature_space"].startswith("classifier_penultimate:")
   assert metrics["feature_dim"] == 16  # the smoke classifier's features
   assert any(f"eval/loss_t{i}" in metrics for i in range(4))
