@@ -99,8 +99,8 @@ def get_config(arg: str = ""):
                           validation_examples=64)
     c.data.update(frames=5, height=32, width=32)
     c.loss.gan_start = 300
-    c.train.update(global_batch=8, steps=600, lr=2e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
-                   ckpt_every=600, keep_ckpts=1, eval_every=600, eval_batches=4)
+    c.train.update(global_batch=4, steps=300, lr=2e-3, warmup_steps=20, ema_decay=0.99, log_every=25,
+                   ckpt_every=300, keep_ckpts=1, eval_every=300, eval_batches=8)
 
   if arg.smoke:
     c.data.builder = dict(min_side=16, max_side=24, max_digits=1, durations=(1, 5, 6), train_examples=32,

@@ -124,9 +124,14 @@ def _uses_gan(config) -> bool:
 
 
 def init_params(model, config, rng):
-  """{"vae": ..., "disc": ...} (the discriminator only with loss.gan_weight > 0)."""
-  data = config.data
-  video = jnp.zeros((1, int(data.frames), int(data.height), int(data.width), 3), jnp.float32)
+  """{"vae": ..., "disc": ...} (the discriminator only with loss.gan_weight > 0).
+
+  The params' shapes do not depend on the clip's size, so init traces the
+  smallest input (one frame of 8 px or the spatial factor): its compile is
+  seconds, not minutes.
+  """
+  side = max(8, model.spatial_factor)
+  video = jnp.zeros((1, 1, side, side, 3), jnp.float32)
   vae_rng, disc_rng = jax.random.split(rng)
   params = {"vae": model.init(vae_rng, video)["params"]}
   if _uses_gan(config):
