@@ -210,11 +210,10 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
     checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
     checkpointer.wait_until_finished()
     checkpointer.close()
-    host_params = params
     if safetensors:
       import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
-      safetensors.numpy.save_file({k: np.asarray(v) for k, v in flatten_params(host_params).items()},
+      safetensors.numpy.save_file({k: np.asarray(v) for k, v in flatten_params(params).items()},
                                   os.path.join(staging, SAFETENSORS_FILE))
 
     exported_config = ml_collections.ConfigDict(config.to_dict())
@@ -227,7 +226,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
         dataset=dict(name=config.data.get("name", ""), split=config.data.get("split", ""),
                      eval_split=config.data.get("eval_split", "")),
         code_version=code_version(),
-        param_count=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(host_params))),
+        param_count=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params))),
         dtype=dtype,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
