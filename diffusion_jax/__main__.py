@@ -75,6 +75,26 @@ def _add_sample_args(p):
   p.add_argument("--seed", type=int, default=0)
 
 
+def _skip_tpu_probe_without_tpu() -> None:
+  """With libtpu installed (the dev extra brings it for the TPU compile check) on a host without
+  TPU chips, JAX's TPU probe prints libtpu errors; pin such hosts to CPU/GPU before any device use.
+  JAX_PLATFORMS, when set, wins. Uses the same chip check as JAX's own cloud_tpu_init."""
+  import importlib.util
+
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  import jax
+
+  try:
+    from jax._src import hardware_utils
+    no_tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0
+    gpu = hardware_utils.has_visible_nvidia_gpu()
+  except (ImportError, AttributeError):  # a JAX without these helpers: let it probe
+    return
+  if no_tpu and not gpu:
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _load(spec: str, overrides):
   from diffusion_jax import config as config_lib
 
@@ -253,6 +273,7 @@ def main(argv=None) -> int:
   if unknown or (overrides and args.command not in ("train", "quickstart", "data-stats")):
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
 
+  _skip_tpu_probe_without_tpu()
   from diffusion_jax import checkpoint, config as config_lib, distributed
   from diffusion_jax.train import loop
 

@@ -77,6 +77,11 @@ def validate(config) -> None:
   if uses_text(config) and int(config.data.get("text_tokens_per_row", 0)) < 1:
     raise ConfigError(f"model.text_dim={config.model.text_dim} needs data.text_tokens_per_row >= 1 "
                       "(the packed caption budget of a row)")
+  from diffusion_jax.models import layers  # pylint: disable=g-import-not-at-top
+
+  backend = config.model.get("attention_backend", "xla")
+  if backend not in layers.ATTENTION_BACKENDS:
+    raise ConfigError(f"unknown model.attention_backend {backend!r}; known: {layers.ATTENTION_BACKENDS}")
   if is_flow(config) and config.model.get("learn_sigma", False):
     raise ConfigError("diffusion.kind='flow' predicts a velocity: set model.learn_sigma=False")
   if not is_flow(config) and config.diffusion.prediction not in ("eps", "v", "x0"):
