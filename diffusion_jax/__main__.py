@@ -15,9 +15,6 @@ import os
 import sys
 import time
 
-# Configs ship beside the package in a source checkout (pip install -e .).
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART_CONFIG = os.path.join(REPO_ROOT, "configs", "dit_image.py") + ":quickstart"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,10 +56,26 @@ def _parser() -> argparse.ArgumentParser:
   stats.add_argument("--num-batches", type=int, default=20)
   stats.add_argument("--split", default=None, help="default: the config's data.split")
 
-  quick = sub.add_parser("quickstart", help="build the digits data, train a small DiT, sample a grid per digit")
+  export = sub.add_parser("export", help="write an evaluation artifact (EMA params, config, bundled VAE)")
+  export.add_argument("--workdir", required=True)
+  export.add_argument("--out", required=True)
+  export.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+  export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  export.add_argument("--safetensors", action="store_true", help="also params.safetensors (flat '/'-joined keys)")
+
+  evaluate = sub.add_parser("evaluate", help="sample from an export and write metrics.json, grids and GIFs")
+  evaluate.add_argument("--export", required=True)
+  evaluate.add_argument("--out", required=True)
+  evaluate.add_argument("--num-samples", type=int, default=64)
+  evaluate.add_argument("--seed", type=int, default=0)
+  evaluate.add_argument("--classifier", default="", help="a classifier export (configs/classifier_digits.py)")
+  evaluate.add_argument("--data-dir", default="", help="where the eval split lives (default: the export's)")
+
+  quick = sub.add_parser("quickstart", help="text-to-video on the built-in data: VAE, encode, video DiT, "
+                                            "classifier, export, evaluate, report (diffusion_jax/quickstart.py)")
   quick.add_argument("--workdir", default="quickstart_out")
-  quick.add_argument("--steps", type=int, default=0, help="train steps (default: the config's)")
-  _add_sample_args(quick)
+  quick.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's training steps")
+  quick.add_argument("--num-samples", type=int, default=40, help="videos generated for the evaluation")
   return parser
 
 
@@ -270,12 +283,14 @@ def main(argv=None) -> int:
   args, rest = parser.parse_known_args(argv)
   overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
-  if unknown or (overrides and args.command not in ("train", "quickstart", "data-stats")):
+  if unknown or (overrides and args.command not in ("train", "data-stats")):
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
 
   _skip_tpu_probe_without_tpu()
   from diffusion_jax import checkpoint, config as config_lib, distributed
   from diffusion_jax.train import loop
+
+  from diffusion_jax import export as export_lib
 
   user_errors = (config_lib.ConfigError, checkpoint.CheckpointMismatch, distributed.CoordinatorUnreachable,
                  loop.TrainingDiverged, FileNotFoundError, ValueError)
@@ -295,19 +310,19 @@ def main(argv=None) -> int:
 
       result = stats.data_stats(_load(args.config, overrides), num_batches=args.num_batches, split=args.split)
       print(json.dumps(result, indent=1))
+    elif args.command == "export":
+      path = export_lib.export(args.workdir, args.out, step=args.step, dtype=args.dtype, safetensors=args.safetensors)
+      print(f"exported {args.workdir} -> {path}", flush=True)
+    elif args.command == "evaluate":
+      from diffusion_jax import evaluate
+
+      scores = evaluate.evaluate(args.export, args.out, num_samples=args.num_samples, seed=args.seed,
+                                 classifier=args.classifier, data_dir=args.data_dir)
+      print(json.dumps({k: v for k, v in scores.items() if not isinstance(v, list)}, indent=1), flush=True)
     elif args.command == "quickstart":
-      start = time.time()
-      if args.steps:
-        overrides.append(f"train.steps={args.steps}")
-      config = _load(QUICKSTART_CONFIG, overrides)
-      state, _ = run_train(config, args.workdir)
-      if int(state.step) < config.train.steps:  # preempted: the checkpoint is saved, sampling waits
-        print(f"stopped at step {int(state.step)}; run the same command again to finish", flush=True)
-        return 0
-      grid = run_sample(args.workdir, "", sampler=args.sampler, steps=args.sample_steps,
-                        cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
-      print(f"quickstart done in {time.time() - start:.0f}s: checkpoints, TensorBoard logs and metrics.jsonl "
-            f"in {args.workdir}/, samples in {grid}", flush=True)
+      from diffusion_jax import quickstart
+
+      quickstart.run(args.workdir, scale=args.scale, num_samples=args.num_samples)
   except user_errors as e:
     if args.debug:
       raise

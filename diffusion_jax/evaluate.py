@@ -374,6 +374,102 @@ def _evaluate_vae(export, out_dir, *, num_samples, seed, data_dir) -> dict:
   return metrics, files
 
 
+def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, feature_extractor, data_dir) -> dict:
+  """Text-to-video on held-out captions: num_samples videos for the captions of
+  the eval split's video clips (at each clip's own size, sample.frames frames),
+  then per video: the classifier's majority vote over its frames against the
+  caption's digit (the example's label), the measured motion against the
+  caption's direction (captions of bouncing digits are left out of that count),
+  and FD/KID between the generated and real frames in the feature space."""
+  from diffusion_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train import classifier_task, dit_task  # pylint: disable=g-import-not-at-top
+
+  config = _config_with_data_dir(export.config, data_dir)
+  if config.get("latent", None) is not None and config.latent.get("vae", "") and not os.path.isabs(config.latent.vae):
+    config.latent.vae = os.path.join(export.path, config.latent.vae)  # the VAE bundled in the export
+  gen = sample_lib.with_conditioners(config, dit_task.build_model(config), export.params, int(export.info["step"]))
+  source = sources.open_source(config.data.name, config.data.eval_split, config.data.data_dir,
+                               **pipeline.builder_kwargs(config.data))
+  rng = np.random.default_rng([seed, 2])
+  order = rng.permutation(len(source))
+  chosen = []
+  for index in order:
+    example = source[int(index)]
+    shape = np.asarray(example["source_shape"]) if "source_shape" in example else np.asarray(example["video"]).shape
+    if shape[0] > 1:
+      chosen.append(example)
+    if len(chosen) == num_samples:
+      break
+  if len(chosen) < 2:
+    raise ValueError(f"the eval split of {config.data.name} has fewer than 2 video clips to take captions from")
+  frames = int(config.sample.frames)
+  requests, labels, directions = [], [], []
+  for example in chosen:
+    caption = example["caption"].decode() if isinstance(example["caption"], bytes) else str(example["caption"])
+    shape = np.asarray(example["source_shape"])
+    requests.append(sample_lib.Request(caption, (int(shape[1]), int(shape[2])), min(frames, int(shape[0]))))
+    labels.append(int(example["label"]))
+    directions.append(sources.caption_direction(caption))
+  sampler = str(config.sample.sampler)
+  steps, cfg_scale = int(config.sample.steps), float(config.sample.cfg_scale)
+  videos, notes = sample_lib.sample_requests(gen, requests, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                             rows_per_call=int(config.sample.get("rows_per_call", 4)), seed=seed)
+  sample_lib.write_outputs(videos, requests, notes, out_dir, gen=gen, sampler=sampler, steps=steps,
+                           cfg_scale=cfg_scale, seed=seed)
+  files = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("sample_")]
+  metrics = dict(sampler=sampler, sample_steps=steps, cfg_scale=cfg_scale, videos=len(videos))
+
+  real_clips = [clip[:len(video)] for clip, video in zip(_source_clips(config, chosen), videos)]
+
+  def motion_agreement(clips):
+    agrees = [direction_agrees(d, *motion_direction(c)) for c, d in zip(clips, directions) if d is not None]
+    return (float(np.mean(agrees)) if agrees else float("nan")), len(agrees)
+
+  metrics["motion_agreement"], metrics["motion_checked"] = motion_agreement(videos)
+  metrics["motion_agreement_real"], _ = motion_agreement(real_clips)  # the check's ceiling on real clips
+  size = 32  # frames are compared at one size (the classifier resizes anyway)
+
+  def frames_at(clips):
+    return np.concatenate([np.clip(np.round(sources.resize_frames(c.astype(np.float32), size, size)), 0, 255)
+                           .astype(np.uint8) for c in clips])
+
+  generated, real = frames_at(videos), frames_at(real_clips)
+  classifier_export = export_lib.load_export(classifier) if classifier else None
+  if classifier_export is not None:
+    def majority(clip):
+      return int(np.bincount(np.argmax(classifier_task.classify(classifier_export, clip)[0], -1), minlength=10).argmax())
+    predicted = [majority(v) for v in videos]
+    metrics["classifier_accuracy"] = float(np.mean(np.asarray(predicted) == np.asarray(labels)))
+    metrics["classifier_accuracy_real"] = float(np.mean([majority(c) == l for c, l in zip(real_clips, labels)]))
+    metrics["classifier"] = classifier_export.path
+    if feature_extractor is None:
+      feature_extractor = _classifier_features(classifier_export)
+  if feature_extractor is not None:
+    real_features = np.asarray(feature_extractor(real), np.float64)
+    fake_features = np.asarray(feature_extractor(generated), np.float64)
+    metrics["feature_space"] = getattr(feature_extractor, "__name__", type(feature_extractor).__name__)
+    metrics["fd"] = frechet_distance(real_features, fake_features)
+    metrics["kid"], metrics["kid_std"] = kernel_inception_distance(real_features, fake_features, seed=seed)
+  metrics.update(held_out_loss(export, data_dir=data_dir))
+  return metrics, files
+
+
+def _source_clips(config, examples) -> list[np.ndarray]:
+  """The real clips behind eval examples, uint8 [T, H, W, C] each: their pixels, or for an
+  encoded latent dataset the original clips of its source dataset, found by id."""
+  if all("video" in ex for ex in examples):
+    return [np.asarray(ex["video"]) for ex in examples]
+  from diffusion_jax import encode  # pylint: disable=g-import-not-at-top
+
+  meta = encode.encoded_metadata(str(config.data.name))
+  origin = meta["source"]
+  split = meta["splits"][config.data.eval_split]["source_split"]
+  opened = sources.open_source(origin["name"], split, origin["data_dir"], **(origin.get("builder_kwargs") or {}))
+  by_id = {int(opened[i]["id"]): i for i in range(len(opened))}
+  clips = [np.asarray(opened[by_id[int(ex["id"])]]["video"]) for ex in examples]
+  return [clip if clip.ndim == 4 else clip[None] for clip in clips]
+
+
 def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, classifier: str = "",
              feature_extractor=None, data_dir: str = "") -> dict:
   """Evaluates an export; writes OUT_DIR/metrics.json and pictures; returns the metrics.
@@ -389,7 +485,10 @@ def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, 
   os.makedirs(out_dir, exist_ok=True)
   task = export.config.task
   common = dict(num_samples=num_samples, seed=seed, data_dir=data_dir)
-  if task == "dit":
+  if task == "dit" and "image_size" not in export.config.data:
+    metrics, files = _evaluate_video_dit(export, out_dir, classifier=classifier, feature_extractor=feature_extractor,
+                                         **common)
+  elif task == "dit":
     metrics, files = _evaluate_dit(export, out_dir, classifier=classifier, feature_extractor=feature_extractor,
                                    **common)
   elif task == "vae":

@@ -332,6 +332,27 @@ def _motion_phrase(direction: str, speed: str, bounced: bool, finite: bool) -> s
   return phrase
 
 
+def caption_direction(caption: str) -> str | None:
+  """The DIRECTIONS key a one-digit caption states (the inverse of _motion_phrase), or None
+  when the digit bounces (its path is not one direction) or the caption names no motion."""
+  if "bounc" in caption:
+    return None
+  if "still" in caption:
+    return "still"
+  for vertical in ("up", "down"):
+    for horizontal in ("left", "right"):
+      if f" {vertical} and to the {horizontal}" in caption:
+        return f"{vertical}-{horizontal}"
+  for horizontal in ("left", "right"):
+    if f"to the {horizontal}" in caption:
+      return horizontal
+  if "falling" in caption or "falls" in caption:
+    return "down"
+  if "rising" in caption or "rises" in caption:
+    return "up"
+  return None
+
+
 def render_moving_digits(images, labels, rng: np.random.Generator, *, min_side: int, max_side: int,
                          max_digits: int, durations) -> dict:
   """One clip of 1..max_digits digits from `images` (8x8 in [0, 1]) moving on a canvas.
