@@ -99,6 +99,11 @@ def test_chunked_decode_equals_full_decode(smoke):
   assert full.shape == (1, 13, 16, 16, 3)
   for chunk in (1, 3):  # 3: a shorter last chunk
     np.testing.assert_allclose(np.asarray(vae.decode_chunked(model, params, z, chunk)), full, atol=1e-5)
+  image_model = vae.build_vae({"variant": "smoke_image"})  # 2D: no caches, one frame per latent frame
+  image_params = nn.meta.unbox(image_model.init(jax.random.PRNGKey(1), video[:, :1])["params"])
+  full = np.asarray(image_model.apply({"params": image_params}, z, method=vae.VideoVAE.decode))
+  assert full.shape == (1, 4, 16, 16, 3)
+  np.testing.assert_allclose(np.asarray(vae.decode_chunked(image_model, image_params, z, 3)), full, atol=1e-5)
 
 
 def test_psnr_and_ssim_known_values():
@@ -173,6 +178,7 @@ def test_training_improves_and_saves_latent_stats(tmp_path_factory):
   batches = [next(eval_iter) for _ in range(2)]
   means, initial_l1, trained_l1 = [], [], []
   init = nn.meta.unbox(vae_task.init_params(handle.model, config, jax.random.PRNGKey(7)))["vae"]
+  apply = jax.jit(handle.model.apply)
   for batch in batches:
     video = batch["video"].astype(np.float32) / 127.5 - 1.0
     mean, _ = handle.encode(video)
@@ -180,7 +186,7 @@ def test_training_improves_and_saves_latent_stats(tmp_path_factory):
     means.append(mean[lmask].reshape(-1, 4))
     real = batch["frame_mask"]
     trained_l1.append(np.abs(handle.decode(mean)[real] - video[real]).mean())
-    recon, _, _ = handle.model.apply({"params": init}, video)
+    recon, _, _ = apply({"params": init}, video)
     initial_l1.append(np.abs(np.asarray(recon)[real] - video[real]).mean())
   means = np.concatenate(means)
   np.testing.assert_allclose(handle.latent_stats["mean"], means.mean(0), atol=1e-4)

@@ -299,12 +299,12 @@ def _chunk_decoders(model: VideoVAE):
   """Jitted (first chunk, later chunk) decode steps of a model: (params, [cache,] z) -> (video, cache)."""
   def first(params, z):
     video, variables = model.apply({"params": params}, z, True, method=VideoVAE.decode, mutable=["cache"])
-    return video, variables["cache"]
+    return video, variables.get("cache", {})
 
   def later(params, cache, z):
     video, variables = model.apply({"params": params, "cache": cache}, z, False, method=VideoVAE.decode,
                                    mutable=["cache"])
-    return video, variables["cache"]
+    return video, variables.get("cache", {})
 
   return jax.jit(first), jax.jit(later)
 
