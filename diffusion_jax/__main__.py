@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
   encode.add_argument("--vae", default="", help="a VAE training workdir; empty = keep pixels")
   encode.add_argument("--text-encoder", default="", help="text-encoder directory (default: the installed wheel's)")
   encode.add_argument("--text-max-length", type=int, default=32)
+  encode.add_argument("--crop-multiple", type=int, default=0,
+                      help="crop sides to multiples of this (and the VAE factor): fewer shapes to compile")
   encode.add_argument("--out", required=True)
 
   stats = sub.add_parser("data-stats", help="print JSON statistics of a config's input pipeline",
@@ -174,7 +176,7 @@ def run_encode(args) -> str:
     encode.encode_dataset(args.source, split, args.data_dir, args.out, vae_path=args.vae,
                           text_encoder_dir=args.text_encoder, text_max_length=args.text_max_length,
                           process_index=jax.process_index(), process_count=jax.process_count(),
-                          builder_kwargs=builder)
+                          builder_kwargs=builder, crop_multiple=args.crop_multiple)
     print(f"encoded {args.source}/{split} in {time.time() - start:.0f}s -> {args.out}", flush=True)
   return args.out
 

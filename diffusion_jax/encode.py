@@ -21,7 +21,8 @@ without a VAE:
 
 With a VAE the clip is first trimmed to 1 + 4k frames (its first 1 + 4*floor((T-1)/4)
 frames, the causal video VAE's 1 + 4k rule) and centre-cropped to height and width
-multiples of the VAE's spatial factor f, so T' = 1 + (T-1)//4, H' = H//f, W' = W//f.
+multiples of the VAE's spatial factor f (or of a coarser crop_multiple), so
+T' = 1 + (T-1)//4, H' = H//f, W' = W//f.
 An image source (`image` [H, W, C] instead of `video`) is a one-frame clip.
 
 Layout of the output directory (the dataset directory, which
@@ -40,6 +41,7 @@ sees it as complete. Re-running skips a split that is complete and every shard
 that has its marker. Within a shard, examples keep their source order.
 """
 import json
+import math
 import os
 import re
 import uuid
@@ -165,7 +167,7 @@ def encoded_metadata(path: str) -> dict:
   return _read_json(meta_path)
 
 
-def _encode_examples(examples, encoder, text_max_length, vae):
+def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0):
   """Feature dicts of a batch of source examples; examples of one shape go through the VAE together."""
   captions = [ex["caption"].decode("utf-8") if isinstance(ex["caption"], bytes) else str(ex["caption"])
               for ex in examples]
@@ -186,7 +188,7 @@ def _encode_examples(examples, encoder, text_max_length, vae):
       row["video"] = video
     return out
   factor = int(vae.spatial_factor)
-  clips = [trim_and_crop(video, factor) for video in videos]
+  clips = [trim_and_crop(video, math.lcm(factor, crop_multiple or 1)) for video in videos]
   by_shape = {}
   for i, clip in enumerate(clips):
     by_shape.setdefault(clip.shape, []).append(i)
@@ -203,7 +205,7 @@ def _encode_examples(examples, encoder, text_max_length, vae):
   return out
 
 
-def _write_shard(path, source, indices, features, encoder, text_max_length, vae, batch_size) -> int:
+def _write_shard(path, source, indices, features, encoder, text_max_length, vae, batch_size, crop_multiple=0) -> int:
   """Encodes source[indices] into one ArrayRecord file at `path` (via a temporary name); its size in bytes."""
   from array_record.python import array_record_module
   from tensorflow_datasets.core import example_serializer
@@ -215,7 +217,7 @@ def _write_shard(path, source, indices, features, encoder, text_max_length, vae,
   try:
     for start in range(0, len(indices), batch_size):
       chunk = indices[start:start + batch_size]
-      for row in _encode_examples(source.__getitems__(chunk), encoder, text_max_length, vae):
+      for row in _encode_examples(source.__getitems__(chunk), encoder, text_max_length, vae, crop_multiple):
         writer.write(serializer.serialize_example(features.encode_example(row)))
       logging.info("encode: %s: %d / %d examples", os.path.basename(path), start + len(chunk), len(indices))
     writer.close()
@@ -288,7 +290,8 @@ def _finalize(out_dir: str, settings: dict, features) -> list[str]:
 
 def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *, vae_path: str = "",
                    text_encoder_dir: str = "", text_max_length: int = 32, process_index: int = 0,
-                   process_count: int = 1, builder_kwargs: dict | None = None, batch_size: int = 16) -> str:
+                   process_count: int = 1, builder_kwargs: dict | None = None, batch_size: int = 16,
+                   crop_multiple: int = 0) -> str:
   """Encodes one split of `source_name` into the dataset directory `out_dir`; returns out_dir.
 
   source_name, data_dir, builder_kwargs: as sources.open_source (a built-in
@@ -299,7 +302,10 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
   into its own shard; the split becomes readable when all n shards are done,
   whichever process finishes last writes the metadata. Every split of one
   out_dir must be encoded with the same source, VAE and text settings.
-  batch_size: examples read and encoded together.
+  batch_size: examples read and encoded together. crop_multiple: with a VAE,
+  centre-crop sides to multiples of lcm(VAE factor, crop_multiple) instead of
+  the VAE factor alone: fewer distinct clip shapes, so fewer compilations of the
+  encoder (each new shape compiles once); 0 = the VAE factor.
   """
   if not split or not re.fullmatch(r"[A-Za-z0-9_]+", split):
     raise ValueError(f"split must be a plain split name (letters, digits, _), no slicing; got {split!r}")
@@ -338,7 +344,8 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
   else:
     indices = list(range(process_index, len(source), process_count))
     shard = os.path.join(out_dir, _shard_file(name, split, process_index, process_count))
-    num_bytes = _write_shard(shard, source, indices, features, encoder, text_max_length, vae, batch_size)
+    num_bytes = _write_shard(shard, source, indices, features, encoder, text_max_length, vae, batch_size,
+                             crop_multiple)
     _write_json_atomic(marker, {"split": split, "source_split": split, "shard": process_index,
                                 "process_count": process_count, "num_examples": len(indices),
                                 "num_bytes": num_bytes})
