@@ -123,9 +123,10 @@ def get_config(arg: str = ""):
                   size=(32, 32), frames=9)
 
   if arg.quickstart:
-    c.data.update(tokens_per_row=512, examples_per_row=8, text_tokens_per_row=8 * 32 if text else 0, pack_buffer=32)
-    c.train.update(global_batch=8, steps=1500, lr=1e-3, warmup_steps=100, ema_decay=0.999,
-                   compute_dtype="float32", log_every=50, ckpt_every=500, eval_every=500, eval_batches=2)
+    # Latent clips of the quickstart data are 9-75 tokens: rows of 256 hold ~6 of them.
+    c.data.update(tokens_per_row=256, examples_per_row=16, text_tokens_per_row=256 if text else 0, pack_buffer=32)
+    c.train.update(global_batch=8, steps=600, lr=1e-3, warmup_steps=50, ema_decay=0.99,
+                   compute_dtype="float32", log_every=50, ckpt_every=300, eval_every=300, eval_batches=2)
     c.mesh.shape = (-1, 1, 1)
     c.sample.update(steps=20, size=(32, 32), frames=9)
 

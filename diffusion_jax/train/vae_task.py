@@ -31,8 +31,10 @@ The generator term is scaled by VQGAN's adaptive weight
 ||grad_L rec|| / ||grad_L gan|| (L = the decoder's last convolution
 kernel, clipped to [0, 1e4], no gradient) times gan_weight.
 
-Latent statistics: the per-channel mean and std of the posterior means over
-the fixed eval set (EMA params) are saved WITH every checkpoint, computed at
+Latent statistics: the per-channel mean and std of posterior samples
+z = mean + exp(logvar / 2) n (what the data pipeline feeds diffusion, so
+std^2 = Var(mean) + E[exp(logvar)]) over the fixed eval set (EMA params) are
+saved WITH every checkpoint, computed at
 that step (checkpoint_extras), and load_vae returns them: a latent
 diffusion model normalises with exactly the statistics of the VAE params it
 encodes with.
@@ -170,11 +172,13 @@ def _reconstruction_terms(recon, video, mask, loss_config):
   return rec, per_frame_l2
 
 
-def _latent_channel_stats(mean, lmask):
-  """(sum, sum of squares, count) per latent channel over the real latent frames."""
+def _latent_channel_stats(mean, logvar, lmask):
+  """(sum, sum of E[z^2], count) per latent channel over the real latent frames, for posterior
+  samples z = mean + exp(logvar / 2) n: E[z^2] = mean^2 + exp(logvar), no noise drawn."""
   weights = lmask.astype(jnp.float32)[:, :, None, None, None]
   count = jnp.sum(weights) * mean.shape[2] * mean.shape[3]
-  return (jnp.sum(mean * weights, axis=(0, 1, 2, 3)), jnp.sum(jnp.square(mean) * weights, axis=(0, 1, 2, 3)),
+  second_moment = jnp.square(mean) + jnp.exp(logvar)
+  return (jnp.sum(mean * weights, axis=(0, 1, 2, 3)), jnp.sum(second_moment * weights, axis=(0, 1, 2, 3)),
           count)
 
 
@@ -234,7 +238,7 @@ def loss_fn(params, model, schedule, batch, rng, config, *, train=True, step=Non
   recon_clipped = jnp.clip(recon, -1.0, 1.0)
   frame_psnr = metrics.psnr(recon_clipped, video)
   frame_ssim = metrics.ssim(recon_clipped, video)
-  sums, squares, count = _latent_channel_stats(mean, lmask)
+  sums, squares, count = _latent_channel_stats(mean, logvar, lmask)
   channel_mean = sums / jnp.maximum(count, 1.0)
   channel_std = jnp.sqrt(jnp.maximum(squares / jnp.maximum(count, 1.0) - jnp.square(channel_mean), 0.0))
   aux.update(loss=loss, rec=rec, kl=kl, mse=_masked_mean(per_frame_l2, mask),
@@ -258,7 +262,7 @@ def eval_fn(params, model, schedule, batch, index, config) -> dict:
   lmask = latent_mask(mask, model.temporal_factor)
   kl = jnp.mean(vae_lib.kl_to_standard_normal(mean, logvar), axis=(2, 3, 4)) if model.variational \
       else jnp.zeros(lmask.shape)
-  sums, squares, count = _latent_channel_stats(mean, lmask)
+  sums, squares, count = _latent_channel_stats(mean, logvar, lmask)
   return {"l1_sum": jnp.sum(per_frame_l1 * weights), "l2_sum": jnp.sum(per_frame_l2 * weights),
           "psnr_sum": jnp.sum(jnp.where(mask, metrics.psnr(recon, video), 0.0)),
           "ssim_sum": jnp.sum(jnp.where(mask, metrics.ssim(recon, video), 0.0)), "frames": jnp.sum(weights),
@@ -293,7 +297,7 @@ def checkpoint_extras(scores: dict, config) -> dict:
   return {"latent_stats": {"mean": [scores[f"eval/latent_mean_c{c}"] for c in channels],
                            "std": [scores[f"eval/latent_std_c{c}"] for c in channels],
                            "source": f"{config.data.name}:{config.data.eval_split}, "
-                                     f"{int(config.train.eval_batches)} batches, EMA params, posterior means"}}
+                                     f"{int(config.train.eval_batches)} batches, EMA params, posterior samples"}}
 
 
 # --------------------------------------------------------------------------- data
