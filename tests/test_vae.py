@@ -143,13 +143,17 @@ def test_gan_updates_each_net_with_its_own_term(smoke):
   params = nn.meta.unbox(params)
   batch = {"video": np.asarray((smoke[2][:, :5] + 1) * 127.5, np.uint8), "frame_mask": np.ones((2, 5), bool)}
 
-  def grads(weight, step):
+  def grads_with(weight):
+    """A jitted gradient at gan_weight=weight (read from the config when it is traced, i.e. now)."""
     with config.unlocked():
       config.loss.gan_weight = weight
-    return jax.grad(lambda p: vae_task.loss_fn(p, model, None, batch, jax.random.PRNGKey(1), config,
-                                               step=jnp.int32(step))[0])(params)
+    grad = jax.jit(jax.grad(lambda p, step: vae_task.loss_fn(p, model, None, batch, jax.random.PRNGKey(1), config,
+                                                             step=step)[0]))
+    grad.lower(params, jnp.int32(0))  # trace at this weight
+    return grad
 
-  a, b, off = grads(0.5, 5), grads(2.0, 5), grads(2.0, 0)  # gan_start=2 in smoke
+  half, double = grads_with(0.5), grads_with(2.0)
+  a, b, off = half(params, jnp.int32(5)), double(params, jnp.int32(5)), double(params, jnp.int32(0))  # gan_start=2
   flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
   np.testing.assert_allclose(flat(a["disc"]), flat(b["disc"]), atol=1e-6)  # the G term never moves D
   assert np.abs(flat(a["vae"]) - flat(b["vae"])).max() > 1e-6  # ... it moves the VAE
