@@ -194,7 +194,11 @@ def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0):
     by_shape.setdefault(clip.shape, []).append(i)
   for shape, members in by_shape.items():
     batch = np.stack([clips[i] for i in members]).astype(np.float32) / 127.5 - 1.0
-    mean, logvar = (np.asarray(a, np.float32) for a in vae.encode(batch))
+    # Padded to a power of two: the jitted encoder compiles once per (shape, padded size),
+    # not once per group size a batch happens to hold.
+    padded = 1 << (len(members) - 1).bit_length()
+    batch = np.concatenate([batch, np.zeros((padded - len(members),) + batch.shape[1:], batch.dtype)])
+    mean, logvar = (np.asarray(a, np.float32)[:len(members)] for a in vae.encode(batch))
     expected = (len(members), 1 + (shape[0] - 1) // TEMPORAL_FACTOR, shape[1] // factor, shape[2] // factor,
                 int(vae.latent_channels))
     if mean.shape != expected or logvar.shape != expected:
