@@ -300,7 +300,8 @@ def main(argv=None) -> int:
     if args.command == "train":
       run_train(_load(args.config, overrides), args.workdir)
     elif args.command == "sample":
-      if _saved_config(args.workdir).task == "dit" and not is_image_model(_saved_config(args.workdir)):
+      saved = _saved_config(args.workdir)
+      if saved.task == "dit" and not is_image_model(saved):
         run_sample_video(args)
       else:
         run_sample(args.workdir, args.out, sampler=args.sampler, steps=args.sample_steps,
