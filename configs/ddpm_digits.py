@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
       num_classes=10,  # 0 = unconditional; label 10 is the null class (CFG)
       class_dropout_prob=0.1,
       learn_sigma=False,  # DDPM: fixed variances
-      context_dim=0,  # text features for cross-attention; 0 = none
+      text_dim=0,  # text features for cross-attention; 0 = none
   )
 
   c.diffusion = dict(

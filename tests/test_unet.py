@@ -136,7 +136,7 @@ def test_timestep_and_class_label_change_the_output_and_label_dropout_uses_the_n
 
 
 def test_cross_attention_sees_only_its_own_examples_text():
-  model = _model(context_dim=8)
+  model = _model(text_dim=8)
   images = _images(2)
   batch = _batch(images)
   rng = np.random.default_rng(5)
@@ -160,8 +160,19 @@ def test_cross_attention_sees_only_its_own_examples_text():
   own[0, :3] = rng.normal(size=(3, 8))  # row 0's real caption changes
   assert np.max(np.abs(apply(params, *batch, text=own, text_segment_ids=text_ids)[0] - out[0])) > 1e-3
 
-  no_text = np.zeros_like(text_ids)  # a dropped caption (CFG): all padding, finite output
-  assert np.all(np.isfinite(apply(params, *batch, text=text, text_segment_ids=no_text)))
+  # A dropped caption (CFG) is the learned null caption: row 0's own text no longer matters,
+  # row 1 keeps its caption; caption dropout 1.0 in training drops every row's.
+  null_row0 = np.array([[True], [False]])
+  dropped = apply(params, *batch, text=text, text_segment_ids=text_ids, text_null=null_row0)
+  np.testing.assert_allclose(apply(params, *batch, text=own, text_segment_ids=text_ids, text_null=null_row0),
+                             dropped, atol=1e-6)
+  np.testing.assert_allclose(dropped[1], out[1], atol=1e-6)
+  assert np.max(np.abs(dropped[0] - out[0])) > 1e-3
+  always_drop = _model(text_dim=8, caption_dropout_prob=1.0, class_dropout_prob=0.0)
+  trained = _apply(always_drop, train=True)(params, *batch, text=text, text_segment_ids=text_ids,
+                                            rngs={"dropout": jax.random.key(1)})
+  all_null = apply(params, *batch, text=text, text_segment_ids=text_ids, text_null=np.ones((2, 1), bool))
+  np.testing.assert_allclose(trained, all_null, atol=1e-6)
 
 
 def test_bad_inputs_are_clear_errors():
@@ -169,11 +180,11 @@ def test_bad_inputs_are_clear_errors():
   x, t, labels, seg, pos = _batch(_images(1))
   with pytest.raises(ValueError, match="one example of grid"):
     model.init(jax.random.key(0), x[:, :32], t[:, :32], labels, seg[:, :32], pos[:, :32])
-  with pytest.raises(ValueError, match="context_dim=0"):
+  with pytest.raises(ValueError, match="text_dim=0"):
     model.init(jax.random.key(0), x, t, labels, seg, pos, text=jnp.zeros((1, 2, 4)),
                text_segment_ids=jnp.ones((1, 2), jnp.int32))
   with pytest.raises(ValueError, match="pass text"):
-    _model(context_dim=4).init(jax.random.key(0), x, t, labels, seg, pos)
+    _model(text_dim=4).init(jax.random.key(0), x, t, labels, seg, pos)
   with pytest.raises(ValueError, match="halved"):
     _model(size=18, variant="small").init(jax.random.key(0), *_batch(_images(1, size=18)))
   with pytest.raises(ValueError, match="Unknown U-Net variant"):
@@ -247,7 +258,7 @@ def test_params_get_valid_shardings_on_a_2x2x2_mesh():
   config.mesh.shape = (2, 2, 2)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
-  model = _model(context_dim=8)
+  model = _model(text_dim=8)
   batch = _batch(_images(4), t=jnp.array([1.0, 20.0, 50.0, 90.0]))
   text = dict(text=np.random.default_rng(7).normal(size=(4, 3, 8)).astype(np.float32),
               text_segment_ids=np.ones((4, 3), np.int32))

@@ -89,8 +89,8 @@ class CaptionEmbedder(nn.Module):
   with caption dropout for classifier-free guidance.
 
   A dropped example's text tokens are all replaced by one learned null vector
-  `null_text` [Dt] (PixArt's y_embedding), so the unconditional model is a
-  real input, not a missing one. `drop` [B, K] says which examples to drop.
+  `null_text` [Dt] (layers.drop_captions). `drop` [B, K] says which examples
+  to drop.
   """
   width: int
   dtype: Dtype = jnp.float32
@@ -101,8 +101,7 @@ class CaptionEmbedder(nn.Module):
     text_dim = text.shape[-1]
     null = self.param("null_text", nn.with_logical_partitioning(nn.initializers.normal(text_dim ** -0.5),
                                                                 ("text_embed",)), (text_dim,), self.param_dtype)
-    dropped = jnp.take_along_axis(drop, jnp.maximum(text_segment_ids - 1, 0), axis=1) & (text_segment_ids > 0)
-    text = jnp.where(dropped[..., None], null.astype(text.dtype), text)
+    text = layers.drop_captions(text, text_segment_ids, drop, null)
     init = nn.initializers.xavier_uniform()
     h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),

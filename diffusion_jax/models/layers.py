@@ -394,6 +394,18 @@ class TimestepEmbedder(nn.Module):
                     name="mlp_2")(h)
 
 
+def drop_captions(text, text_segment_ids, drop, null):
+  """Caption dropout for classifier-free guidance: every text token of a dropped
+  example becomes the learned null vector `null` [Dt] (PixArt's y_embedding), so
+  the unconditional model sees a real input, not a missing one.
+
+  text [B, Lt, Dt]; text_segment_ids [B, Lt] (k = example k of the row, 0 =
+  padding); drop [B, K] bool per example.
+  """
+  dropped = jnp.take_along_axis(drop, jnp.maximum(text_segment_ids - 1, 0), axis=1) & (text_segment_ids > 0)
+  return jnp.where(dropped[..., None], null.astype(text.dtype), text)
+
+
 class LabelEmbedder(nn.Module):
   """DiT's LabelEmbedder: a (num_classes + 1) x width table, the last row is the
   null class used for classifier-free guidance.

@@ -23,15 +23,16 @@ Architecture, as DDPM's diffusion_tf/models/unet.py:
   and (near) zero for the last conv of a residual block, the attention output
   and conv_out (exactly zero here, see ddpm_init), so a fresh network outputs 0.
 
-Text conditioning (LDM): with context_dim > 0, each attention site also gets a
+Text conditioning (LDM): with text_dim > 0, each attention site also gets a
 cross-attention layer from the pixels to the row's text tokens (GroupNorm, q
 from the pixels, k and v from `text`, multi-head softmax attention, zero-init
 output, residual). It is LDM's SpatialTransformer reduced to its
 cross-attention (no proj_in, self-attention or feed-forward inside it; the
 U-Net's own self-attention precedes it). Text tokens with text_segment_ids 0
-are padding and never attended to; a row whose text is all padding gets no
-text contribution (layers.dot_product_attention returns zeros), which is how
-a caption is dropped for classifier-free guidance.
+are padding and never attended to. Caption dropout for classifier-free
+guidance is the DiT's: a dropped row's text tokens all become one learned
+null vector `null_text` (layers.drop_captions), with probability
+caption_dropout_prob in training and wherever `text_null` says at sampling.
 
 Packed-batch interface (DESIGN.md): the U-Net takes the DiT's call signature,
 x [B, L, P] packed patches, t [B, L], labels [B, K], segment_ids, positions.
@@ -204,7 +205,9 @@ class UNet(nn.Module):
     class_dropout_prob: probability of replacing a row's label by the null
       class when train=True (rng stream 'dropout'), as DiT's LabelEmbedder.
     learn_sigma: output 2P values per token (prediction | variance).
-    context_dim: Dt of the text tokens; 0 = no text cross-attention.
+    text_dim: Dt of the text tokens; 0 = no text cross-attention.
+    caption_dropout_prob: probability of replacing a row's caption by the
+      learned null caption when train=True (CFG training on text).
     dtype: compute dtype; param_dtype: parameter dtype.
   """
   grid: Sequence[int]
@@ -220,7 +223,8 @@ class UNet(nn.Module):
   num_classes: int = 0
   class_dropout_prob: float = 0.1
   learn_sigma: bool = False
-  context_dim: int = 0
+  text_dim: int = 0
+  caption_dropout_prob: float = 0.1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -263,15 +267,15 @@ class UNet(nn.Module):
       raise ValueError(f"positions must be [B, L, 3]={rows + (3,)}, got {positions.shape}.")
     if labels.ndim != 2 or labels.shape[0] != x.shape[0]:
       raise ValueError(f"labels must be per example [B, K] with B={x.shape[0]}, got {labels.shape}.")
-    if self.context_dim:
+    if self.text_dim:
       if text is None or text_segment_ids is None:
-        raise ValueError(f"context_dim={self.context_dim}: pass text [B, Lt, Dt] and text_segment_ids [B, Lt].")
-      if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[2] != self.context_dim:
-        raise ValueError(f"text must be [B={x.shape[0]}, Lt, Dt={self.context_dim}], got {text.shape}.")
+        raise ValueError(f"text_dim={self.text_dim}: pass text [B, Lt, Dt] and text_segment_ids [B, Lt].")
+      if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[2] != self.text_dim:
+        raise ValueError(f"text must be [B={x.shape[0]}, Lt, Dt={self.text_dim}], got {text.shape}.")
       if text_segment_ids.shape != text.shape[:2]:
         raise ValueError(f"text_segment_ids must be [B, Lt]={text.shape[:2]}, got {text_segment_ids.shape}.")
     elif text is not None:
-      raise ValueError("text was passed to a U-Net built with context_dim=0 (no cross-attention).")
+      raise ValueError("text was passed to a U-Net built with text_dim=0 (no cross-attention).")
 
   def _channel_counts(self):
     ch = self.base_channels
@@ -282,13 +286,15 @@ class UNet(nn.Module):
     return sorted(counts)
 
   @nn.compact
-  def __call__(self, x, t, labels, segment_ids, positions, *, train=False, text=None, text_segment_ids=None):
+  def __call__(self, x, t, labels, segment_ids, positions, *, train=False, text=None, text_segment_ids=None,
+               text_null=None):
     """Predict per token: x [B, L, P], t [B, L] -> [B, L, P_out] float32.
 
     Each row must hold one example filling it (segment_ids all 1); the row's
     timestep is t[:, 0] and its label labels[:, 0]. `positions` is unused.
     text [B, Lt, Dt] and text_segment_ids [B, Lt] (1 = the row's example, 0 =
-    padding) are required when context_dim > 0 and refused otherwise.
+    padding) are required when text_dim > 0 and refused otherwise; text_null
+    [B, K] bool replaces those rows' captions by the null caption (CFG).
     """
     self._check(x, t, labels, segment_ids, positions, text, text_segment_ids)
     rows = x.shape[0]
@@ -310,7 +316,13 @@ class UNet(nn.Module):
         row_labels = y_embedder.drop_labels(row_labels, self.make_rng("dropout"))
       temb = temb + y_embedder(row_labels)
     temb = jnp.repeat(temb, frames, axis=0)
-    if self.context_dim:
+    if self.text_dim:
+      drop = jnp.zeros(labels.shape, bool) if text_null is None else jnp.asarray(text_null, bool)
+      if train and self.caption_dropout_prob > 0:
+        drop = drop | jax.random.bernoulli(self.make_rng("dropout"), self.caption_dropout_prob, labels.shape)
+      null = self.param("null_text", nn.with_logical_partitioning(nn.initializers.normal(self.text_dim ** -0.5),
+                                                                  ("context",)), (self.text_dim,), self.param_dtype)
+      text = layers.drop_captions(text, text_segment_ids, drop, null)
       text = jnp.repeat(text.astype(self.dtype), frames, axis=0)
       text_segment_ids = jnp.repeat(text_segment_ids, frames, axis=0)
 
@@ -321,7 +333,7 @@ class UNet(nn.Module):
 
     def attend(h, name):
       h = AttentionBlock(self.num_heads, self.num_groups, name=f"{name}_attn", **kw)(h)
-      if self.context_dim:
+      if self.text_dim:
         h = CrossAttentionBlock(self.num_heads, self.num_groups, name=f"{name}_cross", **kw)(
             h, text, text_segment_ids)
       return h
@@ -402,8 +414,8 @@ def build_unet(model_config, *, patch_dim, grid, patch, channels, dtype=jnp.floa
   """U-Net from a config's `model` section (configs/ddpm_digits.py, c.model).
 
   Reads variant, num_classes (0 = unconditional), class_dropout_prob,
-  learn_sigma, and optionally dropout, num_heads and context_dim (text
-  features; 0 = none). grid (T', H', W'), patch (pt, ph, pw) and channels
+  learn_sigma, and optionally dropout, num_heads, text_dim (text features;
+  0 = none) and caption_dropout_prob. grid (T', H', W'), patch (pt, ph, pw) and channels
   describe the one example each row holds; patch_dim must equal
   pt * ph * pw * channels.
   """
@@ -424,7 +436,8 @@ def build_unet(model_config, *, patch_dim, grid, patch, channels, dtype=jnp.floa
       num_classes=cfg["num_classes"],
       class_dropout_prob=cfg.get("class_dropout_prob", 0.1),
       learn_sigma=cfg.get("learn_sigma", False),
-      context_dim=cfg.get("context_dim", 0),
+      text_dim=cfg.get("text_dim", 0),
+      caption_dropout_prob=cfg.get("caption_dropout_prob", 0.1),
       dtype=dtype,
       param_dtype=param_dtype,
       **size,
