@@ -144,6 +144,18 @@ def test_too_large_example_is_resized_to_fit_not_dropped():
   assert len(starts) == 1
 
 
+def test_fixed_side_models_skip_other_sizes():
+  """A fixed-grid model (the U-Net) gets only data.image_size-sided examples; others are skipped, not padded."""
+  prepare = pipeline.PrepareExample(patch=(1, 4, 4), channels=3, tokens_per_row=16, min_side=8, fixed_side=16)
+  rng = np.random.default_rng(0)
+  assert tuple(prepare.random_map(_element(np.zeros((1, 16, 16, 3), np.uint8)), rng)["grid"]) == (1, 4, 4)
+  assert prepare.random_map(_element(np.zeros((1, 16, 18, 3), np.uint8)), rng)["grid"].tolist() == [1, 4, 4]
+  assert prepare.random_map(_element(np.zeros((1, 8, 16, 3), np.uint8)), rng)["skipped"] == "wrong_size"
+  latent = {"latent_mean": np.zeros((1, 12, 12, 3), np.float32), "latent_logvar": np.zeros((1, 12, 12, 3), np.float32),
+            "id": 0, "label": 0}
+  assert prepare.random_map(latent, rng)["skipped"] == "wrong_size"
+
+
 def test_bad_examples_are_skipped_and_counted_per_reason():
   good = np.full((5, 20, 24, 3), 100, np.uint8)
   nan = np.full((1, 16, 16, 3), 0.5, np.float32)
@@ -166,7 +178,8 @@ def test_bad_examples_are_skipped_and_counted_per_reason():
   counter = stats.SkipCounter()
   for row in rows:
     counter.update(row)
-  assert counter.as_dict() == {"no_frames": 1, "bad_channels": 1, "bad_shape": 1, "non_finite": 2, "too_big": 1}
+  assert counter.as_dict() == {"no_frames": 1, "bad_channels": 1, "bad_shape": 1, "non_finite": 2, "too_big": 1,
+                              "wrong_size": 0}
   assert counter.total == 6
   parts = [part for row in rows for part in packing.split_row(row)]
   assert sorted(p["id"] for p in parts) == [0, 7, 8]  # the run goes on with the good ones

@@ -85,7 +85,7 @@ def unpatchify(tokens, grid: Sequence[int], patch: Sequence[int], channels: int)
 # --------------------------------------------------------------------------- packer
 
 # Why an example was skipped instead of packed; rows count them in `skipped`.
-SKIP_REASONS = ("no_frames", "bad_channels", "bad_shape", "non_finite", "too_big")
+SKIP_REASONS = ("no_frames", "bad_channels", "bad_shape", "non_finite", "too_big", "wrong_size")
 # Row keys that stay on the host (text, counters); make_global_batch leaves them out.
 HOST_KEYS = ("captions", "skipped")
 

@@ -17,7 +17,9 @@ rows are split over the mesh's ('data', 'fsdp') axes. Host-only keys
 
 config.data keys read here (the optional ones with their defaults):
   name, split, data_dir, patch, channels, tokens_per_row, examples_per_row, num_workers
-  image_size                  digits_canvas's canvas side (its builder argument)
+  image_size                  fixed-size models: the side of every example the model sees (pixels, or latents
+                              for an encoded latent dataset); other sizes are skipped as "wrong_size".
+                              Also digits_canvas's canvas side (its builder argument)
   builder = {}                arguments of another built-in builder (sources.ensure_dataset)
   max_frames = 0              longest clip after the temporal crop (0: the source's length)
   max_area = 0                down-resize frames above this many pixels (0: never)
@@ -158,9 +160,13 @@ class PrepareExample(grain.transforms.RandomMap):
   latent_mean: tuple = ()
   latent_std: tuple = ()
   text_tokens_per_row: int = 0
+  fixed_side: int = 0  # > 0: the model takes only side x side examples (data.image_size); others are skipped
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     example = self._latent_example(element, rng) if "latent_mean" in element else self._pixel_example(element, rng)
+    if self.fixed_side and "skipped" not in example:
+      if tuple(example["grid"][1:] * np.asarray(self.patch[1:])) != (self.fixed_side, self.fixed_side):
+        return packing.skip_record("wrong_size")
     if "skipped" not in example and self.text_tokens_per_row and "text" in element:
       text = np.asarray(element["text"], np.float32)[:int(element.get("text_length", len(element["text"])))]
       example["text"] = text[:self.text_tokens_per_row]
@@ -274,6 +280,8 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   stats = latent_stats(data)
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} examples, fewer than {process_count} processes")
+  if "image_size" in data:
+    _check_fixed_side(source[0], int(data.image_size), data.name)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   prepare = PrepareExample(
@@ -281,7 +289,7 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
       max_area=int(data.get("max_area", 0)), max_frames=int(data.get("max_frames", 0)),
       min_side=int(data.get("min_side", 4 * max(patch[1:]))),
       latent_mean=tuple(stats["mean"]) if stats else (), latent_std=tuple(stats["std"]) if stats else (),
-      text_tokens_per_row=int(data.get("text_tokens_per_row", 0)))
+      text_tokens_per_row=int(data.get("text_tokens_per_row", 0)), fixed_side=int(data.get("image_size", 0)))
   ds = ds.random_map(prepare, seed=seed)
   ds = ds.to_iter_dataset()
   ds = packing.pack(ds, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
@@ -296,6 +304,16 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.num_workers)))
   return ds
+
+
+def _check_fixed_side(element: dict, side: int, name: str) -> None:
+  """A fixed-size model on data of another size would skip every example: say so before training."""
+  array = element["latent_mean"] if "latent_mean" in element else element["video"]
+  shape = np.shape(array)[-3:-1]
+  if shape != (side, side):
+    kind = "latents" if "latent_mean" in element else "images"
+    raise ValueError(f"data.image_size={side} but the {kind} of {name} are {shape[0]}x{shape[1]}; a fixed-size "
+                     f"model needs data.image_size to match them")
 
 
 def latent_stats(data_config) -> dict | None:
