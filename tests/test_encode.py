@@ -80,6 +80,27 @@ def test_trim_and_crop_rule():
     encode.trim_and_crop(video[:, :7], 8)
 
 
+def test_caption_memo_encodes_each_caption_once(encoder):
+  calls = []
+
+  class Counting:
+    dim = encoder.dim
+
+    def encode(self, texts, max_length):
+      calls.append(list(texts))
+      return encoder.encode(texts, max_length=max_length)
+
+  memo = encode.CaptionMemo(Counting(), max_entries=3)
+  first = ["a red 3", "a green 7", "a red 3"]
+  tokens, mask = memo.encode(first, 16)
+  want_tokens, want_mask = encoder.encode(first, max_length=16)
+  np.testing.assert_array_equal(mask, want_mask)
+  np.testing.assert_allclose(tokens, want_tokens.astype(np.float16).astype(np.float32) * want_mask[..., None])
+  memo.encode(["a green 7", "a red 3"], 16)  # both known: no forward pass
+  memo.encode(["a blue 1", "a white 0"], 16)  # past max_entries: the memo starts again
+  assert calls == [["a green 7", "a red 3"], ["a blue 1", "a white 0"]]
+
+
 def test_pixels_with_text(digits_dir, encoder, tmp_path):
   out = encode.encode_dataset("moving_digits", "train", digits_dir, str(tmp_path / "pixels"),
                               builder_kwargs=BUILD, text_max_length=12, batch_size=4)
