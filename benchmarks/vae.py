@@ -5,6 +5,9 @@
 
 Throughput: frames per second of the jitted encode and decode at each size
 (batch --batch, random weights, after a warm-up call; best of --repeats).
+Train step: one jitted fwd+bwd of the VAE loss's core (L1 + KL, Adam excluded)
+at --train_size with the causal convolutions as one 3D convolution and as
+the time-folded 2D convolution (models/vae.py, CONV_IMPL), in the same run.
 Memory: XLA's compiled memory analysis (temp + output bytes) of a full
 decode of T frames, against one chunked-decode step (--chunk latent frames
 with its causal caches): the chunked step does not grow with T.
@@ -41,6 +44,7 @@ def main() -> None:
   parser.add_argument("--durations", default="9,17,33,65", help="frames, for decode memory")
   parser.add_argument("--memory_size", type=int, default=64, help="frame side for decode memory")
   parser.add_argument("--chunk", type=int, default=1, help="latent frames per chunked-decode step")
+  parser.add_argument("--train_size", default="4x5x32x32", help="BxTxHxW of the train-step comparison ('' = skip)")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
@@ -60,6 +64,24 @@ def main() -> None:
     frames = args.batch * t
     print(f"| {size} | {frames / _best_time(encode, params, video, repeats=args.repeats):.1f} | "
           f"{frames / _best_time(decode, params, z, repeats=args.repeats):.1f} |", flush=True)
+
+  if args.train_size:
+    b, t, h, w = (int(x) for x in args.train_size.split("x"))
+    video = jax.random.uniform(jax.random.PRNGKey(2), (b, t, h, w, 3), minval=-1, maxval=1)
+
+    def loss(p, v):
+      mean, logvar = model.apply({"params": p}, v, method=vae.VideoVAE.encode)
+      recon = model.apply({"params": p}, mean, method=vae.VideoVAE.decode)
+      return jnp.mean(jnp.abs(recon - v)) + 1e-4 * jnp.mean(vae.kl_to_standard_normal(mean, logvar))
+
+    print(f"\ntrain step (fwd+bwd) at {args.train_size}:")
+    print("| causal conv as | ms/step |")
+    print("| --- | --- |")
+    for impl in ("3d", "folded"):
+      vae.CONV_IMPL = impl  # read at trace time: a fresh jit per implementation
+      step = jax.jit(jax.grad(loss))
+      print(f"| {impl} | {1000 * _best_time(step, params, video, repeats=args.repeats):.1f} |", flush=True)
+    vae.CONV_IMPL = "auto"
 
   side = args.memory_size // f
   first, later = vae._chunk_decoders(model)  # pylint: disable=protected-access

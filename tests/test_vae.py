@@ -51,6 +51,20 @@ def test_shapes_of_every_family(smoke):
   assert mean.shape == (2, 3, 4, 4, 4) and np.all(np.asarray(logvar) == vae.LOGVAR_MIN)
 
 
+@pytest.mark.parametrize("kernel,strides", [((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (2, 2, 2)), ((3, 3, 3), (1, 2, 2)),
+                                            ((1, 3, 3), (1, 1, 1)), ((2, 1, 1), (1, 1, 1))])
+def test_time_folded_conv_equals_the_3d_conv(kernel, strides):
+  """The CPU path of causal_conv (one 2D convolution over stacked frames) is the 3D convolution."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 10, 9, 3)), jnp.float32)  # frames incl. the causal padding
+  k = jnp.asarray(rng.normal(size=kernel + (3, 5)), jnp.float32)
+  pads = [vae._same_pads(10, kernel[1], strides[1]), vae._same_pads(9, kernel[2], strides[2])]
+  want = jax.lax.conv_general_dilated(x, k, strides, [(0, 0)] + pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  got = vae._time_folded_conv(x, k, strides, pads)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_encoder_and_decoder_are_causal(smoke):
   model, params, video = smoke
   mean, _ = _encode(model, params, video)
@@ -160,16 +174,8 @@ def test_gan_updates_each_net_with_its_own_term(smoke):
   assert np.abs(flat(a["disc"])).max() > 0 and np.abs(flat(off["disc"])).max() == 0  # D trains from gan_start
 
 
-def test_training_improves_and_saves_latent_stats(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("vae_data"))
-  workdir = str(tmp_path_factory.mktemp("vae_run"))
-  config = config_lib.load_config(CONFIG + ":smoke")
-  config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", "train.steps=30", "train.ckpt_every=30",
-                                      "train.lr=3e-3", "train.log_every=10", "train.eval_batches=2"])
-  from diffusion_jax.data import pipeline, sources
-  sources.ensure_dataset(config.data.name, data_dir, **pipeline.builder_kwargs(config.data))
-  loop.train(config, workdir)
-
+def test_training_improves_and_saves_latent_stats(smoke_vae):
+  config, workdir = smoke_vae  # the smoke VAE trained 30 steps at lr 3e-3 (conftest.py)
   handle = vae_task.load_vae(workdir)
   assert (handle.spatial_factor, handle.temporal_factor, handle.latent_channels) == (4, 4, 4)
   assert handle.config_hash == config_lib.config_hash(config) and handle.step == 30

@@ -52,6 +52,11 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+# causal_conv's implementation, read at trace time: "auto" (_time_folded_conv on CPU, the 3D
+# convolution elsewhere), "folded" or "3d" (benchmarks/vae.py compares them).
+CONV_IMPL = "auto"
+
+
 def causal_conv(x, kernel, bias, strides=(1, 1, 1), past=None):
   """Convolution of x [B, T, H, W, Cin] with kernel [kt, kh, kw, Cin, Cout], causal in time.
 
@@ -64,10 +69,32 @@ def causal_conv(x, kernel, bias, strides=(1, 1, 1), past=None):
     if past is None:
       past = jnp.zeros((x.shape[0], kt - 1) + x.shape[2:], x.dtype)
     x = jnp.concatenate([past.astype(x.dtype), x], axis=1)
-  pads = [(0, 0), _same_pads(x.shape[2], kh, strides[1]), _same_pads(x.shape[3], kw, strides[2])]
-  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), window_strides=tuple(strides), padding=pads,
-                                   dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  spatial_pads = [_same_pads(x.shape[2], kh, strides[1]), _same_pads(x.shape[3], kw, strides[2])]
+  kernel = kernel.astype(x.dtype)
+  if CONV_IMPL == "folded" or (CONV_IMPL == "auto" and jax.default_backend() == "cpu"):
+    y = _time_folded_conv(x, kernel, strides, spatial_pads)
+  else:
+    y = jax.lax.conv_general_dilated(x, kernel, window_strides=tuple(strides), padding=[(0, 0)] + spatial_pads,
+                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
   return y + bias.astype(y.dtype)
+
+
+def _time_folded_conv(x, kernel, strides, spatial_pads):
+  """The valid-in-time 3D convolution of causal_conv as ONE 2D convolution: the kt frames each
+  output frame sees are stacked on the channel axis, [B T', H, W, kt Cin], against the kernel
+  reshaped to [kh, kw, kt Cin, Cout]. The same sums; XLA's CPU 3D convolution is 4-8x slower
+  than its 2D one at the VAE's widths (fwd+bwd, 2-core CPU), so CPUs take this path. It holds
+  kt copies of the input, so accelerators, whose 3D convolutions are fast, keep the direct one."""
+  kt, kh, kw, cin, cout = kernel.shape
+  batch, frames = x.shape[:2]
+  st = strides[0]
+  out_frames = (frames - kt) // st + 1
+  stacked = jnp.concatenate([x[:, i:i + st * (out_frames - 1) + 1:st] for i in range(kt)], axis=-1)
+  stacked = stacked.reshape((batch * out_frames,) + stacked.shape[2:])
+  folded = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * cin, cout)
+  y = jax.lax.conv_general_dilated(stacked, folded, window_strides=tuple(strides[1:]), padding=spatial_pads,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape((batch, out_frames) + y.shape[1:])
 
 
 class CausalConv3d(nn.Module):
