@@ -52,6 +52,8 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+MIN_GROUP_CHANNELS = 4  # FrameGroupNorm never normalises fewer channels together
+
 # causal_conv's implementation, read at trace time: "auto" (_time_folded_conv on CPU, the 3D
 # convolution elsewhere), "folded" or "3d" (benchmarks/vae.py compares them).
 CONV_IMPL = "auto"
@@ -130,7 +132,12 @@ class CausalConv3d(nn.Module):
 
 
 class FrameGroupNorm(nn.Module):
-  """GroupNorm of each frame alone: statistics over (H, W, channels of a group), never over time."""
+  """GroupNorm of each frame alone: statistics over (H, W, channels of a group), never over time.
+
+  Groups keep at least MIN_GROUP_CHANNELS channels (SD's 32 groups of >= 4 at
+  128+ channels). A group of ONE channel is instance norm: it removes each
+  channel's spatial mean, so before the output convolution no absolute colour
+  is left and narrow VAEs decode every background to one average colour."""
 
   groups: int = 32
   epsilon: float = 1e-6
@@ -138,7 +145,7 @@ class FrameGroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    groups = min(self.groups, c)
+    groups = max(1, min(self.groups, c // MIN_GROUP_CHANNELS))
     while c % groups:
       groups -= 1
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("channels",)), (c,))
