@@ -28,16 +28,17 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True)
 
   sample = sub.add_parser("sample", help="sample from a run's newest checkpoint (EMA params): class grids for "
-                                         "an image DiT, videos from prompts for a video DiT (diffusion_jax/sample.py)")
+                                         "a class-conditional pixel model, videos (or images) from prompts for "
+                                         "text or latent models (diffusion_jax/sample.py)")
   _add_sample_args(sample)
   sample.add_argument("--workdir", required=True)
   sample.add_argument("--out", default="", help="output folder (default WORKDIR/samples)")
-  sample.add_argument("--prompt", action="append", default=[], help="video: a prompt (repeatable)")
-  sample.add_argument("--prompts", default="", help="video: a JSON-lines file of requests")
-  sample.add_argument("--size", default="", help="video: HEIGHT,WIDTH in pixels (default: the config's)")
-  sample.add_argument("--frames", type=int, default=0, help="video: frames (default: the config's)")
+  sample.add_argument("--prompt", action="append", default=[], help="prompts: a prompt (repeatable)")
+  sample.add_argument("--prompts", default="", help="prompts: a JSON-lines file of requests")
+  sample.add_argument("--size", default="", help="prompts: HEIGHT,WIDTH in pixels (default: the config's)")
+  sample.add_argument("--frames", type=int, default=0, help="prompts: frames (default: the config's)")
   sample.add_argument("--mode", default="t2v", choices=("t2v", "i2v", "extend", "interpolate", "sdedit"))
-  sample.add_argument("--input", default="", help="video: the image or video the mode conditions on")
+  sample.add_argument("--input", default="", help="prompts: the image or video the mode conditions on")
   sample.add_argument("--strength", type=float, default=0.7, help="sdedit: noise level to start from, (0, 1]")
 
   encode = sub.add_parser("encode", help="write a dataset of VAE latents (or pixels) and caption embeddings")
@@ -212,6 +213,13 @@ def is_image_model(config) -> bool:
   return "image_size" in config.data
 
 
+def uses_prompts(config) -> bool:
+  """Text-conditional or latent models sample from prompts (sample.py), class-conditional pixel models a class grid."""
+  from diffusion_jax.train import dit_task
+
+  return dit_task.uses_text(config) or bool(config.get("latent", {}).get("vae", ""))
+
+
 def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, per_class: int, seed: int) -> str:
   """Samples per_class images of every class from the newest checkpoint's EMA params."""
   import jax
@@ -301,7 +309,7 @@ def main(argv=None) -> int:
       run_train(_load(args.config, overrides), args.workdir)
     elif args.command == "sample":
       saved = _saved_config(args.workdir)
-      if saved.task == "dit" and not is_image_model(saved):
+      if saved.task == "dit" and (not is_image_model(saved) or uses_prompts(saved)):
         run_sample_video(args)
       else:
         run_sample(args.workdir, args.out, sampler=args.sampler, steps=args.sample_steps,

@@ -375,8 +375,9 @@ def _evaluate_vae(export, out_dir, *, num_samples, seed, data_dir) -> dict:
 
 
 def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, feature_extractor, data_dir) -> dict:
-  """Text-to-video on held-out captions: num_samples videos for the captions of
-  the eval split's video clips (at each clip's own size, sample.frames frames),
+  """Text-to-video (or -image) on held-out captions: num_samples videos for the
+  captions of the eval split's video clips (at each clip's own size,
+  sample.frames frames; a fixed-size image model: its images at its size),
   then per video: the classifier's majority vote over its frames against the
   caption's digit (the example's label), the measured motion against the
   caption's direction (captions of bouncing digits are left out of that count),
@@ -392,16 +393,18 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
                                **pipeline.builder_kwargs(config.data))
   rng = np.random.default_rng([seed, 2])
   order = rng.permutation(len(source))
+  makes_video = "image_size" not in config.data
   chosen = []
   for index in order:
     example = source[int(index)]
     shape = np.asarray(example["source_shape"]) if "source_shape" in example else np.asarray(example["video"]).shape
-    if shape[0] > 1:
+    if shape[0] > 1 or not makes_video:
       chosen.append(example)
     if len(chosen) == num_samples:
       break
   if len(chosen) < 2:
-    raise ValueError(f"the eval split of {config.data.name} has fewer than 2 video clips to take captions from")
+    kind = "video clips" if makes_video else "examples"
+    raise ValueError(f"the eval split of {config.data.name} has fewer than 2 {kind} to take captions from")
   frames = int(config.sample.frames)
   requests, labels, directions = [], [], []
   for example in chosen:
@@ -485,7 +488,10 @@ def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, 
   os.makedirs(out_dir, exist_ok=True)
   task = export.config.task
   common = dict(num_samples=num_samples, seed=seed, data_dir=data_dir)
-  if task == "dit" and "image_size" not in export.config.data:
+  from diffusion_jax.train import dit_task  # pylint: disable=g-import-not-at-top
+
+  prompted = dit_task.uses_text(export.config) or bool(export.config.get("latent", {}).get("vae", ""))
+  if task == "dit" and ("image_size" not in export.config.data or prompted):
     metrics, files = _evaluate_video_dit(export, out_dir, classifier=classifier, feature_extractor=feature_extractor,
                                          **common)
   elif task == "dit":

@@ -1,4 +1,5 @@
-"""Video sampling over packed rows: text-to-video, image-to-video, extension, interpolation, SDEdit.
+"""Sampling from prompts over packed rows: text-to-video (and -image), image-to-video, extension,
+interpolation, SDEdit.
 
   python -m diffusion_jax sample --workdir=/tmp/vdit --prompt="a red 3 moving quickly to the right"
   python -m diffusion_jax sample --workdir=/tmp/vdit --prompts=prompts.jsonl
@@ -24,7 +25,9 @@ size asked and the size made. Requests of different sizes are packed into
 rows of the config's token budget L (data.tokens_per_row) and sampled
 sample.rows_per_call rows at a time by one compiled program, so a request list
 larger than one call is split over several calls rather than running out of
-memory. One request larger than L is an error that names it.
+memory. One request larger than L is an error that names it. Fixed-size image
+models (data.image_size, e.g. the LDM U-Net of configs/ldm_digits.py) make
+one frame at their one size whatever the request asks.
 
 Latent models decode through the VAE recorded in the config (latent.vae),
 after undoing the per-channel normalisation the model trained with
@@ -35,7 +38,8 @@ encoding of the clip's last frame held for the final four frames, an
 approximation the manifest states.
 
 Outputs in --out: sample_<i>.gif (and .mp4 when imageio has an ffmpeg
-plugin), sample_<i>.npz (uint8 frames [T, H, W, C]) and samples.jsonl.
+plugin; .png for a one-frame sample), sample_<i>.npz (uint8 frames
+[T, H, W, C]) and samples.jsonl.
 """
 import dataclasses
 import json
@@ -184,6 +188,9 @@ def with_conditioners(config, model, params, step: int = -1) -> Generator:
 
 def planned_shape(gen: Generator, request: Request) -> tuple[int, int, int]:
   """(frames, height, width) in pixels that the model makes for a request (the rounding rule above)."""
+  if "image_size" in gen.config.data:  # a fixed-size image model (the U-Net): one size only
+    side = int(gen.config.data.image_size) * gen.spatial_factor
+    return 1, side, side
   pt, ph, pw = gen.config.data.patch
   fh, fw = gen.spatial_factor * ph, gen.spatial_factor * pw
   height = max(fh, request.size[0] // fh * fh)
@@ -331,20 +338,25 @@ def sample_requests(gen: Generator, requests: list[Request], *, sampler: str, st
 
 def write_outputs(videos: list[np.ndarray], requests: list[Request], notes: list[dict], out: str, *,
                   gen: Generator, sampler: str, steps: int, cfg_scale: float, seed: int) -> str:
-  """GIF (+ MP4 when possible) and .npz per video, and samples.jsonl; returns the manifest path."""
+  """GIF (+ MP4 when possible; PNG for one frame) and .npz per video, and samples.jsonl; returns the manifest path."""
   import imageio.v3 as iio
 
   os.makedirs(out, exist_ok=True)
   manifest = os.path.join(out, "samples.jsonl")
   with open(manifest, "w") as f:
     for i, (video, request, note) in enumerate(zip(videos, requests, notes)):
-      files = [f"sample_{i}.gif", f"sample_{i}.npz"]
+      still = len(video) == 1
+      files = [f"sample_{i}.png" if still else f"sample_{i}.gif", f"sample_{i}.npz"]
       frames = video[..., 0] if video.shape[-1] == 1 else video
-      iio.imwrite(os.path.join(out, files[0]), frames, duration=125, loop=0)
+      if still:
+        iio.imwrite(os.path.join(out, files[0]), frames[0])
+      else:
+        iio.imwrite(os.path.join(out, files[0]), frames, duration=125, loop=0)
       np.savez_compressed(os.path.join(out, files[1]), frames=video)
       try:
-        iio.imwrite(os.path.join(out, f"sample_{i}.mp4"), frames, fps=8)
-        files.append(f"sample_{i}.mp4")
+        if not still:
+          iio.imwrite(os.path.join(out, f"sample_{i}.mp4"), frames, fps=8)
+          files.append(f"sample_{i}.mp4")
       except Exception:  # no ffmpeg plugin installed: GIF and npz only
         pass
       record = dict(prompt=request.prompt, mode=request.mode, input=request.input,
@@ -368,5 +380,5 @@ def run(gen: Generator, requests: list[Request], out: str, *, sampler: str = "",
                                   rows_per_call=rows_per_call, seed=seed)
   manifest = write_outputs(videos, requests, notes, out, gen=gen, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                            seed=seed)
-  print(f"sampled {len(videos)} videos in {time.time() - start:.1f}s -> {manifest}", flush=True)
+  print(f"sampled {len(videos)} {'images' if all(len(v) == 1 for v in videos) else 'videos'} in {time.time() - start:.1f}s -> {manifest}", flush=True)
   return manifest

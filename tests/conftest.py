@@ -26,3 +26,22 @@ def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("data"))
   sources.ensure_dataset("digits_canvas", path, image_size=16)
   return path
+
+
+@pytest.fixture(scope="session")
+def smoke_vae(tmp_path_factory):
+  """configs/vae_video.py:smoke trained 30 steps, once per session: (config, workdir).
+
+  Shared by the VAE, evaluate and latent-diffusion tests (training it is the slow part)."""
+  from diffusion_jax import config as config_lib
+  from diffusion_jax.data import pipeline, sources
+  from diffusion_jax.train import loop
+
+  data = str(tmp_path_factory.mktemp("vae_data"))
+  workdir = str(tmp_path_factory.mktemp("vae_run"))
+  config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "vae_video.py") + ":smoke")
+  config_lib.apply_overrides(config, [f"data.data_dir={data}", "train.steps=30", "train.ckpt_every=30",
+                                      "train.lr=3e-3", "train.log_every=10", "train.eval_batches=2"])
+  sources.ensure_dataset(config.data.name, data, **pipeline.builder_kwargs(config.data))
+  loop.train(config, workdir)
+  return config, workdir

@@ -200,19 +200,15 @@ def test_evaluate_with_a_user_feature_extractor(exports, data_dir, tmp_path):
     evaluate_lib.evaluate(exports[0], str(tmp_path), num_samples=1)
 
 
-def test_evaluate_vae_export(tmp_path):
-  from diffusion_jax.data import pipeline, sources
+def test_evaluate_vae_export(smoke_vae, tmp_path):
   from diffusion_jax.train import vae_task
 
-  config = config_lib.load_config(os.path.join(CONFIGS, "vae_video.py") + ":smoke")
-  config_lib.apply_overrides(config, [f"data.data_dir={tmp_path / 'data'}", "train.steps=2", "train.ckpt_every=2"])
-  sources.ensure_dataset(config.data.name, str(tmp_path / "data"), **pipeline.builder_kwargs(config.data))
-  loop.train(config, str(tmp_path / "vae"))
-  out = export_lib.export(str(tmp_path / "vae"), str(tmp_path / "vae_export"))
+  config, workdir = smoke_vae
+  out = export_lib.export(workdir, str(tmp_path / "vae_export"))
   info = export_lib.load_export(out).info
   assert len(info["latent_stats"]["mean"]) == len(info["latent_stats"]["std"]) > 0
   handle = vae_task.load_vae(out)  # the VAE task reads its own export back
-  assert handle.latent_stats == info["latent_stats"] and handle.step == 2
+  assert handle.latent_stats == info["latent_stats"] and handle.step == config.train.steps
 
   metrics = evaluate_lib.evaluate(out, str(tmp_path / "eval"), num_samples=3)
   for name in ("eval/psnr", "eval/ssim", "eval/l1", "eval/loss"):
