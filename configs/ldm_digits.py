@@ -20,10 +20,10 @@ Arguments after the colon (comma separated):
 
 The training run records the VAE, its latent statistics and the text encoder
 in the saved config (__main__.record_conditioners), so `sample` decodes
-exactly what training normalised. Both backbones need every example at one
-size (data.image_size = latent_size): the U-Net because it is convolutional,
-here the DiT too so the two compare on the same rows; latents of another size
-are skipped and counted. For native sizes and durations use configs/video_dit.py.
+exactly what training normalised. The U-Net, being convolutional, takes one
+size (data.image_size = latent_size; latents of another size are skipped and
+counted, a dataset of another size is an error); the DiT gets the same rows so
+the two compare. For native sizes and durations use configs/video_dit.py.
 """
 import ml_collections
 
@@ -80,7 +80,7 @@ def get_config(arg: str = ""):
   c.train = dict(
       seed=0,
       global_batch=32,
-      steps=4000,
+      steps=3000,
       lr=3e-4,
       warmup_steps=200,
       weight_decay=0.0,

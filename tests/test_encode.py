@@ -95,7 +95,8 @@ def test_caption_memo_encodes_each_caption_once(encoder):
   tokens, mask = memo.encode(first, 16)
   want_tokens, want_mask = encoder.encode(first, max_length=16)
   np.testing.assert_array_equal(mask, want_mask)
-  np.testing.assert_allclose(tokens, want_tokens.astype(np.float16).astype(np.float32) * want_mask[..., None])
+  # Batches of other sizes round differently (~1e-3), as do the float16 rows the dataset stores.
+  np.testing.assert_allclose(tokens, want_tokens * want_mask[..., None], atol=2e-3, rtol=2e-3)
   memo.encode(["a green 7", "a red 3"], 16)  # both known: no forward pass
   memo.encode(["a blue 1", "a white 0"], 16)  # past max_entries: the memo starts again
   assert calls == [["a green 7", "a red 3"], ["a blue 1", "a white 0"]]

@@ -17,8 +17,8 @@ rows are split over the mesh's ('data', 'fsdp') axes. Host-only keys
 
 config.data keys read here (the optional ones with their defaults):
   name, split, data_dir, patch, channels, tokens_per_row, examples_per_row, num_workers
-  image_size                  fixed-size models: the side of every example the model sees (pixels, or latents
-                              for an encoded latent dataset); other sizes are skipped as "wrong_size".
+  image_size                  the side of the examples an image model sees (pixels, or latents of an encoded
+                              dataset); with model.family='unet' other sizes are skipped as "wrong_size".
                               Also digits_canvas's canvas side (its builder argument)
   builder = {}                arguments of another built-in builder (sources.ensure_dataset)
   max_frames = 0              longest clip after the temporal crop (0: the source's length)
@@ -160,7 +160,7 @@ class PrepareExample(grain.transforms.RandomMap):
   latent_mean: tuple = ()
   latent_std: tuple = ()
   text_tokens_per_row: int = 0
-  fixed_side: int = 0  # > 0: the model takes only side x side examples (data.image_size); others are skipped
+  fixed_side: int = 0  # > 0: the model takes only side x side examples (the U-Net); others are skipped
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     example = self._latent_example(element, rng) if "latent_mean" in element else self._pixel_example(element, rng)
@@ -280,8 +280,10 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   stats = latent_stats(data)
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} examples, fewer than {process_count} processes")
-  if "image_size" in data:
-    _check_fixed_side(source[0], int(data.image_size), data.name)
+  # A convolutional backbone takes one grid only; the DiT takes any size, image_size or not.
+  fixed_side = int(data.image_size) if config.model.get("family", "dit") == "unet" else 0
+  if fixed_side:
+    _check_fixed_side(source[0], fixed_side, data.name)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   prepare = PrepareExample(
@@ -289,7 +291,7 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
       max_area=int(data.get("max_area", 0)), max_frames=int(data.get("max_frames", 0)),
       min_side=int(data.get("min_side", 4 * max(patch[1:]))),
       latent_mean=tuple(stats["mean"]) if stats else (), latent_std=tuple(stats["std"]) if stats else (),
-      text_tokens_per_row=int(data.get("text_tokens_per_row", 0)), fixed_side=int(data.get("image_size", 0)))
+      text_tokens_per_row=int(data.get("text_tokens_per_row", 0)), fixed_side=fixed_side)
   ds = ds.random_map(prepare, seed=seed)
   ds = ds.to_iter_dataset()
   ds = packing.pack(ds, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
