@@ -209,17 +209,6 @@ def _saved_config(workdir: str):
   return config
 
 
-def is_image_model(config) -> bool:
-  return "image_size" in config.data
-
-
-def uses_prompts(config) -> bool:
-  """Text-conditional or latent models sample from prompts (sample.py), class-conditional pixel models a class grid."""
-  from diffusion_jax.train import dit_task
-
-  return dit_task.uses_text(config) or bool(config.get("latent", {}).get("vae", ""))
-
-
 def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, per_class: int, seed: int) -> str:
   """Samples per_class images of every class from the newest checkpoint's EMA params."""
   import jax
@@ -309,7 +298,9 @@ def main(argv=None) -> int:
       run_train(_load(args.config, overrides), args.workdir)
     elif args.command == "sample":
       saved = _saved_config(args.workdir)
-      if saved.task == "dit" and (not is_image_model(saved) or uses_prompts(saved)):
+      from diffusion_jax.train import dit_task
+
+      if saved.task == "dit" and dit_task.samples_from_prompts(saved):
         run_sample_video(args)
       else:
         run_sample(args.workdir, args.out, sampler=args.sampler, steps=args.sample_steps,

@@ -490,8 +490,7 @@ def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, 
   common = dict(num_samples=num_samples, seed=seed, data_dir=data_dir)
   from diffusion_jax.train import dit_task  # pylint: disable=g-import-not-at-top
 
-  prompted = dit_task.uses_text(export.config) or bool(export.config.get("latent", {}).get("vae", ""))
-  if task == "dit" and ("image_size" not in export.config.data or prompted):
+  if task == "dit" and dit_task.samples_from_prompts(export.config):
     metrics, files = _evaluate_video_dit(export, out_dir, classifier=classifier, feature_extractor=feature_extractor,
                                          **common)
   elif task == "dit":

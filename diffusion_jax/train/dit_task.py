@@ -66,6 +66,12 @@ def uses_text(config) -> bool:
   return int(config.model.get("text_dim", 0)) > 0
 
 
+def samples_from_prompts(config) -> bool:
+  """Text-conditional or latent models sample from prompts (sample.py); class-conditional pixel
+  image models sample class grids."""
+  return uses_text(config) or bool(config.get("latent", {}).get("vae", "")) or "image_size" not in config.data
+
+
 def validate(config) -> None:
   if config.diffusion.get("kind", "ddpm") not in DIFFUSION_KINDS:
     raise ConfigError(f"unknown diffusion.kind {config.diffusion.kind!r}; use one of {DIFFUSION_KINDS}")
