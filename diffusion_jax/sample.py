@@ -380,5 +380,6 @@ def run(gen: Generator, requests: list[Request], out: str, *, sampler: str = "",
                                   rows_per_call=rows_per_call, seed=seed)
   manifest = write_outputs(videos, requests, notes, out, gen=gen, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                            seed=seed)
-  print(f"sampled {len(videos)} {'images' if all(len(v) == 1 for v in videos) else 'videos'} in {time.time() - start:.1f}s -> {manifest}", flush=True)
+  kind = "images" if all(len(v) == 1 for v in videos) else "videos"
+  print(f"sampled {len(videos)} {kind} in {time.time() - start:.1f}s -> {manifest}", flush=True)
   return manifest
