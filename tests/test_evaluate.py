@@ -131,7 +131,7 @@ def test_video_samples_become_gifs(tmp_path):
 
 
 def _classifier_config(data_dir, *overrides):
-  config = config_lib.load_config(CLASSIFIER_CONFIG + ":smoke,image_size=16")
+  config = config_lib.load_config(CLASSIFIER_CONFIG + ":smoke,data=digits_canvas,image_size=16")
   config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", *overrides])
   return config
 

@@ -27,21 +27,63 @@ from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline, sources
 
 
+def locate_digit(x, input_size: int, *, threshold: float = 0.5, margin: float = 1.25):
+  """A square window around each frame's foreground, resampled to input_size x input_size.
+
+  x: float frames [N, H, W, 3]. The background is the median colour of the
+  frame's border pixels; the foreground is where the colour distance from it
+  exceeds `threshold` x the frame's largest distance; the window is the
+  foreground's bounding box, squared on its longer side and widened by
+  `margin`, centred on the box. Returns x - background resampled over the
+  window (antialiased bilinear; outside the frame is background, 0). A frame
+  with no foreground keeps its whole extent (a square around its centre).
+  So a digit reads the same at any canvas size, aspect and position.
+  """
+  n, h, w, _ = x.shape
+  border = jnp.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # [N, 2W + 2H, 3]
+  x = x - jnp.median(border, axis=1)[:, None, None, :]
+  distance = jnp.sqrt(jnp.sum(x * x, axis=-1))  # [N, H, W]
+  peak = distance.max(axis=(1, 2), keepdims=True)
+  mask = (distance > threshold * peak) & (peak > 1e-3)
+
+  def extent(any_along, size):  # [N, size] bool -> (first, one past the last) index, whole range if none
+    found = any_along.any(axis=1)
+    first = jnp.argmax(any_along, axis=1)
+    last = size - jnp.argmax(any_along[:, ::-1], axis=1)
+    return jnp.where(found, first, 0).astype(jnp.float32), jnp.where(found, last, size).astype(jnp.float32)
+
+  y0, y1 = extent(mask.any(axis=2), h)
+  x0, x1 = extent(mask.any(axis=1), w)
+  side = jnp.maximum(jnp.maximum(y1 - y0, x1 - x0) * margin, 4.0)
+  scale = input_size / side
+  top, left = (y0 + y1) / 2 - side / 2, (x0 + x1) / 2 - side / 2
+
+  def resample(frame, s, t, l):
+    return jax.image.scale_and_translate(frame, (input_size, input_size, 3), (0, 1), jnp.stack([s, s]),
+                                         jnp.stack([-t * s, -l * s]), "linear", antialias=True)
+
+  return jax.vmap(resample)(x, scale, top, left)
+
+
 class DigitClassifier(nn.Module):
   """Conv stages (3x3 conv, ReLU, 2x2 max pool) -> flatten -> Dense features (ReLU) -> logits.
 
   Input: frames [N, H, W, 3], uint8 (0..255) or float in [-1, 1] (the data
-  pipeline's convention). Each frame is resized to input_size x input_size
-  and standardised (its own mean and std over pixels and channels), which
-  makes the net indifferent to the canvas's colours and brightness and lets a
-  short run learn fast. Flattening (not a global mean) keeps where the strokes
-  are. Returns (logits [N, num_classes], features [N, features]).
+  pipeline's convention). Each frame is brought to input_size x input_size:
+  with `locate` (the moving_digits classifier) a square window around its
+  foreground is resampled (locate_digit: any canvas size, aspect and digit
+  position reads alike), else the whole frame is resized (square canvases of
+  digits_canvas). Then it is standardised (its own mean and std over pixels
+  and channels), which makes the net indifferent to the canvas's colours and
+  brightness and lets a short run learn fast. Flattening (not a global mean)
+  keeps where the strokes are. Returns (logits [N, num_classes], features [N, features]).
   """
 
   num_classes: int = 10
   input_size: int = 24
   widths: tuple = (16, 32, 64)
   features: int = 64
+  locate: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -53,7 +95,10 @@ class DigitClassifier(nn.Module):
     else:
       x = frames.astype(jnp.float32)
     n = x.shape[0]
-    x = jax.image.resize(x, (n, self.input_size, self.input_size, 3), "bilinear", antialias=True)
+    if self.locate:
+      x = locate_digit(x, self.input_size)
+    else:
+      x = jax.image.resize(x, (n, self.input_size, self.input_size, 3), "bilinear", antialias=True)
     x = (x - x.mean(axis=(1, 2, 3), keepdims=True)) / (x.std(axis=(1, 2, 3), keepdims=True) + 1e-3)
     x = x.astype(self.dtype)
     for i, width in enumerate(self.widths):
@@ -85,7 +130,7 @@ def build_model(config) -> DigitClassifier:
   return DigitClassifier(
       num_classes=int(config.model.num_classes), input_size=int(config.model.input_size),
       widths=tuple(int(w) for w in config.model.widths), features=int(config.model.features),
-      dtype=jnp.dtype(config.train.compute_dtype))
+      locate=bool(config.model.get("locate", False)), dtype=jnp.dtype(config.train.compute_dtype))
 
 
 def init_params(model, config, rng):
@@ -133,13 +178,24 @@ class SingleDigitFrame(grain.transforms.RandomMap):
 
   digits_canvas examples are one-frame videos; a moving_digits clip gives one
   of its frames (single-digit clips only: make_dataset filters the others).
+  With pad_square, a non-square frame is first padded to a square with its
+  border's median colour (the canvas background), so the aspect is kept.
   """
 
   size: int
+  pad_square: bool = False
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     video = np.asarray(element["video"])
     frame = video[int(rng.integers(0, video.shape[0]))] if video.ndim == 4 else video
+    height, width = frame.shape[:2]
+    if self.pad_square and height != width:
+      border = np.concatenate([frame[0], frame[-1], frame[:, 0], frame[:, -1]])
+      side = max(height, width)
+      square = np.broadcast_to(np.median(border, axis=0).astype(np.uint8), (side, side, 3)).copy()
+      top, left = (side - height) // 2, (side - width) // 2
+      square[top:top + height, left:left + width] = frame
+      frame = square
     if frame.shape[:2] != (self.size, self.size):
       resized = sources.resize_frames(frame[None].astype(np.float32), self.size, self.size)[0]
       frame = np.clip(np.round(resized), 0, 255).astype(np.uint8)
@@ -163,7 +219,8 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   if data.name == "moving_digits":
     ds = ds.filter(_single_digit)
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.random_map(SingleDigitFrame(size=int(data.image_size)), seed=seed)
+  pad_square = bool(config.model.get("locate", False))  # the net finds the digit: keep its aspect
+  ds = ds.random_map(SingleDigitFrame(size=int(data.image_size), pad_square=pad_square), seed=seed)
   return ds.to_iter_dataset().batch(global_batch // process_count, drop_remainder=True)
 
 
