@@ -28,6 +28,12 @@ a local weights file in such a callable; nothing is downloaded here.
 Motion (model-free, for the video DiT's prompt-following check):
 motion_direction(frames) -> (dx, dy) and direction_agrees(prompt_direction, dx, dy).
 
+Clip attributes (model-free but for the digit): clip_truth(example) reads what a
+moving_digits caption asks for (the generator's metadata, else its caption);
+measure_clip(video, truth) checks digit, digit colour, background colour,
+direction, speed class and digit count; seam_score(videos) compares frame
+changes across the causal VAE's latent-frame boundaries with those within.
+
 Everything is reproducible for a seed: the same seed gives the same samples,
 the same real subset and the same KID subsets, hence the same metrics.
 """
@@ -180,6 +186,229 @@ def direction_agrees(prompt_direction: str, dx: float, dy: float, *, min_speed: 
   uy, ux = sources.DIRECTIONS[prompt_direction]
   cosine = (dx * ux + dy * uy) / (speed * math.hypot(ux, uy))
   return cosine >= math.cos(math.radians(max_angle_deg)) - 1e-9
+
+
+# --------------------------------------------------------------------------- clip attributes
+#
+# Per-clip checks of what a moving_digits caption asks for, shared by generated clips, the real
+# clips of the same captions and VAE reconstructions of those (the ceilings): the truth comes from
+# clip_truth (the generator's metadata, else its caption), the measurement from measure_clip.
+
+ATTRIBUTES = ("digit", "digit_colour", "background", "direction", "speed", "count")
+TEMPORAL_FACTOR = 4  # the causal video VAE: frame 0 alone, then 4 frames per latent frame
+
+
+def nearest_colour(rgb, palette: dict) -> str:
+  """The name in palette ({name: (r, g, b)}) nearest to rgb (Euclidean in RGB)."""
+  names = list(palette)
+  distances = np.linalg.norm(np.asarray([palette[n] for n in names], np.float64) - np.asarray(rgb, np.float64), axis=1)
+  return names[int(np.argmin(distances))]
+
+
+def speed_classes(short_side: int) -> dict:
+  """{SPEEDS name: px per frame} of a digit on a canvas whose shorter side is short_side px, as
+  render_moving_digits moves it (a fraction of the side, at least 0.5 px)."""
+  return {name: max(0.5, fraction * short_side) for name, fraction in sources.SPEEDS.items()}
+
+
+def speed_class(speed: float, short_side: int) -> str | None:
+  """The SPEEDS name nearest (in log speed) to a measured speed in px/frame; None for nan."""
+  if not math.isfinite(speed):
+    return None
+  classes = speed_classes(short_side)
+  return min(classes, key=lambda name: abs(math.log(max(speed, 1e-3) / classes[name])))
+
+
+def velocity_direction(dy: float, dx: float) -> str:
+  """The DIRECTIONS key of a (dy, dx) velocity: 'still' for zero, else the nearest by angle."""
+  if math.hypot(dy, dx) < 1e-6:
+    return "still"
+  return max((d for d in sources.DIRECTIONS if d != "still"),
+             key=lambda d: (dy * sources.DIRECTIONS[d][0] + dx * sources.DIRECTIONS[d][1]))
+
+
+def clip_truth(example) -> dict | None:
+  """What a moving_digits example's caption asks for, per digit: {"digits", "colours", "background",
+  "directions", "speeds", "bounced", "count", "short_side"} (see sources.caption_attributes).
+
+  Digits, their number and directions come from the generator's metadata where the example
+  holds it (labels, velocities), colour names, speed names and bounces from the caption, read
+  with the generator's vocabulary (sources.caption_attributes); short_side is the source
+  canvas's shorter side (speeds scale with it). None when the caption is not of that form.
+  """
+  caption = example["caption"]
+  caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+  truth = sources.caption_attributes(caption)
+  if truth is None:
+    return None
+  if "labels" in example:
+    truth["digits"] = [int(x) for x in np.asarray(example["labels"])]
+  if "velocities" in example and len(np.asarray(example["velocities"])) == len(truth["digits"]):
+    moving = [d is not None for d in truth["directions"]]  # one frame: no motion stated
+    truth["directions"] = [velocity_direction(float(v[0]), float(v[1])) if m else None
+                           for v, m in zip(np.asarray(example["velocities"]), moving)]
+  shape = np.asarray(example["source_shape"]) if "source_shape" in example else np.asarray(example["video"]).shape
+  truth["count"] = len(truth["digits"])
+  truth["short_side"] = int(min(shape[-3], shape[-2])) if len(shape) == 4 else int(min(shape[1], shape[2]))
+  return truth
+
+
+def _foreground(video: np.ndarray):
+  """(background rgb [3], distance [T, H, W] of each pixel's colour from it, its robust peak) of a
+  float clip [T, H, W, 3]: the background is the median colour of the clip's border pixels."""
+  border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1).reshape(-1, 3)
+  background = np.median(border, axis=0)
+  distance = np.linalg.norm(video - background, axis=-1)
+  return background, distance, float(np.percentile(distance, 99.9))
+
+
+def digit_count(video, *, min_alpha: float = 0.7, max_residual: float = 0.15, min_fraction: float = 0.1) -> int:
+  """How many digits a clip [T, H, W, 3] shows, told apart by colour (the generator gives the
+  digits of a clip different colours, so digits that touch or overlap still count apart).
+
+  Each pixel is read as the background (median border colour) blended towards one colour c of
+  sources.DIGIT_COLOURS: alpha = its projection on the line background -> c, residual = its
+  distance from that line over |c - background|. A pixel counts for the colour of least
+  residual among those it reaches with alpha > min_alpha, if that residual is < max_residual
+  (so antialiased edges and the mixed pixels where two digits overlap count for none). A
+  frame's count is the number of colours holding at least min_fraction of its largest colour's
+  pixels; the clip's count is the most common frame count (0 when nothing is in the palette).
+  """
+  video = np.asarray(video, np.float64)
+  background, _, _ = _foreground(video)
+  towards = np.asarray(list(sources.DIGIT_COLOURS.values()), np.float64) - background  # [K, 3]
+  lengths = np.linalg.norm(towards, axis=1)
+  offset = video - background  # [T, H, W, 3]
+  alpha = np.clip(np.einsum("thwc,kc->thwk", offset, towards) / lengths ** 2, 0.0, 1.0)
+  residual = np.linalg.norm(offset[..., None, :] - alpha[..., None] * towards, axis=-1) / lengths
+  residual = np.where(alpha > min_alpha, residual, np.inf)
+  nearest, kept = residual.argmin(axis=-1), residual.min(axis=-1) < max_residual
+  counts = []
+  for t in range(len(video)):
+    pixels = np.bincount(nearest[t][kept[t]], minlength=len(lengths))
+    counts.append(int(np.sum((pixels >= min_fraction * pixels.max()) & (pixels > 0))))
+  return int(np.bincount(counts).argmax())
+
+
+def centroid_track(video, *, threshold: float = 0.25) -> np.ndarray:
+  """[T, 2] (y, x) foreground centre of mass per frame (weights as in motion_direction, from the
+  border's background colour); nan rows where a frame shows no foreground."""
+  video = np.asarray(video, np.float64)
+  _, distance, _ = _foreground(video)
+  peak = distance.max()
+  track = np.full((video.shape[0], 2), np.nan)
+  if peak <= 0:
+    return track
+  weight = np.where(distance > threshold * peak, distance, 0.0)
+  mass = weight.sum(axis=(1, 2))
+  ys, xs = np.arange(video.shape[1]), np.arange(video.shape[2])
+  present = mass > 0
+  track[present, 0] = (weight.sum(axis=2) @ ys)[present] / mass[present]
+  track[present, 1] = (weight.sum(axis=1) @ xs)[present] / mass[present]
+  return track
+
+
+def clip_speed(video) -> float:
+  """A digit's speed in px/frame: hypot of the mean absolute frame-to-frame step of its centroid
+  along y and along x. A bounce off a wall flips a step's sign, not its size, so this holds for
+  bouncing digits too (the least-squares slope of motion_direction does not). nan for < 2 frames."""
+  track = centroid_track(video)
+  steps = np.abs(np.diff(track, axis=0))
+  steps = steps[np.isfinite(steps).all(axis=1)]
+  if len(steps) == 0:
+    return float("nan")
+  return float(np.hypot(*steps.mean(axis=0)))
+
+
+def blended_colour(rgb, background, palette: dict) -> str:
+  """The name in palette whose blend line from `background` passes nearest to rgb: a digit's
+  colour read as background + alpha (colour - background), alpha in [0, 1], so a faint or thin
+  digit (whose strongest pixels never reach its full colour) still reads as its own colour."""
+  names = list(palette)
+  towards = np.asarray([palette[n] for n in names], np.float64) - np.asarray(background, np.float64)
+  offset = np.asarray(rgb, np.float64) - np.asarray(background, np.float64)
+  alpha = np.clip(towards @ offset / np.maximum((towards ** 2).sum(axis=1), 1e-9), 0.0, 1.0)
+  return names[int(np.argmin(np.linalg.norm(offset - alpha[:, None] * towards, axis=1)))]
+
+
+def clip_colours(video, *, threshold: float = 0.7) -> tuple[str, str]:
+  """(digit colour name, background colour name) of a clip [T, H, W, 3]: the background is the
+  median border colour, nearest of sources.BACKGROUND_COLOURS; the digit is the mean colour of
+  the pixels farthest from it (distance over `threshold` x the clip's peak, so antialiased edges
+  are left out), read against sources.DIGIT_COLOURS by blended_colour."""
+  video = np.asarray(video, np.float64)
+  background, distance, peak = _foreground(video)
+  background_name = nearest_colour(background, sources.BACKGROUND_COLOURS)
+  if peak <= 0:
+    return "", background_name
+  digit = video[distance >= threshold * peak].mean(axis=0)
+  return blended_colour(digit, background, sources.DIGIT_COLOURS), background_name
+
+
+def temporal_seam(video) -> tuple[float, float]:
+  """(mean |frame change| across latent-frame boundaries, mean |frame change| within latent frames)
+  of a clip [T, H, W, C]: the causal VAE codes frame 0 alone and frames 4k+1..4k+4 together, so
+  the boundaries are the steps 4k -> 4k+1. nan where a clip has no step of a kind (T < 3)."""
+  video = np.asarray(video, np.float64)
+  change = np.abs(np.diff(video, axis=0)).mean(axis=tuple(range(1, video.ndim)))  # step t -> t+1
+  boundary = (np.arange(len(change)) % TEMPORAL_FACTOR) == 0
+  across = float(change[boundary].mean()) if boundary.any() else float("nan")
+  within = float(change[~boundary].mean()) if (~boundary).any() else float("nan")
+  return across, within
+
+
+def seam_score(videos) -> float:
+  """Temporal seam score of a set of clips: the mean change across latent-frame boundaries over
+  the mean change within latent frames (temporal_seam, pooled over clips of >= 3 frames). About 1
+  for real motion; above 1 when frames jump where latent frames meet. nan without such clips."""
+  pairs = np.asarray([temporal_seam(v) for v in videos if len(v) >= 3], np.float64).reshape(-1, 2)
+  if len(pairs) == 0 or pairs[:, 1].mean() <= 0:
+    return float("nan")
+  return float(pairs[:, 0].mean() / pairs[:, 1].mean())
+
+
+def measure_clip(video, truth: dict, *, classify=None) -> dict:
+  """Per-attribute agreement of one clip uint8 [T, H, W, 3] with its caption's truth (clip_truth):
+  {attribute: bool} for the checks that apply (ATTRIBUTES), so a rate is a mean over clips.
+
+  digit        the classifier's majority over frames is the caption's digit (one-digit
+               captions; needs `classify`: frames -> predicted labels [T])
+  digit_colour the digit's measured colour (clip_colours) is the caption's (one-digit captions)
+  background   the measured background colour is the caption's
+  direction    motion_direction agrees with the stated direction (one digit, > 1 frame, no bounce)
+  speed        the measured speed's class (speed_class, for the source canvas's side) is the
+               caption's (one moving digit, > 1 frame; bounces allowed)
+  count        digit_count is the caption's number of digits
+  """
+  video = np.asarray(video)
+  single = truth["count"] == 1
+  out = {}
+  colour, background = clip_colours(video)
+  out["background"] = background == truth["background"]
+  out["count"] = digit_count(video) == truth["count"]
+  if single:
+    out["digit_colour"] = colour == truth["colours"][0]
+    if classify is not None:
+      out["digit"] = int(np.bincount(np.asarray(classify(video)), minlength=10).argmax()) == truth["digits"][0]
+    direction, speed = truth["directions"][0], truth["speeds"][0]
+    if len(video) > 1 and direction is not None and not truth["bounced"][0]:
+      out["direction"] = direction_agrees(direction, *motion_direction(video))
+    if len(video) > 1 and speed is not None:
+      out["speed"] = speed_class(clip_speed(video), truth["short_side"]) == speed
+  return out
+
+
+def attribute_rates(videos, truths, *, classify=None) -> dict:
+  """({attribute: agreement rate (nan when no clip qualifies)} plus "seam": seam_score of all the
+  clips, {attribute: clips checked}); the attributes over clips with a truth (clip_truth not None)."""
+  checks = [measure_clip(v, t, classify=classify) for v, t in zip(videos, truths) if t is not None]
+  rates, counts = {}, {}
+  for name in ATTRIBUTES:
+    values = [c[name] for c in checks if name in c]
+    rates[name] = float(np.mean(values)) if values else float("nan")
+    counts[name] = len(values)
+  rates["seam"] = seam_score(videos)  # any video, captioned or not
+  return rates, counts
 
 
 # --------------------------------------------------------------------------- pictures
@@ -378,10 +607,14 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   """Text-to-video (or -image) on held-out captions: num_samples videos for the
   captions of the eval split's video clips (at each clip's own size,
   sample.frames frames; a fixed-size image model: its images at its size),
-  then per video: the classifier's majority vote over its frames against the
-  caption's digit (the example's label), the measured motion against the
-  caption's direction (captions of bouncing digits are left out of that count),
-  and FD/KID between the generated and real frames in the feature space."""
+  then the per-clip attribute checks of measure_clip against each caption
+  (clip_truth: digit by the classifier's majority over frames, digit and
+  background colour, motion direction, speed class, number of digits) and the
+  temporal seam score, as check/<name>/generated, and the same checks on the
+  real clips of those captions (check/<name>/real, the checks' own ceiling) and
+  on VAE reconstructions of them (check/<name>/vae, the latent model's ceiling;
+  latent models only); check/<name>/clips is how many clips each check covers.
+  Then FD/KID between the generated and real frames in the feature space."""
   from diffusion_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax.train import classifier_task, dit_task  # pylint: disable=g-import-not-at-top
 
@@ -406,13 +639,11 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
     kind = "video clips" if makes_video else "examples"
     raise ValueError(f"the eval split of {config.data.name} has fewer than 2 {kind} to take captions from")
   frames = int(config.sample.frames)
-  requests, labels, directions = [], [], []
+  requests = []
   for example in chosen:
     caption = example["caption"].decode() if isinstance(example["caption"], bytes) else str(example["caption"])
     shape = np.asarray(example["source_shape"])
     requests.append(sample_lib.Request(caption, (int(shape[1]), int(shape[2])), min(frames, int(shape[0]))))
-    labels.append(int(example["label"]))
-    directions.append(sources.caption_direction(caption))
   sampler = str(config.sample.sampler)
   steps, cfg_scale = int(config.sample.steps), float(config.sample.cfg_scale)
   videos, notes = sample_lib.sample_requests(gen, requests, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
@@ -422,14 +653,10 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   files = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("sample_")]
   metrics = dict(sampler=sampler, sample_steps=steps, cfg_scale=cfg_scale, videos=len(videos))
 
-  real_clips = [clip[:len(video)] for clip, video in zip(_source_clips(config, chosen), videos)]
-
-  def motion_agreement(clips):
-    agrees = [direction_agrees(d, *motion_direction(c)) for c, d in zip(clips, directions) if d is not None]
-    return (float(np.mean(agrees)) if agrees else float("nan")), len(agrees)
-
-  metrics["motion_agreement"], metrics["motion_checked"] = motion_agreement(videos)
-  metrics["motion_agreement_real"], _ = motion_agreement(real_clips)  # the check's ceiling on real clips
+  originals = _source_examples(config, chosen)
+  truths = [clip_truth(original) for original in originals]
+  real_clips = [_as_clip(original["video"])[:len(video)] for original, video in zip(originals, videos)]
+  reconstructions = reconstruct(gen.vae, real_clips) if gen.vae is not None else None
   size = 32  # frames are compared at one size (the classifier resizes anyway)
 
   def frames_at(clips):
@@ -438,15 +665,24 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
 
   generated, real = frames_at(videos), frames_at(real_clips)
   classifier_export = export_lib.load_export(classifier) if classifier else None
+  classify = None
   if classifier_export is not None:
-    def majority(clip):
-      return int(np.bincount(np.argmax(classifier_task.classify(classifier_export, clip)[0], -1), minlength=10).argmax())
-    predicted = [majority(v) for v in videos]
-    metrics["classifier_accuracy"] = float(np.mean(np.asarray(predicted) == np.asarray(labels)))
-    metrics["classifier_accuracy_real"] = float(np.mean([majority(c) == l for c, l in zip(real_clips, labels)]))
+    def classify(clip):
+      return np.argmax(classifier_task.classify(classifier_export, clip)[0], axis=-1)
     metrics["classifier"] = classifier_export.path
     if feature_extractor is None:
       feature_extractor = _classifier_features(classifier_export)
+  # The same checks on generated clips, on VAE reconstructions of the real clips (what the
+  # latent model can at best give back) and on the real clips (what the checks can at best score).
+  sets = dict(generated=videos, vae=reconstructions, real=real_clips)
+  for which, clips in sets.items():
+    if clips is None:
+      continue
+    rates, counts = attribute_rates(clips, truths, classify=classify)
+    for name, rate in rates.items():
+      metrics[f"check/{name}/{which}"] = rate
+    if which == "real":
+      metrics.update({f"check/{name}/clips": count for name, count in counts.items()})
   if feature_extractor is not None:
     real_features = np.asarray(feature_extractor(real), np.float64)
     fake_features = np.asarray(feature_extractor(generated), np.float64)
@@ -457,11 +693,17 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   return metrics, files
 
 
-def _source_clips(config, examples) -> list[np.ndarray]:
-  """The real clips behind eval examples, uint8 [T, H, W, C] each: their pixels, or for an
-  encoded latent dataset the original clips of its source dataset, found by id."""
+def _as_clip(video) -> np.ndarray:
+  video = np.asarray(video)
+  return video if video.ndim == 4 else video[None]
+
+
+def _source_examples(config, examples) -> list[dict]:
+  """The source examples behind eval examples (their clip under "video", uint8 [T, H, W, C], and
+  the generator's metadata): the examples themselves, or for an encoded latent dataset the
+  examples of its source dataset, found by id."""
   if all("video" in ex for ex in examples):
-    return [np.asarray(ex["video"]) for ex in examples]
+    return list(examples)
   from diffusion_jax import encode  # pylint: disable=g-import-not-at-top
 
   meta = encode.encoded_metadata(str(config.data.name))
@@ -469,8 +711,22 @@ def _source_clips(config, examples) -> list[np.ndarray]:
   split = meta["splits"][config.data.eval_split]["source_split"]
   opened = sources.open_source(origin["name"], split, origin["data_dir"], **(origin.get("builder_kwargs") or {}))
   by_id = {int(opened[i]["id"]): i for i in range(len(opened))}
-  clips = [np.asarray(opened[by_id[int(ex["id"])]]["video"]) for ex in examples]
-  return [clip if clip.ndim == 4 else clip[None] for clip in clips]
+  return [opened[by_id[int(ex["id"])]] for ex in examples]
+
+
+def reconstruct(vae, clips) -> list[np.ndarray]:
+  """VAE reconstructions (posterior mean, decoded) of uint8 clips [T, H, W, C], each first trimmed
+  to 1 + 4k frames and centre-cropped to multiples of the VAE's spatial factor (as the encode
+  step does), one clip at a time; uint8 like the input."""
+  from diffusion_jax import encode  # pylint: disable=g-import-not-at-top
+
+  out = []
+  for clip in clips:
+    clip = encode.trim_and_crop(_as_clip(clip), vae.spatial_factor)
+    mean, _ = vae.encode(clip[None].astype(np.float32) / 127.5 - 1.0)
+    decoded = vae.decode(mean)[0]
+    out.append(np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8))
+  return out
 
 
 def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, classifier: str = "",

@@ -10,9 +10,12 @@ the command resumes or skips what is finished):
   4. dit         text-to-video DiT, rectified flow (configs/video_dit.py:quickstart) -> WORKDIR/dit
   5. classifier  the project's digit classifier (configs/classifier_digits.py) -> WORKDIR/classifier
   6. export      WORKDIR/export (EMA params, config, bundled VAE)
-  7. evaluate    videos for held-out captions; the classifier's accuracy on the
-                 prompted digit, motion direction agreement, FD/KID -> WORKDIR/eval
-  8. report      WORKDIR/report.md: the metrics table, the sample GIFs, the wall time of each stage
+  7. evaluate    videos for held-out captions; per clip the prompted digit (classifier), digit and
+                 background colour, direction, speed, digit count and the temporal seam score, each
+                 also on VAE reconstructions of the real clips and on the real clips (the
+                 ceilings); FD/KID -> WORKDIR/eval
+  8. report      WORKDIR/report.md: the checks table (generated | VAE reconstruction | real), the
+                 other metrics, the sample GIFs, the wall time of each stage
 
 --scale multiplies every stage's training steps (0.1 for a quick look).
 """
@@ -48,7 +51,7 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   """Runs every stage into workdir; returns the report's path."""
   from diffusion_jax import __main__ as cli
   from diffusion_jax import encode, evaluate, export
-  from diffusion_jax.data import sources
+  from diffusion_jax.data import pipeline, sources
   from diffusion_jax.train import loop, vae_task
 
   workdir = os.path.abspath(workdir)
@@ -66,7 +69,8 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   stage("data")
   data_dir = os.path.join(workdir, "data")
   sources.ensure_dataset("moving_digits", data_dir, **QUICKSTART_DATA)
-  sources.ensure_dataset("digits_canvas", data_dir, image_size=32)
+  classifier_config = _config("classifier_digits.py", "", **{"data.data_dir": data_dir})
+  sources.ensure_dataset(classifier_config.data.name, data_dir, **pipeline.builder_kwargs(classifier_config.data))
   done("data")
 
   stage("vae")
@@ -94,7 +98,6 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   done("dit")
 
   stage("classifier")
-  classifier_config = _config("classifier_digits.py", "", **{"data.data_dir": data_dir})
   _steps(classifier_config, scale)
   _, classifier_metrics = loop.train(classifier_config, os.path.join(workdir, "classifier"))
   classifier_export = _fresh_export(export, os.path.join(workdir, "classifier"),
@@ -139,11 +142,42 @@ def _latest_step(workdir: str) -> int:
   return step
 
 
+CHECKS = (
+    ("digit", "digit (classifier, majority over frames)"),
+    ("digit_colour", "digit colour"),
+    ("background", "background colour"),
+    ("direction", "motion direction"),
+    ("speed", "speed class"),
+    ("count", "number of digits"),
+    ("seam", "temporal seam score (1 = no seam)"),
+)
+
+
+def checks_table(scores: dict) -> list[str]:
+  """Markdown lines: evaluate's per-clip checks (check/<name>/<set>), one row per check, the
+  generated clips beside the VAE reconstructions of the real clips and the real clips."""
+  if not any(k.startswith("check/") for k in scores):
+    return []
+
+  def cell(value):
+    return "n/a" if value is None or (isinstance(value, float) and value != value) else f"{value:.3f}"
+
+  lines = ["Per-clip checks against each prompt's caption: agreement rates (the seam score is a ratio).",
+           "The real clips are the checks' own ceiling, the VAE reconstructions the latent model's.", "",
+           "| check | generated | VAE reconstruction | real | clips |", "| --- | --- | --- | --- | --- |"]
+  for name, title in CHECKS:
+    values = [scores.get(f"check/{name}/{which}") for which in ("generated", "vae", "real")]
+    clips = scores.get(f"check/{name}/clips", "")
+    lines.append(f"| {title} | " + " | ".join(cell(v) for v in values) + f" | {clips} |")
+  return lines + [""]
+
+
 def write_report(workdir: str, scores: dict, times: dict, classifier_metrics: dict) -> str:
   """WORKDIR/report.md: what was trained, the metrics, the samples, the time of each stage."""
   lines = ["# diffusion_jax quickstart: text-to-video on moving digits", ""]
+  lines += checks_table(scores)
   lines += ["| metric | value |", "| --- | --- |"]
-  for key in sorted(scores):
+  for key in sorted(k for k in scores if not k.startswith("check/")):
     value = scores[key]
     if isinstance(value, float):
       lines.append(f"| {key} | {value:.4g} |")

@@ -353,6 +353,39 @@ def caption_direction(caption: str) -> str | None:
   return None
 
 
+def caption_attributes(caption: str) -> dict | None:
+  """What a moving_digits (or digits_canvas) caption states, read with the generator's own vocabulary
+  (DIGIT_COLOURS, BACKGROUND_COLOURS, SPEEDS, _motion_phrase): the inverse of its captions.
+
+  Returns {"digits": [int], "colours": [str], "background": str, "directions": [str | None],
+  "speeds": [str | None], "bounced": [bool]}, one entry per digit in caption order; a digit's
+  direction is the DIRECTIONS key its motion phrase names (its starting direction when it
+  bounces; None when the caption names no motion, as for one frame), its speed a SPEEDS key
+  (None when still or without motion). None for a caption that is not of this form.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+
+  colours = "|".join(sorted(DIGIT_COLOURS, key=len, reverse=True))
+  backgrounds = "|".join(sorted(BACKGROUND_COLOURS, key=len, reverse=True))
+  tail = re.search(rf" on an? ({backgrounds}) background$", caption.strip())
+  if tail is None:
+    return None
+  body = caption.strip()[:tail.start()]
+  nouns = list(re.finditer(rf"(?:^|\b)an? ({colours}) (\d)\b", body))
+  if not nouns:
+    return None
+  out = dict(digits=[], colours=[], background=tail.group(1), directions=[], speeds=[], bounced=[])
+  for i, noun in enumerate(nouns):
+    phrase = " " + body[noun.end():nouns[i + 1].start() if i + 1 < len(nouns) else len(body)]
+    out["digits"].append(int(noun.group(2)))
+    out["colours"].append(noun.group(1))
+    out["bounced"].append("bounc" in phrase)
+    direction = caption_direction(phrase.replace("bounc", ""))
+    out["directions"].append(direction)
+    out["speeds"].append(next((s for s in SPEEDS if f" {s}" in phrase), None) if direction != "still" else None)
+  return out
+
+
 def render_moving_digits(images, labels, rng: np.random.Generator, *, min_side: int, max_side: int,
                          max_digits: int, durations) -> dict:
   """One clip of 1..max_digits digits from `images` (8x8 in [0, 1]) moving on a canvas.
