@@ -3,11 +3,14 @@
 Only process 0 writes; other processes get a writer that does nothing, so the
 loop never asks which process it is.
 
-Also the FLOPs side: `step_flops` reads the FLOPs of a compiled step from
-XLA's cost analysis, `device_peak_flops` gives a device's peak (a table for
-accelerators, a measured matmul on CPU), and `mfu` puts them together
-(PaLM's model FLOPs utilisation, with XLA's count of the compiled program, so
-rematerialised forward passes count too).
+Also the FLOPs side: `dit_train_flops` counts the model FLOPs of a DiT train
+step analytically from the batch's real segment lengths (what the
+architecture needs, PaLM's "model FLOPs"), `step_flops` reads the FLOPs of a
+compiled step from XLA's cost analysis (what the program does: padding,
+rematerialisation, and for an `nn.scan`-ned model the scanned body counted
+once, so it is a check, not a measure), `device_peak_flops` gives a device's
+peak (a table for accelerators, a measured matmul on CPU), and `mfu` puts
+model FLOPs, time and peak together.
 """
 import json
 import os
@@ -16,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 peak FLOP/s per chip (vendor figures), matched against
 # jax.Device.device_kind in order: the first key found in the lowercase kind wins.
@@ -104,6 +108,51 @@ def step_flops(compiled, num_devices: int):
   if not flops or flops <= 0:
     return None
   return float(flops) * num_devices
+
+
+def dit_forward_flops(*, width: int, depth: int, patch_dim: int, out_dim: int, segment_lengths,
+                      mlp_ratio: float = 4.0, text_dim: int = 0, text_lengths=None, clocks=None,
+                      num_classes: int = 0, adaln: str = "zero", frequency_dim: int = 256,
+                      pooled_text: bool = False) -> float:
+  """FLOPs (2 per multiply-add) of one DiT forward pass over packed rows, as the architecture needs them.
+
+  segment_lengths: per row, the token count of each example (padding left
+  out: the model needs no work for it). Per token: the patch embedding, per
+  block the q/k/v/out projections and the MLP (+ the cross-attention's q and
+  out projections with text), the final linear. Self-attention:
+  4 len^2 width per example and block (QK^T and AV); cross-attention:
+  4 len len_text width. Text tokens (text_lengths, aligned with
+  segment_lengths; default none): the caption MLP and each block's k/v
+  projections. Per (example, clock) (`clocks`, default one per example):
+  the timestep MLP and the adaLN modulations (adaln='zero': 6 width^2 a block
+  + 2 width^2 final; 'single': one shared 6 width^2), as DiT computes them
+  once per image. Norms, softmax and elementwise work are not counted (PaLM's
+  convention).
+  """
+  d = width
+  lengths = [np.asarray(row, np.float64) for row in segment_lengths]
+  tokens = sum(float(r.sum()) for r in lengths)
+  examples = sum(len(r) for r in lengths)
+  clocks = examples if clocks is None else clocks
+  per_token = patch_dim * d + depth * (4 * d * d + 2 * mlp_ratio * d * d) + d * out_dim
+  flops = 2.0 * tokens * per_token
+  flops += 4.0 * depth * d * sum(float(np.square(r).sum()) for r in lengths)
+  if text_dim:
+    text = [np.asarray(row, np.float64) for row in (text_lengths or [[0] * len(r) for r in lengths])]
+    text_tokens = sum(float(r.sum()) for r in text)
+    flops += 2.0 * tokens * depth * 2 * d * d  # cross-attention q and out projections
+    flops += 2.0 * text_tokens * (text_dim * d + d * d + depth * 2 * d * d)  # caption MLP, k and v
+    flops += 4.0 * depth * d * sum(float((r * t).sum()) for r, t in zip(lengths, text))
+    if pooled_text:
+      flops += 2.0 * examples * (text_dim * d + d * d)
+  modulation = depth * 6 * d * d + 2 * d * d if adaln == "zero" else 6 * d * d
+  flops += 2.0 * clocks * (frequency_dim * d + d * d + modulation)
+  return flops
+
+
+def dit_train_flops(**kwargs) -> float:
+  """Model FLOPs of one DiT train step: 3 x the forward (the backward costs two forwards)."""
+  return 3.0 * dit_forward_flops(**kwargs)
 
 
 def measure_cpu_peak_flops(size: int = 1024, repeats: int = 3) -> float:

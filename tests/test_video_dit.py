@@ -44,7 +44,10 @@ def test_a_packed_row_gives_each_example_what_it_gets_alone():
   model = _model()
   examples = [_example(rng, (2, 2, 3), 3, 0), _example(rng, (1, 3, 3), 5, 1), _example(rng, (3, 2, 2), 2, 2)]
   row = _row(examples)
-  t = rng.uniform(0, 1000, size=row["segment_ids"].shape).astype(np.float32)
+  # Each example its own t (the model's contract), the first clip's first frame clean context at t = 0.
+  t = rng.uniform(0, 1000, size=row["labels"].shape).astype(np.float32)
+  t = np.take_along_axis(t, np.maximum(row["segment_ids"] - 1, 0), axis=1)
+  t = np.where((row["segment_ids"] == 1) & (row["positions"][..., 0] == 0), 0.0, t).astype(np.float32)
 
   def apply(params, batch, t):
     return model.apply(params, batch["patches"], t, batch["labels"], batch["segment_ids"], batch["positions"],

@@ -11,8 +11,13 @@ strided conv), fixed 2D sin-cos positions (or 3D RoPE inside attention for
 video), timestep MLP + class table summed into c, `depth` blocks with
 adaLN-Zero modulation from SiLU(c), and a final adaLN layer with a zero-init
 linear. Differences forced by packing: attention is restricted to tokens of the
-same example, and c (so the modulation) is per token, since conditioning
-frames carry t = 0.
+same example, and an example has up to two clocks (its noise level t and, for
+conditioning frames, the clean t = 0). c and every adaLN modulation are
+computed once per (example, clock), as DiT computes them once per image, and
+gathered to the tokens (`conditioning_clocks`): a per-token c would cost each
+block 6 width^2 multiply-adds a token, half again the block's own work.
+`adaln='single'` is PixArt-alpha's adaLN-single: one shared 6 x width
+projection of c plus a learned per-block table, instead of a Dense per block.
 
 Output layout: [B, L, P_out] float32; with learn_sigma, P_out = 2P and
 out[..., :P] is the prediction (eps / v / x0), out[..., P:] the variance
@@ -30,11 +35,50 @@ Dtype = Any
 
 POS_EMBEDDINGS = ("sincos2d", "sincos3d", "rope3d")
 REMAT_POLICIES = ("none", "full", "dots")
+ADALN_KINDS = ("zero", "single")
 
 
 def modulate(x, shift, scale):
   """DiT's adaLN modulation x * (1 + scale) + shift (here per token)."""
   return x * (1 + scale) + shift
+
+
+def conditioning_clocks(t, segment_ids, num_examples: int):
+  """Each token's (example, clock) slot and the time of every slot.
+
+  A packed row holds at most K examples; the tokens of one example share its
+  noise level t, except its conditioning tokens, which carry the clean t = 0:
+  so an example has at most two clocks, and the row at most 2K. Slot k is
+  example k's larger t (its noisy tokens), slot K + k its smaller one (its
+  conditioning tokens, when it has any). The clocks are read off t itself, so
+  callers pass per-token t as before; the rule it relies on, at most two
+  values of t within one example, holds for every caller here (training's
+  conditioning masks, the samplers' kept tokens, SDEdit's per-example start).
+
+  Args:
+    t: [B, L] float, per-token time.
+    segment_ids: [B, L] int, 0 = padding, k >= 1 = example k.
+    num_examples: K.
+
+  Returns:
+    slot [B, L] int32 in [0, 2K) (padding takes slot 0), and t_slot [B, 2K]
+    float32 (0 for a slot without tokens).
+  """
+  example = jnp.maximum(segment_ids - 1, 0)
+  one_hot = (segment_ids[..., None] == jnp.arange(1, num_examples + 1, dtype=segment_ids.dtype))  # [B, L, K]
+  t = t.astype(jnp.float32)
+  t_max = jnp.max(jnp.where(one_hot, t[..., None], -jnp.inf), axis=1)  # [B, K]
+  t_min = jnp.min(jnp.where(one_hot, t[..., None], jnp.inf), axis=1)
+  t_slot = jnp.concatenate([t_max, t_min], axis=1)
+  t_slot = jnp.where(jnp.isfinite(t_slot), t_slot, 0.0)
+  own_max = jnp.take_along_axis(t_max, example, axis=1)
+  slot = example + num_examples * (t < own_max).astype(example.dtype)
+  return jnp.where(segment_ids > 0, slot, 0).astype(jnp.int32), t_slot
+
+
+def to_tokens(values, slot):
+  """Per-slot values [B, N, F] -> per-token [B, L, F] (a gather along N)."""
+  return jnp.take_along_axis(values, slot[..., None], axis=1)
 
 
 def _layer_norm(dtype, name):
@@ -116,7 +160,13 @@ class CaptionEmbedder(nn.Module):
 class DiTBlock(nn.Module):
   """DiT block with adaLN-Zero: gate * sublayer(modulate(LN(x), shift, scale)),
   plus, with text, an ungated cross-attention sublayer between self-attention
-  and the MLP (PixArt-alpha's block)."""
+  and the MLP (PixArt-alpha's block).
+
+  `cond` is per (example, clock) slot, [B, N, .]: c itself for adaln='zero'
+  (the block's own Dense makes the 6 modulations), the shared 6 x width
+  projection of c for adaln='single' (the block adds its learned table). The
+  modulations reach the tokens through `slot` [B, L].
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = False
@@ -124,13 +174,22 @@ class DiTBlock(nn.Module):
   rope_split: Sequence[float] = (0.25, 0.375, 0.375)
   attention_backend: str = "xla"
   cross_attention: bool = False
+  adaln: str = "zero"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, segment_ids, positions, text=None, text_segment_ids=None):
+  def __call__(self, x, cond, slot, segment_ids, positions, text=None, text_segment_ids=None):
     width = x.shape[-1]
-    modulation = _zero_dense(6 * width, "modulation", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
+    if self.adaln == "single":
+      table = self.param("scale_shift_table",
+                         nn.with_logical_partitioning(nn.initializers.normal(width ** -0.5), ("modulation",)),
+                         (6 * width,), self.param_dtype)
+      modulation = cond + table.astype(cond.dtype)
+    else:
+      modulation = _zero_dense(6 * width, "modulation", self.dtype, self.param_dtype, "adaLN_modulation")(
+          nn.silu(cond))
+    modulation = to_tokens(modulation, slot)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
 
     h = modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
@@ -156,16 +215,28 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-  """DiT's final layer: adaLN (shift, scale) then a zero-initialised linear."""
+  """DiT's final layer: adaLN (shift, scale) then a zero-initialised linear.
+
+  c is per slot [B, N, width] (see DiTBlock); adaln='single' takes shift and
+  scale as c plus a learned table (PixArt-alpha's T2IFinalLayer).
+  """
   out_dim: int
+  adaln: str = "zero"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c):
+  def __call__(self, x, c, slot):
     width = x.shape[-1]
-    modulation = _zero_dense(2 * width, "modulation", self.dtype, self.param_dtype, "adaLN_modulation")(nn.silu(c))
-    shift, scale = jnp.split(modulation, 2, axis=-1)
+    if self.adaln == "single":
+      table = self.param("scale_shift_table",
+                         nn.with_logical_partitioning(nn.initializers.normal(width ** -0.5), ("modulation",)),
+                         (2 * width,), self.param_dtype)
+      modulation = jnp.concatenate([c, c], axis=-1) + table.astype(c.dtype)
+    else:
+      modulation = _zero_dense(2 * width, "modulation", self.dtype, self.param_dtype, "adaLN_modulation")(
+          nn.silu(c))
+    shift, scale = jnp.split(to_tokens(modulation, slot), 2, axis=-1)
     x = modulate(_layer_norm(self.dtype, "norm_final")(x), shift, scale)
     return _zero_dense(self.out_dim, "patch", self.dtype, self.param_dtype, "linear")(x)
 
@@ -190,6 +261,9 @@ class DiT(nn.Module):
       (3D rotary embedding on q and k; no additive embedding).
     rope_split: fractions of the RoPE rotation pairs for (t, h, w).
     qk_norm: LayerNorm on q and k per head.
+    adaln: 'zero' (DiT's adaLN-Zero: a 6 x width Dense of c in every block)
+      or 'single' (PixArt-alpha's adaLN-single: one shared Dense, a learned
+      6 x width table per block).
     attention_backend: see layers.dot_product_attention.
     scan_layers: run the blocks through nn.scan (params stacked on a leading
       'layers' axis, under 'blocks') instead of a Python loop ('blocks_0', ...).
@@ -210,8 +284,10 @@ class DiT(nn.Module):
   pos_embedding: str = "sincos2d"
   rope_split: Sequence[float] = (0.25, 0.375, 0.375)
   qk_norm: bool = False
+  adaln: str = "zero"
   attention_backend: str = "xla"
   scan_layers: bool = True
+  scan_unroll: int = 1
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -225,6 +301,8 @@ class DiT(nn.Module):
       raise ValueError(f"Unknown pos_embedding {self.pos_embedding!r}; valid: {POS_EMBEDDINGS}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Unknown remat {self.remat!r}; valid: {REMAT_POLICIES}.")
+    if self.adaln not in ADALN_KINDS:
+      raise ValueError(f"Unknown adaln {self.adaln!r}; valid: {ADALN_KINDS}.")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
     if x.ndim != 3 or x.shape[-1] != self.patch_dim:
@@ -239,6 +317,15 @@ class DiT(nn.Module):
     if labels.ndim != 2 or labels.shape[0] != x.shape[0]:
       raise ValueError(f"labels must be per example [B, K] with B={x.shape[0]}, got {labels.shape}.")
 
+  def condition_slots(self, t, segment_ids, num_examples):
+    """(slot [B, L], t_slot [B, N], slot_example [B, N]): each token's
+    conditioning slot, each slot's time and example index. Here N = 2K (see
+    conditioning_clocks); the tests' per-token reference overrides this with
+    one slot per token."""
+    slot, t_slot = conditioning_clocks(t, segment_ids, num_examples)
+    slot_example = jnp.broadcast_to(jnp.tile(jnp.arange(num_examples, dtype=jnp.int32), 2), t_slot.shape)
+    return slot, t_slot, slot_example
+
   def _block_stack(self):
     block_cls = DiTBlock
     if self.remat != "none":
@@ -248,10 +335,10 @@ class DiT(nn.Module):
     kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
                   rope=self.pos_embedding == "rope3d", rope_split=tuple(self.rope_split),
                   attention_backend=self.attention_backend, cross_attention=self.text_dim > 0,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  adaln=self.adaln, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,) * 5, length=self.depth,
+                        in_axes=(nn.broadcast,) * 6, length=self.depth, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       return [scanned(**kwargs, name="blocks")]
     return [block_cls(**kwargs, name=f"blocks_{i}") for i in range(self.depth)]
@@ -264,7 +351,8 @@ class DiT(nn.Module):
     Args:
       x: [B, L, P] noisy patches.
       t: [B, L] float timestep of each token (gathered per example by the
-        caller; conditioning tokens may carry t = 0).
+        caller; conditioning tokens may carry t = 0). Within one example t
+        takes at most two values (see conditioning_clocks).
       labels: [B, K] int class of each example of the row (null = num_classes).
       segment_ids: [B, L] int, 0 = padding, k >= 1 = example k.
       positions: [B, L, 3] int (t, h, w) patch coordinates in its example.
@@ -289,17 +377,17 @@ class DiT(nn.Module):
       x = x + layers.sincos_3d_embedding(positions, self.width).astype(self.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    t_emb = layers.TimestepEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    name="t_embedder")(t)
-    c = t_emb
-    example_index = jnp.maximum(segment_ids - 1, 0)  # padding borrows example 1's; masked later
+    # Conditioning per (example, clock) slot [B, N, width], not per token.
+    slot, t_slot, slot_example = self.condition_slots(t, segment_ids, labels.shape[1])
+    c = layers.TimestepEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="t_embedder")(t_slot)
     if self.num_classes > 0:
       y_embedder = layers.LabelEmbedder(self.num_classes, self.width, self.class_dropout_prob, dtype=self.dtype,
                                         param_dtype=self.param_dtype, name="y_embedder")
       if train and self.class_dropout_prob > 0:
         labels = y_embedder.drop_labels(labels, self.make_rng("dropout"))  # per example, as DiT
-      c = c + y_embedder(jnp.take_along_axis(labels, example_index, axis=1))
-    c = nn.with_logical_constraint(c, ("batch", "length", "embed"))
+      c = c + y_embedder(jnp.take_along_axis(labels, slot_example, axis=1))
+    c = nn.with_logical_constraint(c, ("batch", None, "embed"))
 
     text_tokens = None
     if self.text_dim > 0:
@@ -314,10 +402,16 @@ class DiT(nn.Module):
       text_tokens = CaptionEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                                     name="caption_embedder")(text, text_segment_ids, drop)
 
+    cond = c
+    if self.adaln == "single":  # PixArt's t_block: the one modulation projection all blocks share
+      cond = nn.Dense(6 * self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "modulation")),
+                      bias_init=nn.with_logical_partitioning(layers.zeros, ("modulation",)), name="t_block")(nn.silu(c))
     for block in self._block_stack():
-      x, _ = block(x, c, segment_ids, positions, text_tokens, text_segment_ids)
+      x, _ = block(x, cond, slot, segment_ids, positions, text_tokens, text_segment_ids)
 
-    out = FinalLayer(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="final_layer")(x, c)
+    out = FinalLayer(self.out_dim, adaln=self.adaln, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="final_layer")(x, c, slot)
     out = nn.with_logical_constraint(out, ("batch", "length", "patch"))
     return out.astype(jnp.float32)
 
@@ -346,7 +440,7 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
 
   Reads variant, num_classes, class_dropout_prob, learn_sigma, pos_embedding,
   attention_backend, scan_layers, remat, and optionally mlp_ratio, qk_norm,
-  rope_split. `patch_dim` is P of the data; the variant's `patch` (spatial
+  adaln, rope_split. `patch_dim` is P of the data; the variant's `patch` (spatial
   patch size) must agree with the data config, which the caller checks.
   """
   cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
@@ -356,7 +450,7 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
   if "num_classes" not in cfg:
     raise ValueError("model config needs num_classes (0 for none).")
   size = VARIANTS[variant]
-  optional = {k: cfg[k] for k in ("mlp_ratio", "qk_norm") if k in cfg}
+  optional = {k: cfg[k] for k in ("mlp_ratio", "qk_norm", "adaln", "scan_unroll") if k in cfg}
   if "rope_split" in cfg:
     optional["rope_split"] = tuple(cfg["rope_split"])
   return DiT(

@@ -1,0 +1,146 @@
+"""Our DiT train step against the reference PyTorch DiT, same shapes, same machine, one run.
+
+  pip install torch torchvision timm   # benchmark-only; never a runtime dependency
+  git clone https://github.com/facebookresearch/DiT /tmp/DiT
+  python benchmarks/vs_reference.py --reference=/tmp/DiT --threads=2
+
+The reference step is DiT's own train.py step: `models.py` (DiT with adaLN-Zero,
+learned sigma), `diffusion.create_diffusion("")` training_losses (the hybrid
+MSE + VLB loss over 1000 linear-beta steps), AdamW (lr 1e-4, no weight decay),
+then the EMA update. Ours is `train.loop`'s jitted train step of
+configs/dit_image.py on the same latent shape (eps prediction, learned sigma,
+DDPM linear schedule, AdamW, EMA, grad clipping). Both fp32, on `--threads`
+CPU threads (torch.set_num_threads; XLA's CPU thread pool is the process's
+cores, so run under `taskset` to compare on fewer cores). Shapes:
+  S/2   DiT-S/2 on 32x32x4 latents (256 tokens), batch 8
+  tiny  4 layers x 128 wide, patch 2, 32x32x4 (256 tokens), batch 8
+Prints each median step time, their ratio and the model FLOP/s (the
+analytic count of metrics.dit_model_flops, the same for both).
+"""
+import argparse
+import importlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+SHAPES = {
+    "S/2": dict(depth=12, width=384, num_heads=6, patch=2),
+    "tiny": dict(depth=4, width=128, num_heads=4, patch=2),
+}
+LATENT = (4, 32, 32)  # (C, H, W)
+NUM_CLASSES = 10
+
+
+def our_step_times(variant: str, batch: int, steps: int, overrides) -> list[float]:
+  import jax
+  import jax.numpy as jnp
+
+  from diffusion_jax import config as config_lib
+  from diffusion_jax import sharding
+  from diffusion_jax.train import dit_task, loop
+
+  config = config_lib.load_config(f"configs/dit_image.py:variant={variant}")
+  channels, size, _ = LATENT
+  config.data.update(image_size=size, channels=channels, tokens_per_row=(size // 2) ** 2, examples_per_row=1)
+  config.train.update(global_batch=batch, lr=1e-4, weight_decay=0.0)
+  config.model.num_classes = NUM_CLASSES
+  config_lib.apply_overrides(config, overrides)
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config.mesh)
+  model, optimizer, init_fn, _, state_shardings = loop.build_state(config, mesh, rules)
+  step_fn = loop.jit_train_step(config, model, optimizer, mesh, state_shardings)
+  rows = dit_task.dummy_batch(config, batch)
+  rng = np.random.default_rng(0)
+  rows["patches"] = rng.normal(size=rows["patches"].shape).astype(np.float32)
+  grid = (1, size // 2, size // 2)
+  from diffusion_jax.data import packing
+  rows["positions"][:] = packing.grid_positions(grid)
+  rows["grid"][:] = grid
+  rows["labels"] = rng.integers(0, NUM_CLASSES, rows["labels"].shape).astype(np.int32)
+  rows = jax.device_put(rows, sharding.batch_sharding(mesh))
+  state = init_fn(jax.random.PRNGKey(0))
+  times = []
+  with sharding.activate(mesh, rules):
+    for i in range(steps + 2):  # two warm-up steps (the first compiles)
+      start = time.perf_counter()
+      state, aux = step_fn(state, rows)
+      jax.block_until_ready((state, aux))
+      if i >= 2:
+        times.append(time.perf_counter() - start)
+  return times
+
+
+def reference_step_times(reference: str, variant: str, batch: int, steps: int, threads: int) -> list[float]:
+  import torch
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  sys.path.insert(0, reference)
+  models = importlib.import_module("models")
+  diffusion_lib = importlib.import_module("diffusion")
+  shape = SHAPES[variant]
+  channels, size, _ = LATENT
+  model = models.DiT(input_size=size, patch_size=shape["patch"], in_channels=channels, hidden_size=shape["width"],
+                     depth=shape["depth"], num_heads=shape["num_heads"], num_classes=NUM_CLASSES)
+  ema = models.DiT(input_size=size, patch_size=shape["patch"], in_channels=channels, hidden_size=shape["width"],
+                   depth=shape["depth"], num_heads=shape["num_heads"], num_classes=NUM_CLASSES)
+  ema.load_state_dict(model.state_dict())
+  ema.requires_grad_(False)
+  diffusion = diffusion_lib.create_diffusion(timestep_respacing="")
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+  model.train()
+  x = torch.randn(batch, channels, size, size)
+  y = torch.randint(0, NUM_CLASSES, (batch,))
+  times = []
+  for i in range(steps + 2):
+    start = time.perf_counter()
+    t = torch.randint(0, diffusion.num_timesteps, (batch,))
+    loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():  # DiT's update_ema
+      for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
+    if i >= 2:
+      times.append(time.perf_counter() - start)
+  sys.path.remove(reference)
+  for name in [m for m in sys.modules if m == "models" or m == "diffusion" or m.startswith("diffusion.")]:
+    del sys.modules[name]  # the reference's `diffusion` package must not shadow anything later
+  return times
+
+
+def model_flops(variant: str, batch: int) -> float:
+  from diffusion_jax import metrics
+
+  shape = SHAPES[variant]
+  channels, size, _ = LATENT
+  tokens = (size // shape["patch"]) ** 2
+  return metrics.dit_train_flops(width=shape["width"], depth=shape["depth"],
+                                 patch_dim=shape["patch"] ** 2 * channels, out_dim=2 * shape["patch"] ** 2 * channels,
+                                 segment_lengths=[[tokens]] * batch)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--reference", required=True, help="a clone of facebookresearch/DiT (holds models.py)")
+  parser.add_argument("--variants", default="S/2,tiny")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("overrides", nargs="*", help="--config.a.b=value overrides of our config")
+  args, overrides = parser.parse_known_args()
+  print("| shape | ours s/step | reference s/step | ours / reference | model GFLOP/step | ours GFLOP/s | "
+        "reference GFLOP/s |")
+  print("|---|---|---|---|---|---|---|")
+  for variant in args.variants.split(","):
+    ours = statistics.median(our_step_times(variant, args.batch, args.steps, overrides + args.overrides))
+    ref = statistics.median(reference_step_times(args.reference, variant, args.batch, args.steps, args.threads))
+    flops = model_flops(variant, args.batch)
+    print(f"| {variant} b{args.batch} | {ours:.3f} | {ref:.3f} | {ours / ref:.2f} | {flops / 1e9:.1f} | "
+          f"{flops / ours / 1e9:.1f} | {flops / ref / 1e9:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
