@@ -37,6 +37,7 @@ changes across the causal VAE's latent-frame boundaries with those within.
 Everything is reproducible for a seed: the same seed gives the same samples,
 the same real subset and the same KID subsets, hence the same metrics.
 """
+import functools
 import json
 import math
 import os
@@ -667,8 +668,7 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   classifier_export = export_lib.load_export(classifier) if classifier else None
   classify = None
   if classifier_export is not None:
-    def classify(clip):
-      return np.argmax(classifier_task.classify(classifier_export, clip)[0], axis=-1)
+    classify = functools.partial(classify_frames, classifier_export)
     metrics["classifier"] = classifier_export.path
     if feature_extractor is None:
       feature_extractor = _classifier_features(classifier_export)
@@ -691,6 +691,23 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
     metrics["kid"], metrics["kid_std"] = kernel_inception_distance(real_features, fake_features, seed=seed)
   metrics.update(held_out_loss(export, data_dir=data_dir))
   return metrics, files
+
+
+def classify_frames(classifier_export, frames, *, chunk: int = 64) -> np.ndarray:
+  """Predicted digits [T] of uint8 frames [T, H, W, 3] of any size, brought to the classifier's
+  data.image_size as it was trained (classifier_task.SingleDigitFrame: a locating classifier's
+  frames are first padded to a square with their background) and classified in chunks of
+  `chunk` frames, so one compilation serves every clip size and length."""
+  from diffusion_jax.train import classifier_task  # pylint: disable=g-import-not-at-top
+
+  config = classifier_export.config
+  squarer = classifier_task.SingleDigitFrame(size=int(config.data.image_size),
+                                             pad_square=bool(config.model.get("locate", False)))
+  frames = [squarer.random_map({"video": frame, "label": 0}, None)["frames"] for frame in np.asarray(frames)]
+  count = len(frames)
+  frames = np.stack(frames + [np.zeros_like(frames[0])] * (-count % chunk))
+  logits, _ = classifier_task.classify(classifier_export, frames, batch_size=chunk)
+  return np.argmax(logits[:count], axis=-1)
 
 
 def _as_clip(video) -> np.ndarray:

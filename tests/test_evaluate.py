@@ -219,3 +219,28 @@ def test_evaluate_vae_export(smoke_vae, tmp_path):
   assert {f"reconstruction_{i:04d}.gif" for i in range(3)} <= written  # 5-frame clips
   frames = iio.imread(tmp_path / "eval" / "reconstruction_0000.gif", index=None)
   assert frames.shape[0] == config.data.frames and frames.shape[2] == 2 * config.data.width
+
+
+def test_vae_ceiling_and_clip_classification(smoke_vae, exports):
+  """The plumbing of the video checks' ceilings: VAE reconstructions of real clips come back as
+  uint8 clips of the VAE's 1 + 4k frames and crop, the checks run on them, and the classifier
+  labels frames of any size, one label per frame."""
+  from diffusion_jax.data import sources
+  from diffusion_jax.train import vae_task
+
+  _, workdir = smoke_vae
+  vae = vae_task.load_vae(workdir)
+  images, labels = sources._load_digits()  # pylint: disable=protected-access
+  examples = [sources.render_moving_digits(images, labels, np.random.default_rng([3, 0, i]), min_side=20,
+                                           max_side=30, max_digits=1, durations=(7,)) for i in range(2)]
+  clips = [ex["video"] for ex in examples]
+  recon = evaluate_lib.reconstruct(vae, clips)
+  f = vae.spatial_factor
+  for clip, out in zip(clips, recon):
+    assert out.dtype == np.uint8 and out.shape == (5, clip.shape[1] // f * f, clip.shape[2] // f * f, 3)
+  rates, counts = evaluate_lib.attribute_rates(recon, [evaluate_lib.clip_truth(ex) for ex in examples])
+  assert counts["background"] == 2 and np.isfinite(rates["seam"])
+  classifier = export_lib.load_export(exports[1])
+  for clip in clips:
+    predicted = evaluate_lib.classify_frames(classifier, clip)
+    assert predicted.shape == (len(clip),) and ((0 <= predicted) & (predicted < 10)).all()
