@@ -42,6 +42,7 @@ def get_config(arg: str = ""):
       pos_embedding="sincos2d",  # or "rope3d"
       attention_backend="xla",
       scan_layers=True,
+      scan_unroll=0,  # layers per loop iteration; 0 = auto: unrolled on CPU (faster there), a loop elsewhere
       remat="none",  # none | full | dots
   )
 

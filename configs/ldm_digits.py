@@ -68,7 +68,7 @@ def get_config(arg: str = ""):
       learn_sigma=False,
   )
   if not unet:
-    c.model.update(pos_embedding="sincos2d", attention_backend="xla", scan_layers=True, remat="none")
+    c.model.update(pos_embedding="sincos2d", attention_backend="xla", scan_layers=True, scan_unroll=0, remat="none")
 
   c.diffusion = dict(
       kind="ddpm",  # LDM's objective: eps prediction, linear betas

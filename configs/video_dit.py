@@ -59,6 +59,7 @@ def get_config(arg: str = ""):
       qk_norm=True,
       attention_backend="xla",
       scan_layers=True,
+      scan_unroll=0,  # layers per loop iteration; 0 = auto: unrolled on CPU (faster there), a loop elsewhere
       remat="none",
   )
 

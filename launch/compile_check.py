@@ -175,6 +175,7 @@ def check(config, topology_arg: str, out=sys.stdout) -> dict:
   """Compiles for the slice and prints the table; returns {fits, peak_bytes, hbm_bytes, flops, num_params}."""
   topology = topology_name(topology_arg)
   devices = topology_devices(topology)
+  config = _for_accelerator(config)
   gen = topology.partition(":")[0]
   hbm_per_device = HBM_GIB[gen] * GIB * chip_count(topology) / len(devices)
   try:
@@ -188,7 +189,12 @@ def check(config, topology_arg: str, out=sys.stdout) -> dict:
     return dict(fits=False, peak_bytes=None, hbm_bytes=hbm_per_device, flops=None, num_params=None)
   mem = memory_report(compiled)
   flops = step_flops(config)
+  needed = model_flops(config)
   fits = mem["peak"] <= hbm_per_device
+  if flops is None or needed is None:
+    ratio = "unknown"
+  else:
+    ratio = f"{flops / needed:.3f}"
 
   rows = [
       ("topology", f"{topology_arg} = {topology}: {len(devices)} devices ({devices[0].device_kind}), "
@@ -201,7 +207,10 @@ def check(config, topology_arg: str, out=sys.stdout) -> dict:
       ("temporaries / device", _gib(mem["temporaries"])),
       ("donated (aliased)", _gib(mem["aliased"])),
       ("peak / device", f"{_gib(mem['peak'])} of {_gib(hbm_per_device)} HBM ({100 * mem['peak'] / hbm_per_device:.1f}%)"),
-      ("FLOPs / step", "unknown" if flops is None else f"{flops:.3e} (all devices)"),
+      ("FLOPs / step", "unknown" if flops is None else f"{flops:.3e} (all devices, XLA's count, layers unrolled)"),
+      ("model FLOPs / step", "unknown" if needed is None else f"{needed:.3e} (the architecture's, "
+                                                               "rows of one example of L tokens)"),
+      ("compiled / model", ratio),
       ("fits", "yes" if fits else "NO"),
   ]
   width = max(len(k) for k, _ in rows)
@@ -212,7 +221,38 @@ def check(config, topology_arg: str, out=sys.stdout) -> dict:
           f"{topology_arg}; shard more (mesh.shape fsdp), remat (model.remat=full) or lower train.global_batch",
           file=out)
   out.flush()
-  return dict(fits=fits, peak_bytes=mem["peak"], hbm_bytes=hbm_per_device, flops=flops, num_params=num_params)
+  return dict(fits=fits, peak_bytes=mem["peak"], hbm_bytes=hbm_per_device, flops=flops, model_flops=needed,
+              num_params=num_params)
+
+
+def _for_accelerator(config):
+  """A copy whose model.scan_unroll 0 (auto) is resolved for the accelerator (a
+  loop, 1), not for this CPU host, which only traces."""
+  from diffusion_jax import config as config_lib
+
+  config = config_lib.from_json(config_lib.to_json(config))
+  if config.model.get("scan_unroll", 1) == 0:
+    config.model.scan_unroll = 1
+  return config
+
+
+def model_flops(config):
+  """The task's analytic model FLOPs for a global batch whose rows hold one
+  example of data.tokens_per_row tokens (and its caption fills the text
+  budget): the attention work the 'xla' backend does on a row; packed rows of
+  several examples need less. None for tasks without a count."""
+  import numpy as np
+
+  from diffusion_jax.train import loop
+
+  count = getattr(loop.TASKS[config.task], "model_flops", None)
+  if count is None:
+    return None
+  rows = int(config.train.global_batch)
+  batch = dict(segment_ids=np.ones((rows, int(config.data.tokens_per_row)), np.int32))
+  if int(config.data.get("text_tokens_per_row", 0)):
+    batch["text_segment_ids"] = np.ones((rows, int(config.data.text_tokens_per_row)), np.int32)
+  return count(config, batch)
 
 
 def _gib(n: float) -> str:

@@ -267,6 +267,11 @@ class DiT(nn.Module):
     attention_backend: see layers.dot_product_attention.
     scan_layers: run the blocks through nn.scan (params stacked on a leading
       'layers' axis, under 'blocks') instead of a Python loop ('blocks_0', ...).
+    scan_unroll: layers per iteration of the scanned loop; depth unrolls it
+      whole with the params still stacked (the same checkpoints). XLA's CPU
+      while loop stacks every layer's residuals into zero-filled buffers and
+      slices them back, so on CPU unrolled is faster; TPUs keep 1 (compile
+      time, memory). See build_dit's 0 = auto.
     remat: 'none', 'full' (recompute everything) or 'dots' (save matmuls
       without batch dims) per block.
     dtype: compute dtype; param_dtype: parameter dtype.
@@ -440,7 +445,8 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
 
   Reads variant, num_classes, class_dropout_prob, learn_sigma, pos_embedding,
   attention_backend, scan_layers, remat, and optionally mlp_ratio, qk_norm,
-  adaln, rope_split. `patch_dim` is P of the data; the variant's `patch` (spatial
+  adaln, rope_split, scan_unroll (layers per loop iteration; 0 = auto: the
+  whole depth when JAX's default backend is the CPU, else 1). `patch_dim` is P of the data; the variant's `patch` (spatial
   patch size) must agree with the data config, which the caller checks.
   """
   cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
@@ -450,7 +456,10 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
   if "num_classes" not in cfg:
     raise ValueError("model config needs num_classes (0 for none).")
   size = VARIANTS[variant]
-  optional = {k: cfg[k] for k in ("mlp_ratio", "qk_norm", "adaln", "scan_unroll") if k in cfg}
+  optional = {k: cfg[k] for k in ("mlp_ratio", "qk_norm", "adaln") if k in cfg}
+  unroll = int(cfg.get("scan_unroll", 1))
+  if unroll == 0:  # auto: whole on CPU, where the loop costs time; a loop on accelerators
+    unroll = size["depth"] if jax.default_backend() == "cpu" else 1
   if "rope_split" in cfg:
     optional["rope_split"] = tuple(cfg["rope_split"])
   return DiT(
@@ -466,6 +475,7 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
       pos_embedding=cfg.get("pos_embedding", "sincos2d"),
       attention_backend=cfg.get("attention_backend", "xla"),
       scan_layers=cfg.get("scan_layers", True),
+      scan_unroll=unroll,
       remat=cfg.get("remat", "none"),
       dtype=dtype,
       param_dtype=param_dtype,

@@ -83,16 +83,13 @@ def _zero_keyless_queries(out, has_key):
 
 def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
   mask = _segment_mask(q_segment_ids, kv_segment_ids)
-  depth = q.shape[-1]
+  # Scale q ([B, L, H, D]) rather than the logits ([B, H, L, L]): one pass less over the big array.
+  q = (q.astype(jnp.float32) / math.sqrt(q.shape[-1])).astype(q.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = logits.astype(jnp.float32) / math.sqrt(depth)
-  # A finite fill (not -inf) keeps fully masked rows NaN-free in both passes;
-  # the explicit zeroing below then makes their weights exactly zero.
-  logits = jnp.where(mask, logits, jnp.float32(-1e30))
-  logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  weights = jnp.exp(logits) * mask
-  total = jnp.sum(weights, axis=-1, keepdims=True)
-  weights = weights / jnp.where(total > 0, total, 1.0)
+  # A finite fill (not -inf) keeps fully masked rows (padding queries, examples
+  # without text) NaN-free in both passes; the caller zeroes their output.
+  # jax.nn.softmax's own derivative rule is the cheap y * (g - sum(g y)).
+  weights = jax.nn.softmax(jnp.where(mask, logits, jnp.float32(-1e30)), axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
   return out.astype(q.dtype)
 
@@ -233,8 +230,8 @@ def dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend="xl
         f"segment ids {q_segment_ids.shape}, {kv_segment_ids.shape} do not match "
         f"q {q.shape[:2]} and k {k.shape[:2]}.")
   if backend == "xla":
-    return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
-  if backend == "gpu":
+    out = _xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  elif backend == "gpu":
     out = _gpu_attention(q, k, v, q_segment_ids, kv_segment_ids)
   else:
     out = _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, interpret=backend == "splash_interpret")

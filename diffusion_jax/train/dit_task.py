@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import metrics
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import packing, pipeline
 from diffusion_jax.diffusion import objectives, samplers, schedules
@@ -144,6 +145,33 @@ def build_model(config):
     return unet.build_unet(config.model, patch_dim=patch_dim(config), grid=example_grid(config),
                            patch=tuple(config.data.patch), channels=config.data.channels, dtype=dtype)
   return dit.build_dit(config.model, patch_dim=patch_dim(config), dtype=dtype)
+
+
+def model_flops(config, batch) -> float | None:
+  """Model FLOPs of one train step on a host batch (metrics.dit_train_flops from
+  its real segment and caption lengths); None for the U-Net family."""
+  if _model_family(config) != "dit":
+    return None
+  size = dit.VARIANTS[config.model.variant]
+  ids = np.arange(1, config.data.examples_per_row + 1)
+  lengths = np.sum(np.asarray(batch["segment_ids"])[..., None] == ids, axis=1)  # [B, K]
+  present = lengths > 0
+  text_dim = int(config.model.get("text_dim", 0))
+  text_lengths = None
+  if text_dim and "text_segment_ids" in batch:
+    text = np.sum(np.asarray(batch["text_segment_ids"])[..., None] == ids, axis=1)
+    text_lengths = [row[p] for row, p in zip(text, present)]
+  with_cond = 0
+  if "cond_mask" in batch:
+    cond = np.asarray(batch["segment_ids"]) * np.asarray(batch["cond_mask"])
+    with_cond = int(np.sum(np.any(cond[..., None] == ids, axis=1)))
+  learn_sigma = bool(config.model.get("learn_sigma", True))
+  return metrics.dit_train_flops(
+      width=size["width"], depth=size["depth"], patch_dim=patch_dim(config),
+      out_dim=(2 if learn_sigma else 1) * patch_dim(config), mlp_ratio=float(config.model.get("mlp_ratio", 4.0)),
+      segment_lengths=[row[p] for row, p in zip(lengths, present)], text_dim=text_dim, text_lengths=text_lengths,
+      clocks=int(present.sum()) + with_cond, adaln=config.model.get("adaln", "zero"),
+      pooled_text=bool(config.model.get("pooled_text", False)))
 
 
 def make_schedule(config) -> schedules.Schedule | None:

@@ -58,6 +58,8 @@ from diffusion_jax.train import state as state_lib
 #   summarize_eval(auxes) -> {"eval/...": float} over the fixed eval set
 # and optionally:
 #   LOSS_TAKES_STEP = True                   loss_fn also gets step= (the state's step, a traced int32)
+#   model_flops(config, local_batch) -> float  the model FLOPs of a step on that batch (the MFU's
+#                                            numerator); without it, XLA's count of the compiled step
 #   checkpoint_extras(scores, config) -> dict  JSON saved with each checkpoint, from the eval
 #                                            scores of that step's EMA params (evaluated at every save)
 TASKS = {"dit": dit_task, "classifier": classifier_task, "vae": vae_task}
@@ -437,7 +439,8 @@ def train(config, workdir: str):
   profile_start, profile_stop = tuple(config.train.get("profile_steps", (0, 0)))
   profiling = False
   try:
-    window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
+    window_start, window_steps, window_examples, window_tokens, window_flops = time.time(), 0, 0, 0, 0.0
+    model_flops_fn = getattr(task, "model_flops", None)
     while step < total:
       if step == profile_start < profile_stop:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))  # TensorBoard's profile tab reads it
@@ -456,6 +459,9 @@ def train(config, workdir: str):
       examples, tokens = _count_examples_and_tokens(local)
       window_examples += examples * jax.process_count()
       window_tokens += tokens * jax.process_count()
+      if model_flops_fn is not None and window_flops is not None:
+        flops = model_flops_fn(config, local)
+        window_flops = None if flops is None else window_flops + flops * jax.process_count()
       saved_now = False
       if profiling and step >= profile_stop:
         jax.block_until_ready(aux)
@@ -469,13 +475,17 @@ def train(config, workdir: str):
         steps_per_s = window_steps / elapsed
         last = dict(aux, steps_per_s=steps_per_s, examples_per_s=window_examples / elapsed,
                     tokens_per_s=window_tokens / elapsed, eta_s=(total - step) / steps_per_s)
-        utilisation = metrics.mfu(flops_per_step, steps_per_s, mesh.size, peak_per_device)
+        # MFU = model FLOPs / time / peak: the task's analytic count where it has one (XLA's count of
+        # a scanned model sees one layer), else XLA's count of the compiled step.
+        step_model_flops = window_flops / window_steps if model_flops_fn is not None and window_flops else \
+            flops_per_step
+        utilisation = metrics.mfu(step_model_flops, steps_per_s, mesh.size, peak_per_device)
         if utilisation is not None:
-          last.update(mfu=utilisation, flops_per_step=flops_per_step)
+          last.update(mfu=utilisation, flops_per_step=step_model_flops)
         writer.write(step, last)
         shown = ("loss", "grad_norm", "steps_per_s", "tokens_per_s", "mfu", "skipped_steps")
         writer.progress(step, {k: last[k] for k in shown if k in last}, eta_s=last["eta_s"])
-        window_start, window_steps, window_examples, window_tokens = time.time(), 0, 0, 0
+        window_start, window_steps, window_examples, window_tokens, window_flops = time.time(), 0, 0, 0, 0.0
 
       if eval_every and step % eval_every == 0:
         eval_start = time.time()
