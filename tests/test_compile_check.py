@@ -45,10 +45,13 @@ def test_smoke_train_step_compiles_for_a_small_slice_and_fits():
   assert table["topology"].startswith("v5e-4 = v5e:2x2: 4 devices")
   assert table["mesh"] == "{'data': 2, 'fsdp': 2, 'tensor': 1}"
   assert table["fits"] == "yes" and "of 16.00 GiB HBM" in table["peak / device"]
-  # Every layer counted (a scanned body alone would fall below): at least 6 x params x tokens.
-  tokens = config.train.global_batch * config.data.tokens_per_row
-  assert table["FLOPs / step"] == f"{report['flops']:.3e} (all devices)"
-  assert report["flops"] >= 6 * report["num_params"] * tokens
+  # Every layer counted (a scanned body alone would fall below the analytic model FLOPs, which count
+  # them all); the compiled step does the model's work and little more (the smoke model is so narrow
+  # that norms and softmax, which the model count leaves out, weigh in).
+  assert table["FLOPs / step"].startswith(f"{report['flops']:.3e} (all devices")
+  assert table["model FLOPs / step"].startswith(f"{report['model_flops']:.3e}")
+  assert 1.0 <= report["flops"] / report["model_flops"] < 1.5
+  assert table["compiled / model"] == f"{report['flops'] / report['model_flops']:.3f}"
 
   # A million rows a step cannot fit 16 GiB a device: reported as not fitting.
   big = config_lib.load_config(CONFIG + ":smoke")

@@ -50,17 +50,17 @@ def _times(batch, seed=0, cond_frames=True):
 
 
 CASES = {
-    # name: (grids, length, k, text, num_classes)
-    "images_classes": ([(1, 2, 3), (1, 3, 3), (1, 2, 2)], 32, 4, False, 5),
-    "video_text_cond_frames": ([(3, 2, 2), (1, 3, 3), (2, 2, 3), (1, 2, 2)], 48, 4, True, 0),
-    "video_classes_and_text": ([(2, 3, 2), (3, 2, 2), (1, 2, 3)], 40, 3, True, 5),
+    # name: (grids, length, k, text, num_classes, pooled_text)
+    "images_classes": ([(1, 2, 3), (1, 3, 3), (1, 2, 2)], 32, 4, False, 5, False),
+    "video_text_cond_frames": ([(3, 2, 2), (1, 3, 3), (2, 2, 3), (1, 2, 2)], 48, 4, True, 0, False),
+    "video_classes_and_pooled_text": ([(2, 3, 2), (3, 2, 2), (1, 2, 3)], 40, 3, True, 5, True),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_per_example_conditioning_equals_per_token(case, scan_layers):
-  grids, length, k, text, num_classes = CASES[case]
+  grids, length, k, text, num_classes, pooled_text = CASES[case]
   batch = _rows(grids, length=length, k=k, lt=16)
   assert (batch["segment_ids"] == 0).any(), "the case must hold padding"
   t, cond = _times(batch)
@@ -68,7 +68,7 @@ def test_per_example_conditioning_equals_per_token(case, scan_layers):
     assert cond.any(), "the case must hold conditioning frames"
   kwargs = dict(patch_dim=PATCH_DIM, width=32, depth=2, num_heads=2, num_classes=num_classes, learn_sigma=True,
                 pos_embedding="rope3d" if text else "sincos2d", text_dim=TEXT_DIM if text else 0,
-                scan_layers=scan_layers)
+                pooled_text=pooled_text, scan_layers=scan_layers)
   model, reference = dit.DiT(**kwargs), PerTokenDiT(**kwargs)
   text_args = dict(text=batch["text"], text_segment_ids=batch["text_segment_ids"]) if text else {}
   args = (batch["patches"], t, batch["labels"], batch["segment_ids"], batch["positions"])
@@ -120,3 +120,26 @@ def test_adaln_single_saves_parameters_and_starts_as_identity():
   assert counts["zero"] - counts["single"] == 6 * width * (width + 1) * (depth - 1) + 2 * width * (width + 1) - \
       6 * width * depth - 2 * width
   assert (outs["single"] == 0).all()  # the zero-initialised final linear, as adaLN-Zero
+
+
+def test_pooled_caption_is_each_examples_mean_and_reaches_only_its_example():
+  batch = _rows([(2, 2, 2), (1, 3, 3), (1, 2, 2)], length=32, k=3, lt=12)
+  pooled = np.asarray(dit.pool_captions(jnp.asarray(batch["text"]), jnp.asarray(batch["text_segment_ids"]), 3))
+  for k in range(3):
+    mine = batch["text_segment_ids"][0] == k + 1
+    np.testing.assert_allclose(pooled[0, k], batch["text"][0][mine].mean(axis=0), rtol=1e-6)
+  t, _ = _times(batch)
+  model = dit.DiT(patch_dim=PATCH_DIM, width=32, depth=2, num_heads=2, num_classes=0, text_dim=TEXT_DIM,
+                  learn_sigma=False, pos_embedding="rope3d", pooled_text=True)
+  args = (batch["patches"], t, batch["labels"], batch["segment_ids"], batch["positions"])
+  params = _perturbed(model.init(jax.random.PRNGKey(0), *args, text=batch["text"],
+                                 text_segment_ids=batch["text_segment_ids"])["params"])
+  assert "pooled_text_embedder" in params
+  apply = jax.jit(lambda text: model.apply({"params": params}, *args, text=text,
+                                           text_segment_ids=batch["text_segment_ids"]))
+  base = np.asarray(apply(batch["text"]))
+  # Scaling example 1's caption tokens moves its mean (and so its c), nobody else's output.
+  moved = np.asarray(apply(np.where((batch["text_segment_ids"] == 1)[..., None], 3.0 * batch["text"], batch["text"])))
+  seg = batch["segment_ids"][0]
+  assert np.abs(moved[0, seg == 1] - base[0, seg == 1]).max() > 1e-3
+  np.testing.assert_allclose(moved[0, seg > 1], base[0, seg > 1], atol=1e-6)

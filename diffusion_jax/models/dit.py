@@ -128,9 +128,21 @@ class CrossAttention(nn.Module):
                                name="proj")(out)
 
 
+def pool_captions(text, text_segment_ids, num_examples: int):
+  """[B, K, Dt]: the mean of each example's text tokens (zeros for an example without text).
+
+  all-MiniLM-L6-v2's sentence embedding is this mean (over its unpadded tokens).
+  """
+  one_hot = (text_segment_ids[..., None] == jnp.arange(1, num_examples + 1, dtype=text_segment_ids.dtype))
+  one_hot = one_hot.astype(text.dtype)  # [B, Lt, K]
+  total = jnp.einsum("blk,bld->bkd", one_hot, text)
+  return total / jnp.maximum(jnp.sum(one_hot, axis=1), 1.0)[..., None]
+
+
 class CaptionEmbedder(nn.Module):
   """Text-encoder outputs [B, Lt, Dt] -> [B, Lt, width] (PixArt's caption MLP),
-  with caption dropout for classifier-free guidance.
+  with caption dropout for classifier-free guidance; also returns each
+  example's pooled caption [B, K, Dt] (pool_captions, after the dropout).
 
   A dropped example's text tokens are all replaced by one learned null vector
   `null_text` [Dt] (layers.drop_captions). `drop` [B, K] says which examples
@@ -154,7 +166,25 @@ class CaptionEmbedder(nn.Module):
     h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
                  bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(h)
-    return nn.with_logical_constraint(h, ("batch", "text_length", "embed"))
+    return nn.with_logical_constraint(h, ("batch", "text_length", "embed")), pool_captions(text, text_segment_ids,
+                                                                                        drop.shape[1])
+
+
+class PooledTextEmbedder(nn.Module):
+  """A pooled caption [..., Dt] -> [..., width]: Dense -> SiLU -> Dense (SD3's pooled-text MLP)."""
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled):
+    init = nn.initializers.normal(0.02)  # as the timestep MLP, whose output it is added to
+    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),
+                 bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="fc1")(pooled.astype(self.dtype))
+    return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
+                    bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(nn.silu(h))
 
 
 class DiTBlock(nn.Module):
@@ -251,6 +281,9 @@ class DiT(nn.Module):
       class. 0 = no class conditioning (labels are ignored).
     text_dim: width Dt of the text-encoder outputs; > 0 adds caption
       embedding and a cross-attention sublayer to every block (text-to-video).
+    pooled_text: with text, also add an MLP of each example's mean caption
+      token to c (SD3's pooled text conditioning), so the adaLN modulations
+      see the whole caption, not only the cross-attention.
     caption_dropout_prob: probability of replacing an example's caption by the
       learned null caption when train=True (CFG training on text).
     class_dropout_prob: probability of replacing an example's label by the null
@@ -284,6 +317,7 @@ class DiT(nn.Module):
   num_classes: int = 1000
   class_dropout_prob: float = 0.1
   text_dim: int = 0
+  pooled_text: bool = False
   caption_dropout_prob: float = 0.1
   learn_sigma: bool = True
   pos_embedding: str = "sincos2d"
@@ -404,8 +438,12 @@ class DiT(nn.Module):
       drop = jnp.zeros(labels.shape, bool) if text_null is None else jnp.asarray(text_null, bool)
       if train and self.caption_dropout_prob > 0:
         drop = drop | jax.random.bernoulli(self.make_rng("dropout"), self.caption_dropout_prob, labels.shape)
-      text_tokens = CaptionEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    name="caption_embedder")(text, text_segment_ids, drop)
+      text_tokens, pooled = CaptionEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                            name="caption_embedder")(text, text_segment_ids, drop)
+      if self.pooled_text:  # SD3: the whole caption in c too, so every modulation sees it from step one
+        pooled = PooledTextEmbedder(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name="pooled_text_embedder")(pooled)
+        c = c + jnp.take_along_axis(pooled, slot_example[..., None], axis=1)
 
     cond = c
     if self.adaln == "single":  # PixArt's t_block: the one modulation projection all blocks share
@@ -445,7 +483,7 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
 
   Reads variant, num_classes, class_dropout_prob, learn_sigma, pos_embedding,
   attention_backend, scan_layers, remat, and optionally mlp_ratio, qk_norm,
-  adaln, rope_split, scan_unroll (layers per loop iteration; 0 = auto: the
+  adaln, pooled_text, rope_split, scan_unroll (layers per loop iteration; 0 = auto: the
   whole depth when JAX's default backend is the CPU, else 1). `patch_dim` is P of the data; the variant's `patch` (spatial
   patch size) must agree with the data config, which the caller checks.
   """
@@ -456,7 +494,7 @@ def build_dit(model_config, *, patch_dim, dtype=jnp.float32, param_dtype=jnp.flo
   if "num_classes" not in cfg:
     raise ValueError("model config needs num_classes (0 for none).")
   size = VARIANTS[variant]
-  optional = {k: cfg[k] for k in ("mlp_ratio", "qk_norm", "adaln") if k in cfg}
+  optional = {k: cfg[k] for k in ("mlp_ratio", "qk_norm", "adaln", "pooled_text") if k in cfg}
   unroll = int(cfg.get("scan_unroll", 1))
   if unroll == 0:  # auto: whole on CPU, where the loop costs time; a loop on accelerators
     unroll = size["depth"] if jax.default_backend() == "cpu" else 1
