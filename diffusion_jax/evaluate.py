@@ -37,6 +37,7 @@ changes across the causal VAE's latent-frame boundaries with those within.
 Everything is reproducible for a seed: the same seed gives the same samples,
 the same real subset and the same KID subsets, hence the same metrics.
 """
+import dataclasses
 import functools
 import json
 import math
@@ -607,7 +608,8 @@ def _evaluate_vae(export, out_dir, *, num_samples, seed, data_dir) -> dict:
 def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, feature_extractor, data_dir) -> dict:
   """Text-to-video (or -image) on held-out captions: num_samples videos for the
   captions of the eval split's video clips (at each clip's own size,
-  sample.frames frames; a fixed-size image model: its images at its size),
+  sample.frames frames; a pixel model: scaled to fit one row as training
+  scales such a clip; a fixed-size image model: its images at its size),
   then the per-clip attribute checks of measure_clip against each caption
   (clip_truth: digit by the classifier's majority over frames, digit and
   background colour, motion direction, speed class, number of digits) and the
@@ -631,8 +633,7 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   chosen = []
   for index in order:
     example = source[int(index)]
-    shape = np.asarray(example["source_shape"]) if "source_shape" in example else np.asarray(example["video"]).shape
-    if shape[0] > 1 or not makes_video:
+    if _clip_shape(example)[0] > 1 or not makes_video:
       chosen.append(example)
     if len(chosen) == num_samples:
       break
@@ -643,8 +644,8 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   requests = []
   for example in chosen:
     caption = example["caption"].decode() if isinstance(example["caption"], bytes) else str(example["caption"])
-    shape = np.asarray(example["source_shape"])
-    requests.append(sample_lib.Request(caption, (int(shape[1]), int(shape[2])), min(frames, int(shape[0]))))
+    shape = _clip_shape(example)  # a pixel dataset's examples hold the clip itself, no source_shape
+    requests.append(_fit_to_row(gen, sample_lib.Request(caption, (shape[1], shape[2]), min(frames, shape[0]))))
   sampler = str(config.sample.sampler)
   steps, cfg_scale = int(config.sample.steps), float(config.sample.cfg_scale)
   videos, notes = sample_lib.sample_requests(gen, requests, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
@@ -708,6 +709,30 @@ def classify_frames(classifier_export, frames, *, chunk: int = 64) -> np.ndarray
   frames = np.stack(frames + [np.zeros_like(frames[0])] * (-count % chunk))
   logits, _ = classifier_task.classify(classifier_export, frames, batch_size=chunk)
   return np.argmax(logits[:count], axis=-1)
+
+
+def _fit_to_row(gen, request):
+  """A pixel model's request scaled down (aspect kept, then frames cut) to fit one row of
+  data.tokens_per_row tokens, as the training pipeline fits a clip of that size
+  (pipeline.plan_shape); a request that fits, or a latent model's, unchanged."""
+  data = gen.config.data
+  if gen.vae is not None or "image_size" in data:
+    return request
+  patch = tuple(int(p) for p in data.patch)
+  plan = pipeline.plan_shape(request.frames, *request.size, patch=patch, tokens_per_row=int(data.tokens_per_row),
+                             max_area=int(data.get("max_area", 0)), max_frames=int(data.get("max_frames", 0)),
+                             min_side=int(data.get("min_side", 4 * max(patch[1:]))))
+  if plan is None:
+    return request  # sample_requests names the request that cannot fit
+  return dataclasses.replace(request, frames=plan[0], size=(plan[1], plan[2]))
+
+
+def _clip_shape(example) -> tuple[int, int, int]:
+  """(frames, height, width) of an eval example's source clip: an encoded example's source_shape,
+  else the shape of its clip."""
+  if "source_shape" in example:
+    return tuple(int(x) for x in np.asarray(example["source_shape"]))
+  return tuple(int(x) for x in _as_clip(example["video"]).shape[:3])
 
 
 def _as_clip(video) -> np.ndarray:
