@@ -193,3 +193,17 @@ def test_pack_iter_dataset_state_restores_same_rows():
   it_all = list(iter(ds))
   _check_rows(it_all, examples, 64, 4)
   assert len(it_all) == 5 + len(rows)
+
+
+def test_inconsistent_packed_rows_are_clear_errors():
+  from diffusion_jax.data import packing as packing_lib
+
+  rows = dict(segment_ids=np.array([[1, 1, 2, 0]]), cond_mask=np.zeros((1, 4), bool), labels=np.zeros((1, 2)),
+              example_ids=np.array([[0, 1]]), text_segment_ids=np.array([[1, 2, 0]]))
+  packing_lib.check_packed_batch(rows)  # consistent
+  with pytest.raises(ValueError, match=r"segment_ids\[0, 2\] = 3 is outside \[0, K=2\]"):
+    packing_lib.check_packed_batch(dict(rows, segment_ids=np.array([[1, 1, 3, 0]])))
+  with pytest.raises(ValueError, match=r"text_segment_ids\[0, 1\] = 5"):
+    packing_lib.check_packed_batch(dict(rows, text_segment_ids=np.array([[1, 5, 0]])))
+  with pytest.raises(ValueError, match=r"cond_mask\[0, 3\] marks a padding token"):
+    packing_lib.check_packed_batch(dict(rows, cond_mask=np.array([[False, False, False, True]])))

@@ -90,6 +90,31 @@ SKIP_REASONS = ("no_frames", "bad_channels", "bad_shape", "non_finite", "too_big
 HOST_KEYS = ("captions", "skipped")
 
 
+def check_packed_batch(batch: dict) -> None:
+  """ValueError naming the first inconsistency of a packed batch's bookkeeping: a segment id
+  outside [0, K] (K = examples_per_row, the width of `labels`/`example_ids`), a caption token
+  of an example slot past K, or a conditioning token on padding. The model would read such a
+  row silently wrong (gathers clamp out-of-range indices)."""
+  if "segment_ids" not in batch:
+    return
+  segment_ids = np.asarray(batch["segment_ids"])
+  k = np.asarray(batch["example_ids"]).shape[-1] if "example_ids" in batch else np.asarray(batch["labels"]).shape[-1]
+  for name in ("segment_ids", "text_segment_ids"):
+    if name in batch:
+      ids = np.asarray(batch[name])
+      bad = (ids < 0) | (ids > k)
+      if bad.any():
+        row, pos = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(f"packed batch: {name}[{row}, {pos}] = {int(ids[row, pos])} is outside [0, K={k}] "
+                         "(0 = padding, k = example k of the row)")
+  if "cond_mask" in batch:
+    bad = np.asarray(batch["cond_mask"], bool) & (segment_ids == 0)
+    if bad.any():
+      row, pos = (int(i[0]) for i in np.nonzero(bad))
+      raise ValueError(f"packed batch: cond_mask[{row}, {pos}] marks a padding token (segment id 0) as "
+                       "conditioning context")
+
+
 def skip_record(reason: str) -> dict:
   """What a decode step yields instead of an example it cannot use: counted, never packed."""
   if reason not in SKIP_REASONS:

@@ -359,7 +359,10 @@ def make_global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding
   other axis replicated. Host-only keys (packing.HOST_KEYS: captions, skip
   counts) are left out. Dtypes follow JAX's canonicalisation: the int64
   example_ids become int32 unless jax_enable_x64 is on (the host batch keeps
-  int64 for exactly-once audits).
+  int64 for exactly-once audits). A packed batch whose segment ids or
+  conditioning mask contradict each other is a ValueError
+  (packing.check_packed_batch), not silent garbage in the model.
   """
+  packing.check_packed_batch(local_batch)
   return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for key, value in local_batch.items() if key not in packing.HOST_KEYS}
