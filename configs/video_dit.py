@@ -52,11 +52,13 @@ def get_config(arg: str = ""):
       variant=variant,
       num_classes=0,  # conditioning comes from the captions
       text_dim=384 if text else 0,  # all-MiniLM-L6-v2's width (diffusion_jax/models/text.py)
+      pooled_text=True,  # with text: the mean caption token joins c too (SD3), not only cross-attention
       caption_dropout_prob=0.1,
       learn_sigma=False,
       pos_embedding="rope3d",
       rope_split=(0.25, 0.375, 0.375),  # head-dim share of (t, h, w)
       qk_norm=True,
+      adaln="zero",  # DiT's adaLN-Zero, a 6 x width Dense per block; "single": PixArt-alpha's shared one
       attention_backend="xla",
       scan_layers=True,
       scan_unroll=0,  # layers per loop iteration; 0 = auto: unrolled on CPU (faster there), a loop elsewhere
