@@ -375,6 +375,7 @@ VARIANTS = {
     # CPU quickstart (x4 spatial): a few GFLOP per step of 4 clips of 5 x 32 x 32.
     "small": dict(widths=(8, 16, 32), num_res_blocks=1, latent_channels=4, temporal=True),
     "small_image": dict(widths=(8, 16, 32), num_res_blocks=1, latent_channels=4, temporal=False),
+    "medium": dict(widths=(16, 32, 64), num_res_blocks=1, latent_channels=8, temporal=True),
     # Stable Diffusion's autoencoder widths (x8, 4 latent channels), 2D per frame.
     "sd": dict(widths=(128, 256, 512, 512), num_res_blocks=2, latent_channels=4, temporal=False),
     # Causal video VAEs at SD widths (x8 spatial, x4 time).
