@@ -6,7 +6,7 @@ first), plus each token's (t, h, w) grid position.
 
 Packing (NaViT, Dehghani et al. 2023; here streaming best-fit-decreasing, see
 BestFitPacker) puts whole examples into rows of L tokens, at most K examples a
-row, and writes the packed-batch contract of DESIGN.md:
+row, and writes the packed-batch contract of docs/design.md:
 
   patches      [L, P] float32  token values, 0 in padding
   segment_ids  [L] int32       0 = padding, k = the k-th example of the row (1..K)

@@ -1,7 +1,7 @@
 """Diffusion Transformer (DiT, Peebles & Xie 2023) over packed spacetime patches.
 
 One module serves the class-conditional image DiT and the packed video DiT: an
-image is a one-frame video, and every batch is packed (DESIGN.md, "The packed
+image is a one-frame video, and every batch is packed (docs/design.md, "The packed
 batch"). Per token the model sees a patch x [P] (P = pt*ph*pw*C, flattened in
 (pt, ph, pw, C) order), its timestep t, its example's class label (through
 `segment_ids`) and its (t, h, w) position.

@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the diffusion backbones.
 
-Everything works on packed rows (DESIGN.md, "The packed batch"): activations are
+Everything works on packed rows (docs/design.md, "The packed batch"): activations are
 [B, L, ...], `segment_ids` [B, L] say which example a token belongs to (0 =
 padding) and `positions` [B, L, 3] give its (t, h, w) patch coordinates inside
 that example.

@@ -34,7 +34,7 @@ guidance is the DiT's: a dropped row's text tokens all become one learned
 null vector `null_text` (layers.drop_captions), with probability
 caption_dropout_prob in training and wherever `text_null` says at sampling.
 
-Packed-batch interface (DESIGN.md): the U-Net takes the DiT's call signature,
+Packed-batch interface (docs/design.md): the U-Net takes the DiT's call signature,
 x [B, L, P] packed patches, t [B, L], labels [B, K], segment_ids, positions.
 A convolutional net needs a fixed grid, so each row must hold exactly ONE
 example that fills it: segment_ids all 1, L = T' H' W' of `grid`, tokens in
