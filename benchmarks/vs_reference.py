@@ -39,6 +39,7 @@ def our_step_times(variant: str, batch: int, steps: int, overrides) -> list[floa
 
   from diffusion_jax import config as config_lib
   from diffusion_jax import sharding
+  from diffusion_jax.data import packing
   from diffusion_jax.train import dit_task, loop
 
   config = config_lib.load_config(f"configs/dit_image.py:variant={variant}")
@@ -54,7 +55,6 @@ def our_step_times(variant: str, batch: int, steps: int, overrides) -> list[floa
   rng = np.random.default_rng(0)
   rows["patches"] = rng.normal(size=rows["patches"].shape).astype(np.float32)
   grid = (1, size // 2, size // 2)
-  from diffusion_jax.data import packing
   rows["positions"][:] = packing.grid_positions(grid)
   rows["grid"][:] = grid
   rows["labels"] = rng.integers(0, NUM_CLASSES, rows["labels"].shape).astype(np.int32)

@@ -112,8 +112,7 @@ def step_flops(compiled, num_devices: int):
 
 def dit_forward_flops(*, width: int, depth: int, patch_dim: int, out_dim: int, segment_lengths,
                       mlp_ratio: float = 4.0, text_dim: int = 0, text_lengths=None, clocks=None,
-                      num_classes: int = 0, adaln: str = "zero", frequency_dim: int = 256,
-                      pooled_text: bool = False) -> float:
+                      adaln: str = "zero", frequency_dim: int = 256, pooled_text: bool = False) -> float:
   """FLOPs (2 per multiply-add) of one DiT forward pass over packed rows, as the architecture needs them.
 
   segment_lengths: per row, the token count of each example (padding left

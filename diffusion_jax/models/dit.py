@@ -43,6 +43,11 @@ def modulate(x, shift, scale):
   return x * (1 + scale) + shift
 
 
+def example_one_hot(segment_ids, num_examples: int):
+  """[B, L, K] bool: token l belongs to example k + 1 (padding, id 0, to none)."""
+  return segment_ids[..., None] == jnp.arange(1, num_examples + 1, dtype=segment_ids.dtype)
+
+
 def conditioning_clocks(t, segment_ids, num_examples: int):
   """Each token's (example, clock) slot and the time of every slot.
 
@@ -65,7 +70,7 @@ def conditioning_clocks(t, segment_ids, num_examples: int):
     float32 (0 for a slot without tokens).
   """
   example = jnp.maximum(segment_ids - 1, 0)
-  one_hot = (segment_ids[..., None] == jnp.arange(1, num_examples + 1, dtype=segment_ids.dtype))  # [B, L, K]
+  one_hot = example_one_hot(segment_ids, num_examples)
   t = t.astype(jnp.float32)
   t_max = jnp.max(jnp.where(one_hot, t[..., None], -jnp.inf), axis=1)  # [B, K]
   t_min = jnp.min(jnp.where(one_hot, t[..., None], jnp.inf), axis=1)
@@ -133,8 +138,7 @@ def pool_captions(text, text_segment_ids, num_examples: int):
 
   all-MiniLM-L6-v2's sentence embedding is this mean (over its unpadded tokens).
   """
-  one_hot = (text_segment_ids[..., None] == jnp.arange(1, num_examples + 1, dtype=text_segment_ids.dtype))
-  one_hot = one_hot.astype(text.dtype)  # [B, Lt, K]
+  one_hot = example_one_hot(text_segment_ids, num_examples).astype(text.dtype)  # [B, Lt, K]
   total = jnp.einsum("blk,bld->bkd", one_hot, text)
   return total / jnp.maximum(jnp.sum(one_hot, axis=1), 1.0)[..., None]
 

@@ -153,18 +153,21 @@ def model_flops(config, batch) -> float | None:
   if _model_family(config) != "dit":
     return None
   size = dit.VARIANTS[config.model.variant]
-  ids = np.arange(1, config.data.examples_per_row + 1)
-  lengths = np.sum(np.asarray(batch["segment_ids"])[..., None] == ids, axis=1)  # [B, K]
+  k = config.data.examples_per_row
+
+  def per_example(ids):  # [B, L] ids (0 = padding) -> [B, K] token counts; runs every step on the host
+    return np.stack([np.bincount(row, minlength=k + 1)[1:k + 1] for row in np.asarray(ids)])
+
+  segment_ids = np.asarray(batch["segment_ids"])
+  lengths = per_example(segment_ids)
   present = lengths > 0
   text_dim = int(config.model.get("text_dim", 0))
   text_lengths = None
   if text_dim and "text_segment_ids" in batch:
-    text = np.sum(np.asarray(batch["text_segment_ids"])[..., None] == ids, axis=1)
-    text_lengths = [row[p] for row, p in zip(text, present)]
+    text_lengths = [row[p] for row, p in zip(per_example(batch["text_segment_ids"]), present)]
   with_cond = 0
   if "cond_mask" in batch:
-    cond = np.asarray(batch["segment_ids"]) * np.asarray(batch["cond_mask"])
-    with_cond = int(np.sum(np.any(cond[..., None] == ids, axis=1)))
+    with_cond = int(np.sum(per_example(segment_ids * np.asarray(batch["cond_mask"])) > 0))
   learn_sigma = bool(config.model.get("learn_sigma", True))
   return metrics.dit_train_flops(
       width=size["width"], depth=size["depth"], patch_dim=patch_dim(config),
@@ -235,8 +238,7 @@ def per_token(values, segment_ids):
 
 def example_token_counts(segment_ids, num_examples: int):
   """[B, K] number of tokens of each example of each row."""
-  ids = jnp.arange(1, num_examples + 1, dtype=segment_ids.dtype)
-  return jnp.sum(segment_ids[..., None] == ids, axis=1)
+  return jnp.sum(dit.example_one_hot(segment_ids, num_examples), axis=1)
 
 
 def flow_shift(config, segment_ids, num_examples: int):

@@ -459,9 +459,8 @@ def train(config, workdir: str):
       examples, tokens = _count_examples_and_tokens(local)
       window_examples += examples * jax.process_count()
       window_tokens += tokens * jax.process_count()
-      if model_flops_fn is not None and window_flops is not None:
-        flops = model_flops_fn(config, local)
-        window_flops = None if flops is None else window_flops + flops * jax.process_count()
+      if model_flops_fn is not None:  # None for a batch the task has no count for: XLA's count below
+        window_flops += (model_flops_fn(config, local) or 0.0) * jax.process_count()
       saved_now = False
       if profiling and step >= profile_stop:
         jax.block_until_ready(aux)
@@ -477,8 +476,7 @@ def train(config, workdir: str):
                     tokens_per_s=window_tokens / elapsed, eta_s=(total - step) / steps_per_s)
         # MFU = model FLOPs / time / peak: the task's analytic count where it has one (XLA's count of
         # a scanned model sees one layer), else XLA's count of the compiled step.
-        step_model_flops = window_flops / window_steps if model_flops_fn is not None and window_flops else \
-            flops_per_step
+        step_model_flops = window_flops / window_steps if window_flops else flops_per_step
         utilisation = metrics.mfu(step_model_flops, steps_per_s, mesh.size, peak_per_device)
         if utilisation is not None:
           last.update(mfu=utilisation, flops_per_step=step_model_flops)
