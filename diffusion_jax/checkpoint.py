@@ -107,3 +107,17 @@ def restore(manager, step, abstract_state, data_iterator=None):
     args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   return restored["state"]
+
+
+def restore_ema_params(manager, step, target):
+  """The saved state's EMA params alone, onto the shardings in `target` (abstract EMA params).
+
+  A partial restore: Orbax reads only the leaves under the keys the target
+  names, so the optimizer's moments and the raw params (3/4 of a checkpoint
+  with Adam) are never read from storage.
+  """
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"ema_params": target},
+      restore_args={"ema_params": ocp.checkpoint_utils.construct_restore_args(target)},
+      partial_restore=True)))
+  return restored["state"]["ema_params"]

@@ -11,7 +11,9 @@ An export directory holds
   vae/                latent models only: the VAE the model decodes with, itself an export
 
 It loads (load_export) on any device count, without the optimizer state and
-without the training workdir; never through pickle. The export is written
+without the training workdir; never through pickle. restore_ema_params reads
+the config and EMA params alone of an export or of a training workdir: the one
+way every trained model is loaded (inference.py). The export is written
 into a temporary sibling directory and renamed into place when complete, so
 a crash never leaves a directory that looks like a finished export; a
 damaged one (missing or truncated file, a params tree that does not fit the
@@ -106,50 +108,72 @@ def _cast(params, dtype: str):
 def _restore_mesh(config):
   """The run's mesh on the devices present; a data-only mesh when its shape does not fit them."""
   try:
-    return sharding.make_mesh(config.mesh), config.mesh
+    return sharding.make_mesh(config.mesh)
   except ConfigError:
-    mesh_config = ml_collections.ConfigDict(config.mesh.to_dict())
-    mesh_config.shape = [-1] + [1] * (len(mesh_config.axes) - 1)
-    return sharding.make_mesh(mesh_config), mesh_config
+    return sharding.data_mesh(config.mesh)
 
 
-def restore_ema_params(workdir: str, step: int | None = None):
-  """(config, step, EMA params) of a training workdir, restored alone.
+def _restore_target(config, mesh, dtype=None):
+  """Abstract params of the config's model (eval_shape of its init: no optimizer, nothing allocated),
+  each carrying its sharding: whole on the first local device (mesh None) or split by the logical rules."""
+  from diffusion_jax.train import loop  # the task table; keep this module light
 
-  The target is the abstract train state from loop.build_state (shapes and
-  shardings, nothing allocated); Orbax's partial restore reads only its
-  `ema_params` subtree, so neither the optimizer state nor the raw params are
-  read or materialised.
+  task = loop.TASKS[config.task]
+  model = task.build_model(config)
+  init = lambda rng: task.init_params(model, config, rng)
+  rules = sharding.logical_rules(config.mesh)
+  if mesh is None:
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree_util.tree_map(lambda _: device, nn.meta.unbox(boxed))
+  else:
+    with sharding.activate(mesh, rules):
+      boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = sharding.shardings_of(boxed, mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+  if dtype is not None:
+    abstract = _cast(abstract, dtype)
+  return checkpoint.abstract_with_shardings(abstract, shardings)
+
+
+def restore_ema_params(path: str, step: int | None = None, mesh_for=lambda config: None):
+  """(config, step, EMA params) of a training workdir or an export: the one way a trained model is read.
+
+  Only the EMA params are read. The target is the abstract params of the
+  saved config's model alone; from a workdir, Orbax's partial restore
+  (checkpoint.restore_ema_params) reads only the state's `ema_params`, never
+  the optimizer's moments or the raw params. step: a workdir's checkpoint
+  (default the newest); an export holds one. mesh_for(config): the mesh to
+  split the params over by the config's logical rules, or None for every
+  param whole on the first local device.
   """
-  from diffusion_jax.train import loop  # the loop imports the task table; keep this module light
-
+  if _is_export(path):
+    info = load_info(path)
+    if step is not None and step != info["step"]:
+      raise ValueError(f"{path} is an export of step {info['step']}, not of step {step}")
+    config = _export_config(path, info)
+    target = _restore_target(config, mesh_for(config), info["dtype"])
+    return config, info["step"], _restore_export_params(path, target)
   try:
-    manager = checkpoint.make_manager(workdir, keep=1, create=False)
+    manager = checkpoint.make_manager(path, keep=1, create=False)
   except FileNotFoundError:
-    raise ValueError(f"{workdir} has no checkpoints/ directory: not a training workdir") from None
+    raise ValueError(f"{path} has no checkpoints/ directory: not a training workdir") from None
   try:
     steps = manager.all_steps()
     if not steps:
-      raise ValueError(f"{workdir} holds no finished checkpoint")
+      raise ValueError(f"{path} holds no finished checkpoint")
     if step is None:
       step = max(steps)
     elif step not in steps:
-      raise ValueError(f"{workdir} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+      raise ValueError(f"{path} has no checkpoint of step {step}; it has steps {sorted(steps)}")
     config = checkpoint.saved_config(manager, step)
-    mesh, mesh_config = _restore_mesh(config)
-    rules = sharding.logical_rules(mesh_config)
-    _, _, _, abstract_state, state_shardings = loop.build_state(config, mesh, rules)
-    target = checkpoint.abstract_with_shardings(abstract_state.ema_params, state_shardings.ema_params)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"ema_params": target},
-        restore_args={"ema_params": ocp.checkpoint_utils.construct_restore_args(target)},
-        partial_restore=True)))
+    params = checkpoint.restore_ema_params(manager, step, _restore_target(config, mesh_for(config)))
   finally:
     manager.close()
-  return config, step, restored["state"]["ema_params"]
+  return config, step, params
 
 
-def _saved_extras(workdir: str, step: int):
+def saved_extras(workdir: str, step: int):
   """The JSON extras a task saved with the checkpoint (e.g. the VAE's latent_stats), or None."""
   manager = checkpoint.make_manager(workdir, keep=1, create=False)
   try:
@@ -197,7 +221,9 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise ValueError(f"{out_dir} exists and is not an empty directory; choose another export directory")
-  config, step, params = restore_ema_params(workdir, step)
+  if _is_export(workdir):  # its checkpoint extras are not there to carry over
+    raise ValueError(f"{workdir} is an export, not a training workdir")
+  config, step, params = restore_ema_params(workdir, step, mesh_for=_restore_mesh)
   training_config_hash = config_lib.config_hash(config)
   params = _cast(jax.device_get(params), dtype)  # numpy on the host
 
@@ -230,10 +256,10 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
         dtype=dtype,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    extras = _saved_extras(workdir, step)
+    extras = saved_extras(workdir, step)
     if extras:
       info["extras"] = extras
-      if "latent_stats" in extras:  # what vae_task.load_vae reads from an export
+      if "latent_stats" in extras:  # what inference.load_vae reads from an export
         info["latent_stats"] = {k: list(extras["latent_stats"][k]) for k in ("mean", "std")}
     latent = config.get("latent", None)
     if latent is not None and latent.get("vae", ""):
@@ -308,15 +334,6 @@ def load_info(path: str) -> dict:
   return info
 
 
-def _abstract_params(task, config, mesh):
-  """Boxed abstract params of the config's model (shapes and logical names; nothing allocated)."""
-  model = task.build_model(config)
-  if mesh is None:
-    return jax.eval_shape(lambda r: task.init_params(model, config, r), jax.random.PRNGKey(0))
-  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
-    return jax.eval_shape(lambda r: task.init_params(model, config, r), jax.random.PRNGKey(0))
-
-
 def _compare_trees(expected: dict, saved: dict, path: str) -> None:
   """BadExport listing the leaves missing, unexpected or of another shape in the saved params."""
   missing = sorted(set(expected) - set(saved))
@@ -334,19 +351,10 @@ def _compare_trees(expected: dict, saved: dict, path: str) -> None:
     raise BadExport(f"{path}: the params do not match the config's model: " + "; ".join(parts))
 
 
-def load_export(path: str, mesh=None) -> Export:
-  """Loads an export: config, EMA params, export.json (and its VAE, for a latent model).
-
-  mesh None: every param whole on the first local device (an evaluation on
-  one device; on a host of fake CPU devices a replicated copy would repeat
-  the work on each). A mesh (e.g. sharding.make_mesh(config.mesh)): params
-  sharded by the config's logical rules on it, for models too big for one
-  device. The device count never has to match the training run's.
-  """
+def _export_config(path: str, info: dict):
+  """config.json of an export, checked against export.json and the task table."""
   from diffusion_jax.train import loop  # the task table
 
-  path = os.path.abspath(path)
-  info = load_info(path)
   try:
     with open(os.path.join(path, CONFIG_FILE)) as f:
       config = config_lib.from_json(f.read())
@@ -356,16 +364,11 @@ def load_export(path: str, mesh=None) -> Export:
     raise BadExport(f"{path}: config task {config.get('task', None)!r} is not a known task {sorted(loop.TASKS)}")
   if config.task != info["task"]:
     raise BadExport(f"{path}: {CONFIG_FILE} is task {config.task!r} but {INFO_FILE} says {info['task']!r}")
+  return config
 
-  boxed = _abstract_params(loop.TASKS[config.task], config, mesh)
-  abstract = _cast(nn.meta.unbox(boxed), info["dtype"])
-  if mesh is None:
-    device = jax.local_devices()[0]
-    shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
-  else:
-    shardings = sharding.shardings_of(boxed, mesh, sharding.logical_rules(config.mesh))
-  target = checkpoint.abstract_with_shardings(abstract, shardings)
 
+def _restore_export_params(path: str, target):
+  """An export's params/ onto `target`, after checking its saved tree against the model's."""
   params_dir = os.path.join(path, PARAMS_DIR)
   checkpointer = ocp.StandardCheckpointer()
   try:
@@ -374,15 +377,28 @@ def load_export(path: str, mesh=None) -> Export:
     except Exception as e:  # Orbax raises several types for unreadable metadata
       raise BadExport(f"{params_dir} is not a readable Orbax checkpoint: {type(e).__name__}: {e}") from None
     saved_tree = metadata.tree if hasattr(metadata, "tree") else metadata
-    _compare_trees({k: v.shape for k, v in flatten_params(abstract).items()},
+    _compare_trees({k: v.shape for k, v in flatten_params(target).items()},
                    {k: v.shape for k, v in flatten_params(saved_tree).items()}, path)
     try:
-      params = checkpointer.restore(params_dir, target)
+      return checkpointer.restore(params_dir, target)
     except Exception as e:  # a damaged array file surfaces as a TensorStore or value error
       raise BadExport(f"{params_dir}: the params could not be read: {type(e).__name__}: {e}") from None
   finally:
     checkpointer.close()
 
+
+def load_export(path: str, mesh=None) -> Export:
+  """Loads an export: config, EMA params, export.json (and its VAE, for a latent model).
+
+  mesh None: every param whole on the first local device (an evaluation on
+  one device; on a host of fake CPU devices a replicated copy would repeat
+  the work on each). A mesh (e.g. sharding.make_mesh(config.mesh)): params
+  sharded by the config's logical rules on it, for models too big for one
+  device. The device count never has to match the training run's.
+  """
+  path = os.path.abspath(path)
+  info = load_info(path)  # BadExport naming a missing part, before anything is read
+  config, _, params = restore_ema_params(path, mesh_for=lambda config: mesh)
   vae = None
   if "vae" in info:
     vae_path = os.path.join(path, info["vae"]["dir"])

@@ -28,6 +28,14 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
+def data_mesh(mesh_config) -> jax.sharding.Mesh:
+  """The config's axes with every device on the first (data) axis: params replicated, rows split.
+  For sampling, and for restoring onto devices the run's mesh shape does not fit."""
+  axes = tuple(mesh_config.axes)
+  return jax.make_mesh((jax.device_count(),) + (1,) * (len(axes) - 1), axes,
+                       axis_types=(AxisType.Auto,) * len(axes))
+
+
 def logical_rules(mesh_config) -> tuple:
   """The config's rule table as the tuple of (logical, mesh axes) pairs linen wants."""
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in mesh_config.rules)
