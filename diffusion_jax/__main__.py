@@ -183,9 +183,9 @@ def run_encode(args) -> str:
 
 
 def run_sample_video(args) -> str:
-  from diffusion_jax import sample as sample_lib
+  from diffusion_jax import inference, sample as sample_lib
 
-  gen = sample_lib.load_generator(args.workdir)
+  gen = inference.load_generator(args.workdir)
   cfg = gen.config.sample
   size = tuple(int(x) for x in args.size.split(",")) if args.size else tuple(cfg.size)
   if len(size) != 2:
@@ -214,20 +214,13 @@ def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, p
   import jax
   import numpy as np
 
-  from diffusion_jax import checkpoint, sharding
-  from diffusion_jax.train import dit_task, loop
+  from diffusion_jax import inference, sharding
+  from diffusion_jax.train import dit_task
 
-  manager = checkpoint.make_manager(workdir, keep=1, create=False)
-  config = checkpoint.saved_config(manager)
-  if config is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}")
-  step = manager.latest_step()
-  config.mesh.shape = (-1, 1, 1)  # sampling: rows over all local devices
-  mesh = sharding.make_mesh(config.mesh)
+  gen = inference.load_generator(workdir)
+  config, step = gen.config, gen.step
+  mesh = sharding.data_mesh(config.mesh)  # the mesh load_generator placed the params on: rows over all devices
   rules = sharding.logical_rules(config.mesh)
-  model, _, _, abstract_state, state_shardings = loop.build_state(config, mesh, rules)
-  state = checkpoint.restore(manager, step, checkpoint.abstract_with_shardings(abstract_state, state_shardings))
-  manager.close()
 
   steps = steps or config.sample.steps
   sampler = sampler or config.sample.sampler
@@ -237,7 +230,7 @@ def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, p
   labels = np.repeat(classes, per_class)
   start = time.time()
   with sharding.activate(mesh, rules):
-    images = dit_task.sample(model, state.ema_params, config, labels, jax.random.PRNGKey(seed),
+    images = dit_task.sample(gen.model, gen.params, config, labels, jax.random.PRNGKey(seed),
                              sampler=sampler, steps=steps, eta=config.sample.eta, cfg_scale=cfg_scale)
   seconds = time.time() - start
 

@@ -74,11 +74,11 @@ def trim_and_crop(video: np.ndarray, spatial_factor: int) -> np.ndarray:
 
 
 def _load_vae(vae_path: str):
-  """The VAE handle of train/vae_task.py: encode(video [B,T,H,W,C] in [-1,1]) -> (mean, logvar),
+  """The VAE handle of inference.py: encode(video [B,T,H,W,C] in [-1,1]) -> (mean, logvar),
   spatial_factor, latent_channels, latent_stats, config_hash."""
-  from diffusion_jax.train import vae_task  # local: only the latent path needs the VAE
+  from diffusion_jax import inference  # local: only the latent path needs the VAE
 
-  return vae_task.load_vae(vae_path)
+  return inference.load_vae(vae_path)
 
 
 def _features(text_dim: int, latent_channels: int | None) -> tfds.features.FeaturesDict:
@@ -328,7 +328,7 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
 
   source_name, data_dir, builder_kwargs: as sources.open_source (a built-in
   dataset prepared under data_dir, or a prepared tfds directory). vae_path: a
-  VAE for vae_task.load_vae ("" = no VAE: the clips are kept as pixels).
+  VAE for inference.load_vae ("" = no VAE: the clips are kept as pixels).
   text_encoder_dir: models.text.load_text_encoder's path ("" = the default
   all-MiniLM-L6-v2 wheel). Process i of process_count encodes examples i::n
   into its own shard; the split becomes readable when all n shards are done,

@@ -522,17 +522,18 @@ def held_out_loss(export, *, data_dir: str = "", batches: int = 0) -> dict:
 # --------------------------------------------------------------------------- evaluate
 
 def _classifier_features(classifier_export):
-  from diffusion_jax.train import classifier_task  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
 
   def features(frames):
-    return classifier_task.classify(classifier_export, frames)[1]
+    return inference.classify(classifier_export, frames)[1]
 
   features.__name__ = f"classifier_penultimate:{classifier_export.path}"
   return features
 
 
 def _evaluate_dit(export, out_dir, *, num_samples, seed, classifier, feature_extractor, data_dir) -> dict:
-  from diffusion_jax.train import classifier_task, dit_task  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train import dit_task  # pylint: disable=g-import-not-at-top
 
   config = export.config
   num_classes = int(config.model.num_classes)
@@ -551,10 +552,10 @@ def _evaluate_dit(export, out_dir, *, num_samples, seed, classifier, feature_ext
   classifier_export = export_lib.load_export(classifier) if classifier else None
   real, real_labels = real_frames(config, num_samples, seed=seed, data_dir=data_dir)
   if classifier_export is not None:
-    predicted = np.argmax(classifier_task.classify(classifier_export, samples)[0], axis=-1)
+    predicted = np.argmax(inference.classify(classifier_export, samples)[0], axis=-1)
     metrics["classifier_accuracy"] = float(np.mean(predicted == labels))
     # The same classifier on real frames of this size: the ceiling the samples are held to.
-    real_predicted = np.argmax(classifier_task.classify(classifier_export, real)[0], axis=-1)
+    real_predicted = np.argmax(inference.classify(classifier_export, real)[0], axis=-1)
     metrics["classifier_accuracy_real"] = float(np.mean(real_predicted == real_labels))
     metrics["classifier"] = classifier_export.path
   if feature_extractor is None and classifier_export is not None:
@@ -618,13 +619,13 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   on VAE reconstructions of them (check/<name>/vae, the latent model's ceiling;
   latent models only); check/<name>/clips is how many clips each check covers.
   Then FD/KID between the generated and real frames in the feature space."""
-  from diffusion_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train import classifier_task, dit_task  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import inference, sample as sample_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train import dit_task  # pylint: disable=g-import-not-at-top
 
   config = _config_with_data_dir(export.config, data_dir)
   if config.get("latent", None) is not None and config.latent.get("vae", "") and not os.path.isabs(config.latent.vae):
     config.latent.vae = os.path.join(export.path, config.latent.vae)  # the VAE bundled in the export
-  gen = sample_lib.with_conditioners(config, dit_task.build_model(config), export.params, int(export.info["step"]))
+  gen = inference.with_conditioners(config, dit_task.build_model(config), export.params, int(export.info["step"]))
   source = sources.open_source(config.data.name, config.data.eval_split, config.data.data_dir,
                                **pipeline.builder_kwargs(config.data))
   rng = np.random.default_rng([seed, 2])
@@ -699,6 +700,7 @@ def classify_frames(classifier_export, frames, *, chunk: int = 64) -> np.ndarray
   data.image_size as it was trained (classifier_task.SingleDigitFrame: a locating classifier's
   frames are first padded to a square with their background) and classified in chunks of
   `chunk` frames, so one compilation serves every clip size and length."""
+  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
   from diffusion_jax.train import classifier_task  # pylint: disable=g-import-not-at-top
 
   config = classifier_export.config
@@ -707,7 +709,7 @@ def classify_frames(classifier_export, frames, *, chunk: int = 64) -> np.ndarray
   frames = [squarer.random_map({"video": frame, "label": 0}, None)["frames"] for frame in np.asarray(frames)]
   count = len(frames)
   frames = np.stack(frames + [np.zeros_like(frames[0])] * (-count % chunk))
-  logits, _ = classifier_task.classify(classifier_export, frames, batch_size=chunk)
+  logits, _ = inference.classify(classifier_export, frames, batch_size=chunk)
   return np.argmax(logits[:count], axis=-1)
 
 

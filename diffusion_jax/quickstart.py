@@ -50,9 +50,9 @@ def _steps(config, scale: float) -> None:
 def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   """Runs every stage into workdir; returns the report's path."""
   from diffusion_jax import __main__ as cli
-  from diffusion_jax import encode, evaluate, export
+  from diffusion_jax import encode, evaluate, export, inference
   from diffusion_jax.data import pipeline, sources
-  from diffusion_jax.train import loop, vae_task
+  from diffusion_jax.train import loop
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -87,7 +87,7 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
     # compilations of the small encoder, each clip then a few milliseconds.
     encode.encode_dataset("moving_digits", split, data_dir, latents, vae_path=os.path.join(workdir, "vae"),
                           builder_kwargs=dict(QUICKSTART_DATA), crop_multiple=8, batch_size=1)
-  channels = vae_task.load_vae(os.path.join(workdir, "vae")).latent_channels
+  channels = inference.load_vae(os.path.join(workdir, "vae")).latent_channels
   done("encode")
 
   stage("dit")

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import inference
 from diffusion_jax.data import packing
 from diffusion_jax.train import dit_task
 
@@ -125,68 +126,9 @@ def read_media(path: str, channels: int) -> np.ndarray:
   return frames.astype(np.uint8)
 
 
-# --------------------------------------------------------------------------- the model
-
-@dataclasses.dataclass
-class Generator:
-  """What sampling needs: config, backbone and EMA params, and the optional VAE and text encoder."""
-  config: object
-  model: object
-  params: object
-  vae: object = None  # a vae_task.VaeHandle for latent models
-  text_encoder: object = None
-  step: int = -1
-
-  @property
-  def spatial_factor(self) -> int:
-    return self.vae.spatial_factor if self.vae is not None else 1
-
-  @property
-  def temporal_factor(self) -> int:
-    return self.vae.temporal_factor if self.vae is not None else 1
-
-  @property
-  def pixel_channels(self) -> int:
-    return 3 if self.vae is not None else int(self.config.data.channels)
-
-
-def load_generator(workdir: str) -> Generator:
-  """The newest checkpoint of a training workdir (EMA params), its VAE and its text encoder."""
-  from diffusion_jax import checkpoint, sharding
-  from diffusion_jax.train import loop
-
-  manager = checkpoint.make_manager(workdir, keep=1, create=False)
-  config = checkpoint.saved_config(manager)
-  if config is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}")
-  step = manager.latest_step()
-  config.mesh.shape = (-1, 1, 1)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.mesh)
-  model, _, _, abstract_state, state_shardings = loop.build_state(config, mesh, rules)
-  state = checkpoint.restore(manager, step, checkpoint.abstract_with_shardings(abstract_state, state_shardings))
-  manager.close()
-  return with_conditioners(config, model, state.ema_params, step)
-
-
-def with_conditioners(config, model, params, step: int = -1) -> Generator:
-  """A Generator with the config's VAE (latent.vae) and text encoder (text.encoder_dir) loaded."""
-  vae = encoder = None
-  latent = config.get("latent", None)
-  if latent is not None and latent.get("vae", ""):
-    from diffusion_jax.train import vae_task
-
-    vae = vae_task.load_vae(latent.vae)
-  if dit_task.uses_text(config):
-    from diffusion_jax.models import text
-
-    encoder = text.load_text_encoder(config.get("text", {}).get("encoder_dir", ""))
-  return Generator(config, model, params, vae, encoder, step)
-
-
 # --------------------------------------------------------------------------- requests -> rows
 
-def planned_shape(gen: Generator, request: Request) -> tuple[int, int, int]:
+def planned_shape(gen: inference.Generator, request: Request) -> tuple[int, int, int]:
   """(frames, height, width) in pixels that the model makes for a request (the rounding rule above)."""
   if "image_size" in gen.config.data:  # a fixed-size image model (the U-Net): one size only
     side = int(gen.config.data.image_size) * gen.spatial_factor
@@ -203,7 +145,7 @@ def planned_shape(gen: Generator, request: Request) -> tuple[int, int, int]:
   return frames, height, width
 
 
-def _to_model_space(gen: Generator, pixels: np.ndarray) -> np.ndarray:
+def _to_model_space(gen: inference.Generator, pixels: np.ndarray) -> np.ndarray:
   """uint8 [T, H, W, C] -> what the model denoises: [-1, 1] pixels or normalised latents [T', H', W', z]."""
   x = pixels.astype(np.float32) / 127.5 - 1.0
   if gen.vae is None:
@@ -213,7 +155,7 @@ def _to_model_space(gen: Generator, pixels: np.ndarray) -> np.ndarray:
   return (np.asarray(mean)[0] - np.asarray(latent.mean, np.float32)) / np.asarray(latent.std, np.float32)
 
 
-def _from_model_space(gen: Generator, x: np.ndarray) -> np.ndarray:
+def _from_model_space(gen: inference.Generator, x: np.ndarray) -> np.ndarray:
   """The inverse of _to_model_space: uint8 frames [T, H, W, C]."""
   if gen.vae is not None:
     latent = gen.config.latent
@@ -231,7 +173,7 @@ def _fit_input(frames: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
   return np.clip(np.round(resized), 0, 255).astype(np.uint8)
 
 
-def request_example(gen: Generator, request: Request, index: int) -> tuple[dict, dict]:
+def request_example(gen: inference.Generator, request: Request, index: int) -> tuple[dict, dict]:
   """(packer example, notes) of one request: noise-space placeholders plus the given tokens."""
   config = gen.config
   frames, height, width = planned_shape(gen, request)
@@ -274,7 +216,7 @@ def request_example(gen: Generator, request: Request, index: int) -> tuple[dict,
   return example, notes
 
 
-def _text_of(gen: Generator, prompts: list[str]) -> list[np.ndarray]:
+def _text_of(gen: inference.Generator, prompts: list[str]) -> list[np.ndarray]:
   if gen.text_encoder is None:
     return [np.zeros((0, 0), np.float32) for _ in prompts]
   max_length = int(gen.config.get("text", {}).get("max_length", 32))
@@ -282,7 +224,7 @@ def _text_of(gen: Generator, prompts: list[str]) -> list[np.ndarray]:
   return [np.asarray(t)[np.asarray(m)] for t, m in zip(tokens, mask)]
 
 
-def pack_requests(gen: Generator, requests: list[Request]) -> tuple[list[dict], list[dict]]:
+def pack_requests(gen: inference.Generator, requests: list[Request]) -> tuple[list[dict], list[dict]]:
   """(packed rows, per-request notes). Each row also gets `strength` [K] (1 except SDEdit)."""
   data = gen.config.data
   examples, notes = [], []
@@ -308,7 +250,7 @@ def pack_requests(gen: Generator, requests: list[Request]) -> tuple[list[dict], 
 
 # --------------------------------------------------------------------------- sampling
 
-def sample_requests(gen: Generator, requests: list[Request], *, sampler: str, steps: int, cfg_scale: float,
+def sample_requests(gen: inference.Generator, requests: list[Request], *, sampler: str, steps: int, cfg_scale: float,
                     rows_per_call: int, seed: int = 0) -> tuple[list[np.ndarray], list[dict]]:
   """uint8 videos [T, H, W, C], one per request, and the per-request notes."""
   rows, notes = pack_requests(gen, requests)
@@ -337,7 +279,7 @@ def sample_requests(gen: Generator, requests: list[Request], *, sampler: str, st
 
 
 def write_outputs(videos: list[np.ndarray], requests: list[Request], notes: list[dict], out: str, *,
-                  gen: Generator, sampler: str, steps: int, cfg_scale: float, seed: int) -> str:
+                  gen: inference.Generator, sampler: str, steps: int, cfg_scale: float, seed: int) -> str:
   """GIF (+ MP4 when possible; PNG for one frame) and .npz per video, and samples.jsonl; returns the manifest path."""
   import imageio.v3 as iio
 
@@ -368,7 +310,7 @@ def write_outputs(videos: list[np.ndarray], requests: list[Request], notes: list
   return manifest
 
 
-def run(gen: Generator, requests: list[Request], out: str, *, sampler: str = "", steps: int = 0,
+def run(gen: inference.Generator, requests: list[Request], out: str, *, sampler: str = "", steps: int = 0,
         cfg_scale=None, rows_per_call: int = 0, seed: int = 0) -> str:
   cfg = gen.config.sample
   sampler = sampler or cfg.sampler

@@ -11,7 +11,8 @@ import scipy.linalg
 from diffusion_jax import config as config_lib
 from diffusion_jax import evaluate as evaluate_lib
 from diffusion_jax import export as export_lib
-from diffusion_jax.train import classifier_task, loop
+from diffusion_jax import inference
+from diffusion_jax.train import loop
 from test_train import smoke_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -152,15 +153,15 @@ def test_classify_any_frame_size(exports):
   rng = np.random.default_rng(0)
   for size in (16, 37):
     frames = rng.integers(0, 256, size=(5, size, size, 3)).astype(np.uint8)
-    logits, features = classifier_task.classify(classifier, frames, batch_size=4)
+    logits, features = inference.classify(classifier, frames, batch_size=4)
     assert logits.shape == (5, 10) and features.shape == (5, classifier.config.model.features)
     assert np.isfinite(logits).all()
-    alone, _ = classifier_task.classify(classifier, frames[:1])
+    alone, _ = inference.classify(classifier, frames[:1])
     np.testing.assert_allclose(alone, logits[:1], rtol=1e-5, atol=1e-5)  # chunk padding changes nothing
   with pytest.raises(ValueError, match="uint8 frames"):
-    classifier_task.classify(classifier, np.zeros((2, 16, 16, 3), np.float32))
+    inference.classify(classifier, np.zeros((2, 16, 16, 3), np.float32))
   with pytest.raises(ValueError, match="task 'classifier'"):
-    classifier_task.classify(export_lib.load_export(exports[0]), np.zeros((2, 16, 16, 3), np.uint8))
+    inference.classify(export_lib.load_export(exports[0]), np.zeros((2, 16, 16, 3), np.uint8))
 
 
 def test_evaluate_dit_export_writes_finite_reproducible_metrics(exports, data_dir, tmp_path):
@@ -201,13 +202,11 @@ def test_evaluate_with_a_user_feature_extractor(exports, data_dir, tmp_path):
 
 
 def test_evaluate_vae_export(smoke_vae, tmp_path):
-  from diffusion_jax.train import vae_task
-
   config, workdir = smoke_vae
   out = export_lib.export(workdir, str(tmp_path / "vae_export"))
   info = export_lib.load_export(out).info
   assert len(info["latent_stats"]["mean"]) == len(info["latent_stats"]["std"]) > 0
-  handle = vae_task.load_vae(out)  # the VAE task reads its own export back
+  handle = inference.load_vae(out)  # a VAE export reads back as a VAE
   assert handle.latent_stats == info["latent_stats"] and handle.step == config.train.steps
 
   metrics = evaluate_lib.evaluate(out, str(tmp_path / "eval"), num_samples=3)
@@ -226,10 +225,9 @@ def test_vae_ceiling_and_clip_classification(smoke_vae, exports):
   uint8 clips of the VAE's 1 + 4k frames and crop, the checks run on them, and the classifier
   labels frames of any size, one label per frame."""
   from diffusion_jax.data import sources
-  from diffusion_jax.train import vae_task
 
   _, workdir = smoke_vae
-  vae = vae_task.load_vae(workdir)
+  vae = inference.load_vae(workdir)
   images, labels = sources._load_digits()  # pylint: disable=protected-access
   examples = [sources.render_moving_digits(images, labels, np.random.default_rng([3, 0, i]), min_side=20,
                                            max_side=30, max_digits=1, durations=(7,)) for i in range(2)]

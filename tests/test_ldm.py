@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_jax import __main__ as cli
 from diffusion_jax import checkpoint
-from diffusion_jax.train import vae_task
+from diffusion_jax import inference
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "ldm_digits.py")
 # 16 px images (one-frame videos) with captions; the smoke VAE makes 4 x 4 x 4 latents of them.
@@ -44,7 +44,7 @@ def test_encode_train_and_sample_a_text_conditional_ldm(latents, family, tmp_pat
 
   # The run recorded what decodes its latents: the VAE and its statistics, the text encoder.
   config = _saved_config(workdir)
-  vae = vae_task.load_vae(vae_workdir)
+  vae = inference.load_vae(vae_workdir)
   assert config.model.family == family and config.latent.vae == os.path.abspath(vae_workdir)
   np.testing.assert_allclose(config.latent.mean, vae.latent_stats["mean"], rtol=1e-6)
   np.testing.assert_allclose(config.latent.std, vae.latent_stats["std"], rtol=1e-6)

@@ -10,6 +10,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import inference
 from diffusion_jax import metrics
 from diffusion_jax.models import vae
 from diffusion_jax.train import loop, vae_task
@@ -176,7 +177,7 @@ def test_gan_updates_each_net_with_its_own_term(smoke):
 
 def test_training_improves_and_saves_latent_stats(smoke_vae):
   config, workdir = smoke_vae  # the smoke VAE trained 30 steps at lr 3e-3 (conftest.py)
-  handle = vae_task.load_vae(workdir)
+  handle = inference.load_vae(workdir)
   assert (handle.spatial_factor, handle.temporal_factor, handle.latent_channels) == (4, 4, 4)
   assert handle.config_hash == config_lib.config_hash(config) and handle.step == 30
   with open(os.path.join(workdir, "checkpoints", "30", "extras", "metadata")) as f:

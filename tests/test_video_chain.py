@@ -14,8 +14,8 @@ import pytest
 from diffusion_jax import __main__ as cli
 from diffusion_jax import checkpoint
 from diffusion_jax import export as export_lib
+from diffusion_jax import inference
 from diffusion_jax.data import sources
-from diffusion_jax.train import vae_task
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # Clips of 1, 5 and 9 frames at 16-24 px, one digit each (so the classifier's check applies).
@@ -44,7 +44,7 @@ def chain(smoke_vae, tmp_path_factory):
                export=str(root / "vdit_export"), root=str(root))
   assert cli.main(["encode", "--source=moving_digits", f"--builder={json.dumps(BUILD)}",
                    f"--data-dir={paths['data']}", f"--vae={vae_workdir}", f"--out={paths['latents']}"]) == 0
-  channels = vae_task.load_vae(vae_workdir).latent_channels
+  channels = inference.load_vae(vae_workdir).latent_channels
   assert cli.main(["train", f"--config={CONFIGS}/video_dit.py:smoke,data={paths['latents']},channels={channels}",
                    f"--workdir={paths['run']}", f"--config.train.steps={STEPS}",
                    f"--config.train.ckpt_every={STEPS}", "--config.train.log_every=2"]) == 0
@@ -113,7 +113,7 @@ def _through_vae(vae, frames, size):
 def test_image_to_video_keeps_the_given_frame(chain, inputs, tmp_path):
   """The README's i2v command: the given image comes back as frame 0, as the VAE decodes it (the
   sampler holds its latent; the causal decoder's frame 0 depends on that latent only)."""
-  vae, clip = vae_task.load_vae(chain["vae"]), inputs["clip"]
+  vae, clip = inference.load_vae(chain["vae"]), inputs["clip"]
   out = str(tmp_path)
   assert cli.main(["sample", f"--workdir={chain['run']}", f"--out={out}", f"--prompt={PROMPT}", "--mode=i2v",
                    f"--input={inputs['image']}", "--frames=9", f"--size={clip.shape[1]},{clip.shape[2]}"]) == 0
@@ -133,7 +133,7 @@ def test_extend_interpolate_and_sdedit_from_a_prompts_file(chain, inputs, tmp_pa
   request come out at their sizes."""
   from diffusion_jax import sample as sample_lib
 
-  vae = vae_task.load_vae(chain["vae"])
+  vae = inference.load_vae(chain["vae"])
   requests = tmp_path / "requests.jsonl"
   requests.write_text("\n".join(json.dumps(r) for r in [
       dict(prompt=PROMPT, mode="extend", input=inputs["gif"], frames=9, size=[16, 16]),

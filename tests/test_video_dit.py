@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from diffusion_jax import inference
 from diffusion_jax import sample as sample_lib
 from diffusion_jax.data import packing
 from diffusion_jax.models import dit
@@ -176,7 +177,7 @@ def test_sample_requests_packs_sizes_modes_and_splits_calls(tmp_path):
   params = _perturbed(model.init(jax.random.PRNGKey(0), dummy["patches"], dummy["segment_ids"].astype(np.float32),
                                  dummy["labels"], dummy["segment_ids"], dummy["positions"], text=dummy["text"],
                                  text_segment_ids=dummy["text_segment_ids"]))["params"]
-  gen = sample_lib.Generator(config, model, params, vae=None, text_encoder=_FakeEncoder())
+  gen = inference.Generator(config, model, params, vae=None, text_encoder=_FakeEncoder())
   clip = (np.random.default_rng(0).uniform(0, 255, (5, 8, 10, 3))).astype(np.uint8)
   iio.imwrite(tmp_path / "clip.gif", clip, duration=100, loop=0)
   given = iio.imread(tmp_path / "clip.gif", index=None)

@@ -13,7 +13,6 @@ classifier serves samples of every size.
 Task interface: see the TASKS comment in train/loop.py.
 """
 import dataclasses
-import functools
 
 import flax.linen as nn
 import grain
@@ -22,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import config as config_lib
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline, sources
 
@@ -222,38 +220,3 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   pad_square = bool(config.model.get("locate", False))  # the net finds the digit: keep its aspect
   ds = ds.random_map(SingleDigitFrame(size=int(data.image_size), pad_square=pad_square), seed=seed)
   return ds.to_iter_dataset().batch(global_batch // process_count, drop_remainder=True)
-
-
-# --------------------------------------------------------------------------- inference
-
-@functools.lru_cache(maxsize=8)
-def _jitted_apply(config_json: str):
-  model = build_model(config_lib.from_json(config_json))
-  return jax.jit(lambda params, frames: model.apply({"params": params}, frames))
-
-
-def classify(export, frames, *, batch_size: int = 256):
-  """(logits [N, num_classes], features [N, D]) as float32 numpy, for uint8 frames [N, H, W, 3].
-
-  `export` is an export.load_export(...) of a classifier run (task
-  "classifier"). Frames of any size are resized inside the network. Runs in
-  fixed-size chunks (the last one padded) so any N compiles once per frame size.
-  """
-  if export.config.task != "classifier":
-    raise ValueError(f"classify needs an export of task 'classifier', got task {export.config.task!r} "
-                     f"({export.path})")
-  frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError(f"classify wants uint8 frames [N, H, W, 3], got {frames.dtype} {frames.shape}")
-  apply = _jitted_apply(config_lib.to_json(export.config))
-  chunk = min(batch_size, max(len(frames), 1))
-  logits, features = [], []
-  for start in range(0, len(frames), chunk):
-    part = frames[start:start + chunk]
-    padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], np.uint8)])
-    out_logits, out_features = jax.device_get(apply(export.params, padded))
-    logits.append(out_logits[:len(part)])
-    features.append(out_features[:len(part)])
-  if not logits:
-    return np.zeros((0, int(export.config.model.num_classes)), np.float32), np.zeros((0, 0), np.float32)
-  return np.concatenate(logits), np.concatenate(features)

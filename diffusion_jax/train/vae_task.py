@@ -35,27 +35,21 @@ Latent statistics: the per-channel mean and std of posterior samples
 z = mean + exp(logvar / 2) n (what the data pipeline feeds diffusion, so
 std^2 = Var(mean) + E[exp(logvar)]) over the fixed eval set (EMA params) are
 saved WITH every checkpoint, computed at
-that step (checkpoint_extras), and load_vae returns them: a latent
+that step (checkpoint_extras), and inference.load_vae returns them: a latent
 diffusion model normalises with exactly the statistics of the VAE params it
 encodes with.
 
 Task interface: see the TASKS comment in train/loop.py.
 """
 import dataclasses
-import json
-import os
 
 import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from diffusion_jax import checkpoint
-from diffusion_jax import config as config_lib
 from diffusion_jax import metrics
-from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline, sources
 from diffusion_jax.models import vae as vae_lib
@@ -374,89 +368,3 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
                      seed=seed)
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
   return ds.to_iter_dataset()
-
-
-# --------------------------------------------------------------------------- loading a trained VAE
-
-class VaeHandle:
-  """A trained VAE ready to encode and decode, as the encode step and latent diffusion use it.
-
-  encode(video float32 [B, T, H, W, C] in [-1, 1]) -> (mean, logvar) numpy [B, 1 + (T-1)//4, H/f, W/f, z]
-  decode(z [B, T', h, w, z]) -> numpy video [B, 1 + 4(T'-1), h*f, w*f, C] in about [-1, 1] (chunked)
-  spatial_factor, temporal_factor, latent_channels, latent_stats {"mean": [...], "std": [...]},
-  config_hash (config.config_hash of the training config), config, step.
-  """
-
-  def __init__(self, config, params, latent_stats, *, step=None, path=""):
-    self.config = config
-    self.model = build_model(config)
-    self.params = params
-    self.latent_stats = latent_stats
-    self.step = step
-    self.path = path
-    self.config_hash = config_lib.config_hash(config)
-    self.spatial_factor = self.model.spatial_factor
-    self.temporal_factor = self.model.temporal_factor
-    self.latent_channels = self.model.latent_channels
-    self._encode = jax.jit(lambda p, v: self.model.apply({"params": p}, v, method=vae_lib.VideoVAE.encode))
-
-  def encode(self, video):
-    video = np.asarray(video, np.float32)
-    mean, logvar = self._encode(self.params, video)
-    return np.asarray(mean), np.asarray(logvar)
-
-  def decode(self, z, chunk_frames: int = 4):
-    return np.asarray(vae_lib.decode_chunked(self.model, self.params, jnp.asarray(z, jnp.float32), chunk_frames))
-
-
-def _restore_vae_params(workdir: str, step: int | None):
-  """(config, step, EMA params["vae"], extras) of a training workdir, on one device."""
-  from diffusion_jax.train import loop  # the loop imports this module
-
-  manager = checkpoint.make_manager(workdir, keep=1, create=False)
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise ValueError(f"{workdir} holds no finished checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ValueError(f"{workdir} has no checkpoint of step {step}; it has steps {sorted(steps)}")
-    config = checkpoint.saved_config(manager, step)
-    if config.task != "vae":
-      raise ValueError(f"{workdir} holds a checkpoint of task {config.task!r}, not a VAE")
-    mesh_config = ml_collections.ConfigDict(config.mesh.to_dict())
-    mesh_config.shape = [1] * len(mesh_config.axes)  # one device: the VAE is small and evaluated whole
-    mesh = sharding.make_mesh(mesh_config, devices=jax.local_devices()[:1])
-    rules = sharding.logical_rules(mesh_config)
-    _, _, _, abstract_state, state_shardings = loop.build_state(config, mesh, rules)
-    target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-    state = checkpoint.restore(manager, step, target)
-    extras = checkpoint.saved_extras(manager, step)
-  finally:
-    manager.close()
-  return config, step, state.ema_params["vae"], extras
-
-
-def load_vae(path: str, step: int | None = None) -> VaeHandle:
-  """The VAE of a training workdir (newest step or `step`; EMA params; the saved config and latent
-  stats), or of an export directory (one holding export.json, via export.load_export)."""
-  path = os.path.abspath(path)
-  if os.path.isfile(os.path.join(path, "export.json")):
-    from diffusion_jax import export  # written by the export step
-
-    exported = export.load_export(path)
-    stats = exported.info.get("latent_stats")
-    if stats is None and os.path.isfile(os.path.join(path, "latent_stats.json")):
-      with open(os.path.join(path, "latent_stats.json")) as f:
-        stats = json.load(f)
-    return VaeHandle(exported.config, exported.params["vae"], stats, step=exported.info.get("step"), path=path)
-  if not os.path.isdir(os.path.join(path, "checkpoints")):
-    raise ValueError(f"{path} is neither a VAE export (no export.json) nor a training workdir (no checkpoints/)")
-  config, step, params, extras = _restore_vae_params(path, step)
-  stats = (extras or {}).get("latent_stats")
-  if stats is None:
-    raise ValueError(f"{path} step {step} has no latent statistics saved with it (a checkpoint from before "
-                     "checkpoint_extras); resave it with this code")
-  stats = {"mean": list(stats["mean"]), "std": list(stats["std"])}
-  return VaeHandle(config, params, stats, step=step, path=path)
-
