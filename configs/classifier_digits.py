@@ -20,7 +20,9 @@ import ml_collections
 # The moving_digits build the classifier trains on (sources.MovingDigits arguments): one digit per
 # clip, so a clip's label is its only digit; seed 0 holds out the same 200 digit images as every
 # other seed-0 moving_digits build (the quickstart's included), so evaluation's real clips are unseen.
-MOVING_DIGITS = dict(max_digits=1, durations=(1, 5, 9), train_examples=6000, validation_examples=1000)
+# Digits from 30% to 80% of the canvas side cover the default build and the quickstart's larger digits.
+MOVING_DIGITS = dict(max_digits=1, durations=(1, 5, 9), digit_scale=(0.3, 0.8), train_examples=6000,
+                     validation_examples=1000)
 
 
 def get_config(arg: str = ""):

@@ -60,6 +60,25 @@ def test_moving_digits_is_deterministic_and_varied(video_dir, tmp_path):
     assert ex["label"] == ex["labels"][0] and ex["centers"].shape == (ex["video"].shape[0], len(ex["labels"]), 2)
 
 
+def test_digit_scale_sets_the_digit_size_and_names_the_build():
+  images, labels = sources._load_digits()
+  for scale in ((0.3, 0.3), (0.7, 0.7)):
+    rng = np.random.default_rng(0)
+    ex = sources.render_moving_digits(images, labels, rng, min_side=40, max_side=40, max_digits=1,
+                                      durations=(1,), digit_scale=scale)
+    # The stored centre is the digit square's centre; the square starts at a whole pixel.
+    video = ex["video"][0].astype(np.int64)
+    ink = np.abs(video - video[0, 0]).sum(-1) > 0
+    rows, cols = np.nonzero(ink)
+    extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+    side = int(round(scale[0] * 40))
+    assert side - 4 <= extent <= side, (scale, extent)
+  assert sources.MovingDigits(data_dir="/nonexistent", digit_scale=(0.5, 0.7)).builder_config.name.endswith("_z0.5-0.7")
+  assert sources.MovingDigits(data_dir="/nonexistent").builder_config.name == "default"
+  with pytest.raises(ValueError, match="digit_scale"):
+    sources.MovingDigits(data_dir="/nonexistent", digit_scale=(0.8, 0.5))
+
+
 def _ink_centroid(frame, background):
   ink = np.abs(frame.astype(np.float64) - background).sum(-1)
   ys, xs = np.mgrid[:frame.shape[0], :frame.shape[1]]

@@ -214,12 +214,14 @@ SPEEDS = {"slowly": 0.02, "steadily": 0.045, "quickly": 0.09}
 @dataclasses.dataclass
 class MovingDigitsConfig(tfds.core.BuilderConfig):
   """Canvas sides in [min_side, max_side] px (height and width drawn apart), clip
-  lengths from `durations`, 1..max_digits digits; seed fixes every random choice."""
+  lengths from `durations`, 1..max_digits digits, each digit's square side a fraction
+  in `digit_scale` of the canvas's shorter side; seed fixes every random choice."""
 
   min_side: int = 24
   max_side: int = 96
   max_digits: int = 3
   durations: tuple[int, ...] = (1, 5, 9, 17, 33)
+  digit_scale: tuple[float, float] = (0.3, 0.55)
   seed: int = 0
   train_examples: int = 2000
   validation_examples: int = 200
@@ -236,12 +238,17 @@ def _moving_digits_config(**kwargs) -> MovingDigitsConfig:
   if min(cfg.train_examples, cfg.validation_examples) < 1:
     raise ValueError("moving_digits needs train_examples and validation_examples >= 1")
   cfg.durations = tuple(int(d) for d in cfg.durations)
+  cfg.digit_scale = tuple(float(f) for f in cfg.digit_scale)
+  if len(cfg.digit_scale) != 2 or not 0 < cfg.digit_scale[0] <= cfg.digit_scale[1] <= 1:
+    raise ValueError(f"moving_digits needs digit_scale (low, high) with 0 < low <= high <= 1, got {cfg.digit_scale}")
   default = MovingDigitsConfig(name="default")
   if all(getattr(cfg, f) == getattr(default, f) for f in kwargs):
     cfg.name, cfg.description = "default", "24-96 px sides, 1-33 frames, 1-3 digits, seed 0"
   else:
     cfg.name = (f"s{cfg.min_side}-{cfg.max_side}_d{cfg.max_digits}_t{'-'.join(map(str, cfg.durations))}"
                 f"_n{cfg.train_examples}-{cfg.validation_examples}_seed{cfg.seed}")
+    if cfg.digit_scale != default.digit_scale:
+      cfg.name += "_z{:g}-{:g}".format(*cfg.digit_scale)
     cfg.description = "moving_digits with " + cfg.name
   return cfg
 
@@ -265,10 +272,11 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = "default"
 
   def __init__(self, *, config=None, min_side=None, max_side=None, max_digits=None, durations=None,
-               seed=None, train_examples=None, validation_examples=None, **kwargs):
+               digit_scale=None, seed=None, train_examples=None, validation_examples=None, **kwargs):
     if config is None:  # always explicit: tfds would otherwise guess from what is on disk
       given = dict(min_side=min_side, max_side=max_side, max_digits=max_digits, durations=durations,
-                   seed=seed, train_examples=train_examples, validation_examples=validation_examples)
+                   digit_scale=digit_scale, seed=seed, train_examples=train_examples,
+                   validation_examples=validation_examples)
       config = _moving_digits_config(**{k: v for k, v in given.items() if v is not None})
       config = self.builder_configs.get(config.name, config)
     super().__init__(config=config, **kwargs)
@@ -300,7 +308,8 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
     for index in range(count):
       rng = np.random.default_rng([cfg.seed, split_code, index])
       example = render_moving_digits(images, labels, rng, min_side=cfg.min_side, max_side=cfg.max_side,
-                                     max_digits=cfg.max_digits, durations=cfg.durations)
+                                     max_digits=cfg.max_digits, durations=cfg.durations,
+                                     digit_scale=cfg.digit_scale)
       yield index, {**example, "id": index}
 
 
@@ -387,7 +396,7 @@ def caption_attributes(caption: str) -> dict | None:
 
 
 def render_moving_digits(images, labels, rng: np.random.Generator, *, min_side: int, max_side: int,
-                         max_digits: int, durations) -> dict:
+                         max_digits: int, durations, digit_scale=(0.3, 0.55)) -> dict:
   """One clip of 1..max_digits digits from `images` (8x8 in [0, 1]) moving on a canvas.
 
   Returns the feature dict (video, label, caption, labels, centers, velocities).
@@ -406,7 +415,7 @@ def render_moving_digits(images, labels, rng: np.random.Generator, *, min_side: 
   time = np.arange(frames, dtype=np.float64)
   for d in range(num):
     pick = int(rng.integers(len(images)))
-    side = max(8, min(short, int(round(rng.uniform(0.3, 0.55) * short))))
+    side = max(8, min(short, int(round(rng.uniform(*digit_scale) * short))))
     alpha = np.clip(bilinear_resize(images[pick], side, side), 0.0, 1.0).astype(np.float32)[..., None]
     colour = np.asarray(DIGIT_COLOURS[colour_names[d]], np.float32)
     direction = str(rng.choice(list(DIRECTIONS))) if frames > 1 else "still"
