@@ -126,9 +126,11 @@ def get_config(arg: str = ""):
                   size=(32, 32), frames=9)
 
   if arg.quickstart:
-    # Latent clips of the quickstart data are 9-75 tokens: rows of 256 hold ~6 of them.
-    c.data.update(tokens_per_row=256, examples_per_row=16, text_tokens_per_row=256 if text else 0, pack_buffer=32)
-    c.train.update(global_batch=8, steps=600, lr=1e-3, warmup_steps=50, ema_decay=0.99,
+    # Latent clips of the quickstart data are 9-75 tokens. Attention is dense over a row (masked by
+    # segment), so its cost grows with L^2 per row: 20 rows of 96 tokens (~3 clips, 64 caption
+    # tokens) do the work of 8 rows of 256 at 1.65x the real tokens/s on this CPU (BENCHMARKS.md).
+    c.data.update(tokens_per_row=96, examples_per_row=6, text_tokens_per_row=64 if text else 0, pack_buffer=32)
+    c.train.update(global_batch=20, steps=600, lr=1e-3, warmup_steps=50, ema_decay=0.99,
                    compute_dtype="float32", log_every=50, ckpt_every=300, eval_every=300, eval_batches=2)
     c.mesh.shape = (-1, 1, 1)
     c.sample.update(steps=20, size=(32, 32), frames=9)
