@@ -506,11 +506,11 @@ def held_out_loss(export, *, data_dir: str = "", batches: int = 0) -> dict:
 
   config = _config_with_data_dir(export.config, data_dir)
   task = loop.TASKS[config.task]
-  model, schedule = task.build_model(config), task.make_schedule(config)
+  model, objective = task.build_model(config), task.make_objective(config)
   mesh, rules = _one_device_mesh(config)
   source = iter(task.make_dataset(config, split=config.data.eval_split, process_index=0, process_count=1,
                                   seed=config.data.shuffle_seed))
-  eval_batch = jax.jit(lambda params, batch, index: task.eval_fn(params, model, schedule, batch, index, config))
+  eval_batch = jax.jit(lambda params, batch, index: task.eval_fn(params, model, objective, batch, index, config))
   auxes = []
   with sharding.activate(mesh, rules):
     for index in range(batches or int(config.train.get("eval_batches", 1))):

@@ -28,7 +28,7 @@ def test_bucket_losses_weighted_by_counts_give_the_loss(data_dir):
   batch = first_batch(config)
   model = dit_task.build_model(config)
   params = dit_task.init_params(model, config, jax.random.PRNGKey(0))
-  loss, aux = dit_task.loss_fn(params, model, dit_task.make_schedule(config), batch, jax.random.PRNGKey(3), config)
+  loss, aux = dit_task.loss_fn(params, model, dit_task.make_objective(config), batch, jax.random.PRNGKey(3), config)
   counts = np.array([float(aux[f"examples_t{i}"]) for i in range(4)])
   losses = np.array([float(aux[f"loss_t{i}"]) for i in range(4)])
   assert counts.sum() == config.train.global_batch * config.data.examples_per_row

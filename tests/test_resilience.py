@@ -152,12 +152,12 @@ def test_profile_window_writes_a_trace(data_dir, tmp_path):
   assert len(traces) == 1
 
 
-def _deterministic_loss(params, model, schedule, batch, rng, config, *, train=True):
+def _deterministic_loss(params, model, objective, batch, rng, config, *, train=True):
   """dit_task.loss_fn's shape with fixed per-example timesteps and no noise, so
   a micro-batch's loss is exactly its share of the big batch's."""
   segment_ids = batch["segment_ids"]
-  t_example = (batch["example_ids"] % schedule.num_steps).astype(jnp.float32)
-  t = dit_task.per_token(t_example, segment_ids)
+  t_example = (batch["example_ids"] % objective.num_timesteps).astype(jnp.float32)
+  t = objectives.per_token(t_example, segment_ids)
   out = model.apply({"params": params}, batch["patches"], t, batch["labels"], segment_ids, batch["positions"],
                     train=False)
   token_loss = jnp.mean((out[..., :batch["patches"].shape[-1]] - batch["patches"]) ** 2, axis=-1)

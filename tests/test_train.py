@@ -32,8 +32,8 @@ def sharded_loss(config, params, batch, devices):
   model, _, _, _, state_shardings = loop.build_state(config, mesh, rules)
   params = jax.device_put(params, state_shardings.params)  # fails if any sharding is invalid
   global_batch = pipeline.make_global_batch(batch, sharding.batch_sharding(mesh))
-  schedule = dit_task.make_schedule(config)
-  fn = jax.jit(lambda p, b: dit_task.loss_fn(p, model, schedule, b, jax.random.PRNGKey(7), config, train=False)[0],
+  objective = dit_task.make_objective(config)
+  fn = jax.jit(lambda p, b: dit_task.loss_fn(p, model, objective, b, jax.random.PRNGKey(7), config, train=False)[0],
                in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)))
   with sharding.activate(mesh, rules):
     return float(fn(params, global_batch)), state_shardings.params
@@ -68,12 +68,12 @@ def fixed_batch_setup(config):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   model, _, init_fn, _, _ = loop.build_state(config, mesh, rules)
-  schedule = dit_task.make_schedule(config)
+  objective = dit_task.make_objective(config)
 
   @jax.jit
   def mean_loss(params):  # over 8 noise draws, so a comparison is not luck
     keys = jax.random.split(jax.random.PRNGKey(123), 8)
-    return jnp.mean(jax.vmap(lambda k: dit_task.loss_fn(params, model, schedule, batch, k, config, train=False)[0])(keys))
+    return jnp.mean(jax.vmap(lambda k: dit_task.loss_fn(params, model, objective, batch, k, config, train=False)[0])(keys))
 
   return batch, mesh, rules, model, init_fn, mean_loss
 

@@ -219,7 +219,7 @@ def test_smoke_train_steps_through_the_task_loss_lower_it_on_a_fixed_batch():
   config = _smoke_config()
   model = dit_task.build_model(config)
   assert isinstance(model, unet.UNet)
-  schedule = dit_task.make_schedule(config)
+  objective = dit_task.make_objective(config)
   # A fixed batch of 8 structured images (bars at different places), one per row.
   size = config.data.image_size
   images = np.full((8, 1, size, size, 3), -1.0, np.float32)
@@ -235,7 +235,7 @@ def test_smoke_train_steps_through_the_task_loss_lower_it_on_a_fixed_batch():
   # One compiled function serves training (fresh keys) and measuring (8 fixed
   # keys: fixed noise, timesteps and label dropout), so the test compiles once.
   loss_and_grad = jax.jit(jax.value_and_grad(
-      lambda p, key: dit_task.loss_fn(p, model, schedule, batch, key, config)[0]))
+      lambda p, key: dit_task.loss_fn(p, model, objective, batch, key, config)[0]))
   update = jax.jit(lambda grads, opt_state, params: optimizer.update(grads, opt_state, params))
 
   def mean_loss(params):

@@ -109,15 +109,16 @@ def test_flow_loss_masks_conditioning_tokens_and_learns():
       dict(data=config.data, model=config.model)), jax.random.PRNGKey(0))
   params = jax.tree_util.tree_map(lambda p: getattr(p, "value", p), params,
                                   is_leaf=lambda p: hasattr(p, "value"))
-  loss_fn = jax.jit(lambda p, r: dit_task.loss_fn(p, model, None, batch, r, config)[0])
+  objective = dit_task.make_objective(config)
+  loss_fn = jax.jit(lambda p, r: dit_task.loss_fn(p, model, objective, batch, r, config)[0])
   # All tokens as context: nothing left to predict, loss 0 (not NaN).
   all_cond = dict(batch, cond_mask=batch["segment_ids"] > 0)
-  zero, _ = dit_task.loss_fn(params, model, None, all_cond, jax.random.PRNGKey(0), config)
+  zero, _ = dit_task.loss_fn(params, model, objective, all_cond, jax.random.PRNGKey(0), config)
   assert float(zero) == 0.0
   import optax
   opt = optax.adam(3e-3)
   state = opt.init(params)
-  grad = jax.jit(jax.grad(lambda p, r: dit_task.loss_fn(p, model, None, batch, r, config)[0]))
+  grad = jax.jit(jax.grad(lambda p, r: dit_task.loss_fn(p, model, objective, batch, r, config)[0]))
   first = np.mean([float(loss_fn(params, jax.random.PRNGKey(i))) for i in range(8)])
   for i in range(50):
     updates, state = opt.update(grad(params, jax.random.PRNGKey(100 + i)), state)

@@ -150,6 +150,19 @@ def per_token_loss(s, model_output, x0, x_t, t, noise, *, prediction, learn_sigm
   return loss
 
 
+def per_token(values, segment_ids):
+  """Gathers per-example values [B, K, ...] to tokens [B, L, ...] (padding takes example 1's)."""
+  index = jnp.maximum(segment_ids - 1, 0)
+  index = index.reshape(index.shape + (1,) * (values.ndim - 2))
+  return jnp.take_along_axis(values, index, axis=1)
+
+
+def example_token_counts(segment_ids, num_examples: int):
+  """[B, K] number of tokens of each example of each row."""
+  ids = jnp.arange(1, num_examples + 1, dtype=segment_ids.dtype)
+  return jnp.sum(segment_ids[..., None] == ids, axis=1)
+
+
 def reduce_per_example(per_token, segment_ids, loss_mask, num_examples):
   """Scalar loss of a packed batch: every example counts once, whatever its size.
 

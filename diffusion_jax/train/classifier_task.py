@@ -136,14 +136,14 @@ def init_params(model, config, rng):
   return model.init(rng, jnp.zeros((1, size, size, 3), jnp.uint8))["params"]
 
 
-def make_schedule(config):
-  del config  # no diffusion process
+def make_objective(config):
+  del config  # no diffusion objective: loss_fn holds the whole loss
   return None
 
 
-def loss_fn(params, model, schedule, batch, rng, config, *, train=True):
+def loss_fn(params, model, objective, batch, rng, config, *, train=True):
   """Mean softmax cross-entropy over the batch; aux has loss and accuracy."""
-  del schedule, rng, config, train  # deterministic network: no dropout, no noise
+  del objective, rng, config, train  # deterministic network: no dropout, no noise
   logits, _ = model.apply({"params": params}, batch["frames"])
   labels = batch["labels"]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -151,9 +151,9 @@ def loss_fn(params, model, schedule, batch, rng, config, *, train=True):
   return loss, {"loss": loss, "accuracy": accuracy}
 
 
-def eval_fn(params, model, schedule, batch, index, config) -> dict:
+def eval_fn(params, model, objective, batch, index, config) -> dict:
   """Sums (not means) over the batch, so summarize_eval weighs every example alike."""
-  del schedule, index, config
+  del objective, index, config
   logits, _ = model.apply({"params": params}, batch["frames"])
   labels = batch["labels"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

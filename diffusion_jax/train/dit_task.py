@@ -4,15 +4,9 @@ The loop calls these functions and nothing else. Timesteps are drawn per
 example ([B, K]) and gathered to tokens through segment ids, so one row can
 hold examples at different noise levels.
 
-Two objectives (config.diffusion.kind):
-  ddpm  discrete timesteps of a beta schedule, eps / v / x0 prediction, learned
-        variance (the image DiT's objective).
-  flow  rectified flow, the video default: x_t = (1 - t) x0 + t noise, the model
-        predicts v = noise - x0 and sees 1000 t. Times are logit-normal (SD3) and
-        shifted per example by s = sqrt(n / diffusion.shift_base_tokens), n the
-        example's own token count (frames x height x width), so large and long
-        clips train at more noise, as they need (SD3's resolution shift, applied
-        to duration too as Open-Sora does).
+The objective (config.diffusion.kind: ddpm or rectified flow) is an object of
+diffusion/kinds.py: it draws the training times, corrupts, scores the model's
+output and samples; this module holds no branch on the kind.
 Loss weighting, both kinds: every example of the batch counts once, whatever
 its size (the mean over its loss tokens, then the mean over examples), so long
 clips do not drown short ones; padding and conditioning tokens carry no loss.
@@ -29,7 +23,7 @@ import numpy as np
 from diffusion_jax import metrics
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import packing, pipeline
-from diffusion_jax.diffusion import objectives, samplers, schedules
+from diffusion_jax.diffusion import kinds, objectives, samplers
 from diffusion_jax.models import dit
 
 
@@ -55,12 +49,7 @@ def _model_family(config) -> str:
   return family
 
 
-DIFFUSION_KINDS = ("ddpm", "flow")
 COND_MODES = ("i2v", "extend", "interpolate", "random")
-
-
-def is_flow(config) -> bool:
-  return config.diffusion.get("kind", "ddpm") == "flow"
 
 
 def uses_text(config) -> bool:
@@ -74,8 +63,7 @@ def samples_from_prompts(config) -> bool:
 
 
 def validate(config) -> None:
-  if config.diffusion.get("kind", "ddpm") not in DIFFUSION_KINDS:
-    raise ConfigError(f"unknown diffusion.kind {config.diffusion.kind!r}; use one of {DIFFUSION_KINDS}")
+  kinds.validate(config)
   unknown = set(config.diffusion.get("cond", {}) or {}) - set(COND_MODES)
   if unknown:
     raise ConfigError(f"unknown diffusion.cond modes {sorted(unknown)}; known: {COND_MODES}")
@@ -89,10 +77,6 @@ def validate(config) -> None:
   backend = config.model.get("attention_backend", "xla")
   if backend not in layers.ATTENTION_BACKENDS:
     raise ConfigError(f"unknown model.attention_backend {backend!r}; known: {layers.ATTENTION_BACKENDS}")
-  if is_flow(config) and config.model.get("learn_sigma", False):
-    raise ConfigError("diffusion.kind='flow' predicts a velocity: set model.learn_sigma=False")
-  if not is_flow(config) and config.diffusion.prediction not in ("eps", "v", "x0"):
-    raise ConfigError(f"unknown diffusion.prediction {config.diffusion.prediction!r}; use eps, v or x0")
   if "image_size" not in config.data:  # native-size video data: the pipeline fits each example to L
     if config.model.variant not in dit.VARIANTS:
       raise ConfigError(f"unknown model.variant {config.model.variant!r}; known: {sorted(dit.VARIANTS)}")
@@ -177,11 +161,9 @@ def model_flops(config, batch) -> float | None:
       pooled_text=bool(config.model.get("pooled_text", False)))
 
 
-def make_schedule(config) -> schedules.Schedule | None:
-  """The beta schedule of the ddpm kind; None for rectified flow."""
-  if is_flow(config):
-    return None
-  return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+def make_objective(config):
+  """The objective of config.diffusion.kind (diffusion/kinds.py), what loss_fn and eval_fn get."""
+  return kinds.make_objective(config)
 
 
 def dummy_batch(config, rows: int) -> dict:
@@ -229,27 +211,6 @@ def init_params(model, config, rng):
                     batch["positions"], train=False, **text)["params"]
 
 
-def per_token(values, segment_ids):
-  """Gathers per-example values [B, K, ...] to tokens [B, L, ...] (padding takes example 1's)."""
-  index = jnp.maximum(segment_ids - 1, 0)
-  index = index.reshape(index.shape + (1,) * (values.ndim - 2))
-  return jnp.take_along_axis(values, index, axis=1)
-
-
-def example_token_counts(segment_ids, num_examples: int):
-  """[B, K] number of tokens of each example of each row."""
-  return jnp.sum(dit.example_one_hot(segment_ids, num_examples), axis=1)
-
-
-def flow_shift(config, segment_ids, num_examples: int):
-  """[B, K] resolution/duration shift s = sqrt(n / diffusion.shift_base_tokens) (1 when the base is 0)."""
-  base = float(config.diffusion.get("shift_base_tokens", 0))
-  if base <= 0:
-    return jnp.ones(segment_ids.shape[:1] + (num_examples,), jnp.float32)
-  counts = example_token_counts(segment_ids, num_examples).astype(jnp.float32)
-  return jnp.sqrt(jnp.maximum(counts, 1.0) / base)
-
-
 def frame_cond_mask(rng, batch, probs: dict, max_frames: int = 256):
   """[B, L] bool: tokens that become clean context under a random conditioning mode.
 
@@ -268,52 +229,38 @@ def frame_cond_mask(rng, batch, probs: dict, max_frames: int = 256):
   frames = grid[..., 0]
   n_extend = jax.random.randint(extend_rng, (rows, k), 1, jnp.maximum(frames, 2))
   random_frames = jax.random.bernoulli(random_rng, 0.5, (rows, k, max_frames))
-  tok_mode, tok_frames, tok_extend = (per_token(v, segment_ids) for v in (mode, frames, n_extend))
+  tok_mode, tok_frames, tok_extend = (objectives.per_token(v, segment_ids) for v in (mode, frames, n_extend))
   frame = positions[..., 0]
-  tok_random = jnp.take_along_axis(per_token(random_frames, segment_ids), jnp.minimum(frame, max_frames - 1)[..., None],
-                                   axis=-1)[..., 0]
+  tok_random = jnp.take_along_axis(objectives.per_token(random_frames, segment_ids),
+                                   jnp.minimum(frame, max_frames - 1)[..., None], axis=-1)[..., 0]
   last = frame == tok_frames - 1
   cond = ((tok_mode == 0) & (frame == 0)) | ((tok_mode == 1) & (frame < tok_extend)) | \
          ((tok_mode == 2) & ((frame == 0) | last)) | ((tok_mode == 3) & tok_random & ~last)
   return cond & (tok_frames > 1) & (segment_ids > 0)
 
 
-def loss_fn(params, model, schedule, batch, rng, config, *, train=True):
+def loss_fn(params, model, objective, batch, rng, config, *, train=True):
   """Diffusion loss of one packed batch; each example weighs the same (see reduce_per_example)."""
   t_rng, noise_rng, dropout_rng, cond_rng = jax.random.split(rng, 4)
   x0 = batch["patches"]
   segment_ids = batch["segment_ids"]
-  rows, k = batch["labels"].shape
+  k = batch["labels"].shape[1]
   cond_mask = batch["cond_mask"]
   cond_probs = dict(config.diffusion.get("cond", {}) or {})
   if train and any(cond_probs.values()):
     cond_mask = cond_mask | frame_cond_mask(cond_rng, batch, cond_probs)
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-  rngs = {"dropout": dropout_rng}
-  if is_flow(config):
-    flow = config.diffusion
-    t_example = objectives.logit_normal_times(t_rng, (rows, k), flow.get("logit_mean", 0.0), flow.get("logit_std", 1.0))
-    t_example = objectives.shift_times(t_example, flow_shift(config, segment_ids, k))
-    # Conditioning tokens stay clean (t = 0) and carry no loss.
-    t = jnp.where(cond_mask, 0.0, per_token(t_example, segment_ids))
-    x_t, _ = objectives.flow_interpolate(x0, noise, t)
-    out = apply_model(model, params, x_t, 1000.0 * t, batch, train=train, rngs=rngs)
-    token_loss = objectives.flow_loss_per_token(out, x0, noise)
-    t_bucket = jnp.minimum((t_example * 1000).astype(jnp.int32), 999)
-    num_steps = 1000
-  else:
-    t_example = jax.random.randint(t_rng, (rows, k), 0, schedule.num_steps)
-    t = jnp.where(cond_mask, 0, per_token(t_example, segment_ids))
-    x_t = schedules.q_sample(schedule, x0, t, noise)
-    x_t = jnp.where(cond_mask[..., None], x0, x_t)
-    out = apply_model(model, params, x_t, t, batch, train=train, rngs=rngs)
-    token_loss = objectives.per_token_loss(schedule, out, x0, x_t, t, noise,
-                                           prediction=config.diffusion.prediction,
-                                           learn_sigma=config.model.learn_sigma)
-    t_bucket, num_steps = t_example, schedule.num_steps
+  t_example = objective.sample_times(t_rng, segment_ids, k)
+  # Conditioning tokens stay clean (t = 0) and carry no loss.
+  t = jnp.where(cond_mask, 0, objectives.per_token(t_example, segment_ids))
+  x_t, model_time = objective.corrupt(x0, noise, t, cond_mask)
+  out = apply_model(model, params, x_t, model_time, batch, train=train, rngs={"dropout": dropout_rng})
+  token_loss = objective.token_loss(out, x0, x_t, t, noise)
   loss_mask = (segment_ids > 0) & ~cond_mask
   loss = objectives.reduce_per_example(token_loss, segment_ids, loss_mask, k)
-  return loss, {"loss": loss, **timestep_bucket_losses(token_loss, segment_ids, loss_mask, t_bucket, num_steps)}
+  buckets = timestep_bucket_losses(token_loss, segment_ids, loss_mask, objective.timestep_index(t_example),
+                                   objective.num_timesteps)
+  return loss, {"loss": loss, **buckets}
 
 
 NUM_T_BUCKETS = 4
@@ -330,7 +277,7 @@ def timestep_bucket_losses(token_loss, segment_ids, loss_mask, t_example, num_st
   buckets over steps or batches (the eval section of train/loop.py does).
   """
   k = t_example.shape[1]
-  bucket_of_token = per_token(t_example * NUM_T_BUCKETS // num_steps, segment_ids)
+  bucket_of_token = objectives.per_token(t_example * NUM_T_BUCKETS // num_steps, segment_ids)
   ids = jnp.arange(1, k + 1, dtype=segment_ids.dtype)
   out = {}
   for i in range(NUM_T_BUCKETS):
@@ -344,13 +291,13 @@ def timestep_bucket_losses(token_loss, segment_ids, loss_mask, t_example, num_st
 make_dataset = pipeline.make_dataset  # packed rows of the configured tfds dataset
 
 
-def eval_fn(params, model, schedule, batch, index, config) -> dict:
+def eval_fn(params, model, objective, batch, index, config) -> dict:
   """Held-out loss of eval batch number `index`, deterministic: train=False
   (no dropout, no label dropout) and timesteps and noise drawn from a key
   fixed by (train.seed, index), so evaluations of the same params at
   different steps see the same noise and compare directly."""
   rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed + 1), index)
-  _, aux = loss_fn(params, model, schedule, batch, rng, config, train=False)
+  _, aux = loss_fn(params, model, objective, batch, rng, config, train=False)
   return aux
 
 
@@ -385,7 +332,7 @@ def sample(model, params, config, labels, rng, *, sampler="ddim", steps=50, eta=
   positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (n, length, 3))
   labels = jnp.asarray(labels, jnp.int32)[:, None]
   null = jnp.full_like(labels, config.model.num_classes)
-  schedule = make_schedule(config)
+  schedule = make_objective(config).schedule
 
   def apply_fn(x, t, y):
     rows = x.shape[0]
@@ -408,9 +355,6 @@ def sample(model, params, config, labels, rng, *, sampler="ddim", steps=50, eta=
   return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
 
 
-SAMPLERS = ("euler", "heun", "ddim", "ddpm")
-
-
 def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=30, cfg_scale=1.0, eta=0.0,
              ddpm_strength=1.0):
   """Samples every example of packed rows in one compiled loop; returns x0 tokens [B, L, P].
@@ -424,58 +368,36 @@ def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=3
     strength [B, K]    1 = start from pure noise (text-to-video and the frame
                        modes); s < 1 = SDEdit: start at time s from
                        (1 - s) x_edit + s noise (flow) or at step s T (DDPM).
-  CFG (cfg_scale != 1) runs the conditional and the unconditional model as one
-  batch: the unconditional branch has every caption replaced by the null
-  caption and every label by the null class. Flow samplers: 'euler', 'heun'
-  on per-token clocks (flow_time_grid; each example shifted by its own token
-  count); DDPM-family: 'ddim', 'ddpm', where SDEdit takes one strength for
-  the whole call, `ddpm_strength` (a Python float: it fixes the step count).
+  CFG (cfg_scale != 1, samplers.guided_model_fn) runs the conditional and the
+  unconditional model as one batch: the unconditional branch has every caption
+  replaced by the null caption and every label by the null class. The samplers
+  are the objective's (diffusion/kinds.py): flow 'euler', 'heun' on per-token
+  clocks (flow_time_grid; each example shifted by its own token count); DDPM
+  'ddim', 'ddpm' (a pixel model's x0 clipped to [-1, 1]), where SDEdit takes one
+  strength for the whole call, `ddpm_strength` (a Python float: it fixes the step count).
   Jit it with model, config, sampler, steps, cfg_scale, eta and ddpm_strength static.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; use one of {SAMPLERS}")
-  segment_ids, cond_mask = rows["segment_ids"], rows["cond_mask"]
+  objective = make_objective(config)
+  segment_ids = rows["segment_ids"]
   given = jnp.asarray(rows["patches"], jnp.float32)
-  k = rows["grid"].shape[1]
   strength = jnp.asarray(rows.get("strength", jnp.ones(rows["grid"].shape[:2])), jnp.float32)
   noise_rng, sample_rng = jax.random.split(rng)
   noise = jax.random.normal(noise_rng, given.shape, jnp.float32)
-  null_labels = jnp.full_like(rows["labels"], int(config.model.get("num_classes", 0)))
-  text_null = jnp.ones(rows["labels"].shape, bool)
-  both = jax.tree_util.tree_map(lambda v: jnp.concatenate([v, v], axis=0),
-                                {key: rows[key] for key in ("segment_ids", "positions", "text", "text_segment_ids",
-                                                           "labels") if key in rows})
-  both_labels = jnp.concatenate([rows["labels"], null_labels], axis=0)
-  both_null = jnp.concatenate([jnp.zeros_like(text_null), text_null], axis=0)
 
   def model_fn(x, t_model):
-    if cfg_scale == 1.0:
-      return apply_model(model, params, x, t_model, rows)
-    out = apply_model(model, params, jnp.concatenate([x, x], 0), jnp.concatenate([t_model, t_model], 0), both,
-                      labels=both_labels, text_null=both_null)
-    cond, uncond = jnp.split(out, 2, axis=0)
-    channels = x.shape[-1]
-    guided = uncond[..., :channels] + cfg_scale * (cond[..., :channels] - uncond[..., :channels])
-    return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+    return apply_model(model, params, x, t_model, rows)
 
-  if is_flow(config):
-    if sampler not in ("euler", "heun"):
-      raise ValueError(f"a flow model samples with euler or heun, not {sampler!r}")
-    start = per_token(strength, segment_ids)
-    times = samplers.flow_time_grid(steps, start, per_token(flow_shift(config, segment_ids, k), segment_ids))
-    x_init = (1.0 - start[..., None]) * given + start[..., None] * noise
-    return samplers.flow_sample(lambda x, t: model_fn(x, 1000.0 * t), x_init, times, method=sampler,
-                                keep_mask=cond_mask, keep_x0=given)
+  if cfg_scale != 1.0:
+    both = jax.tree_util.tree_map(lambda v: jnp.concatenate([v, v], axis=0),
+                                  {key: rows[key] for key in ("segment_ids", "positions", "text", "text_segment_ids")
+                                   if key in rows})
+    text_null = jnp.ones(rows["labels"].shape, bool)
+    both_text_null = jnp.concatenate([jnp.zeros_like(text_null), text_null], axis=0)
 
-  schedule = make_schedule(config)
-  learn_sigma = bool(config.model.get("learn_sigma", False))
-  common = dict(prediction=config.diffusion.prediction, learn_sigma=learn_sigma, keep_mask=cond_mask, keep_x0=given)
-  if sampler == "ddpm":
-    return samplers.ddpm_sample(schedule, model_fn, noise, sample_rng, **common)
-  # SDEdit on the DDPM family: one start step for the whole call.
-  start_step = int(round(float(ddpm_strength) * (schedule.num_steps - 1)))
-  x_init = noise
-  if start_step < schedule.num_steps - 1:
-    x_init = schedules.q_sample(schedule, given, jnp.full(segment_ids.shape, start_step, jnp.int32), noise)
-  return samplers.ddim_sample(schedule, model_fn, x_init, sample_rng if eta else None, num_steps=steps, eta=eta,
-                              start_step=start_step, **common)
+    def apply_both(x, t_model, labels):  # guided_model_fn's batch: the rows, then the same rows unconditional
+      return apply_model(model, params, x, t_model, both, labels=labels, text_null=both_text_null)
+
+    null_labels = jnp.full_like(rows["labels"], int(config.model.get("num_classes", 0)))
+    model_fn = samplers.guided_model_fn(apply_both, rows["labels"], null_labels, cfg_scale, objective.learn_sigma)
+  return objective.sample(model_fn, given, noise, sample_rng, segment_ids=segment_ids, cond_mask=rows["cond_mask"],
+                          strength=strength, sampler=sampler, steps=steps, eta=eta, ddpm_strength=ddpm_strength)

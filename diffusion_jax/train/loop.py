@@ -51,10 +51,10 @@ from diffusion_jax.train import state as state_lib
 #   validate(config)                         raise ConfigError before anything compiles
 #   build_model(config) -> flax module
 #   init_params(model, config, rng) -> params (logically boxed)
-#   make_schedule(config) -> whatever loss_fn needs as `schedule` (None for none)
+#   make_objective(config) -> whatever loss_fn needs as `objective` (None for none)
 #   make_dataset(config, *, split, process_index, process_count, seed) -> Grain dataset of local batches
-#   loss_fn(params, model, schedule, batch, rng, config, *, train=True) -> (loss, aux)
-#   eval_fn(params, model, schedule, batch, index, config) -> aux (deterministic for an index)
+#   loss_fn(params, model, objective, batch, rng, config, *, train=True) -> (loss, aux)
+#   eval_fn(params, model, objective, batch, index, config) -> aux (deterministic for an index)
 #   summarize_eval(auxes) -> {"eval/...": float} over the fixed eval set
 # and optionally:
 #   LOSS_TAKES_STEP = True                   loss_fn also gets step= (the state's step, a traced int32)
@@ -161,7 +161,7 @@ def make_train_step(config, model, optimizer):
   random draws were made, not bitwise.
   """
   task = TASKS[config.task]
-  schedule = task.make_schedule(config)
+  objective = task.make_objective(config)
   lr_fn = state_lib.learning_rate_schedule(config.train)
   accum = int(config.train.get("grad_accum_steps", 1))
   value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
@@ -172,7 +172,7 @@ def make_train_step(config, model, optimizer):
     else:
       grad_fn = value_and_grad
     if accum == 1:
-      (loss, aux), grads = grad_fn(params, model, schedule, batch, rng, config)
+      (loss, aux), grads = grad_fn(params, model, objective, batch, rng, config)
       return loss, aux, grads
     micro = split_micro_batches(batch, accum)
     if "segment_ids" in batch:  # packed rows: weigh by loss-carrying examples
@@ -185,7 +185,7 @@ def make_train_step(config, model, optimizer):
 
     def one_micro_batch(grads_sum, inputs):
       index, weight, micro_batch = inputs
-      (loss, aux), grads = grad_fn(params, model, schedule, micro_batch, jax.random.fold_in(rng, index), config)
+      (loss, aux), grads = grad_fn(params, model, objective, micro_batch, jax.random.fold_in(rng, index), config)
       grads_sum = jax.tree_util.tree_map(lambda s, g: s + weight * g, grads_sum, grads)
       return grads_sum, (loss, aux)
 
@@ -244,14 +244,14 @@ def make_evaluator(config, model, mesh, rules, params_shardings, split: str):
   directly; the task's summarize_eval averages over the set.
   """
   task = TASKS[config.task]
-  schedule = task.make_schedule(config)
+  objective = task.make_objective(config)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   source = iter(task.make_dataset(config, split=split, process_index=jax.process_index(),
                                   process_count=jax.process_count(), seed=config.data.shuffle_seed))
   batches = [pipeline.make_global_batch(next(source), batch_sharding)
              for _ in range(int(config.train.eval_batches))]
-  eval_batch = jax.jit(lambda params, batch, index: task.eval_fn(params, model, schedule, batch, index, config),
+  eval_batch = jax.jit(lambda params, batch, index: task.eval_fn(params, model, objective, batch, index, config),
                        in_shardings=(params_shardings, batch_sharding, replicated), out_shardings=replicated)
 
   def evaluate(params) -> dict:

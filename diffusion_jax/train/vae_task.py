@@ -135,8 +135,8 @@ def init_params(model, config, rng):
   return params
 
 
-def make_schedule(config):
-  del config  # no diffusion process
+def make_objective(config):
+  del config  # no diffusion objective: loss_fn holds the whole loss
   return None
 
 
@@ -176,10 +176,10 @@ def _latent_channel_stats(mean, logvar, lmask):
           count)
 
 
-def loss_fn(params, model, schedule, batch, rng, config, *, train=True, step=None):
+def loss_fn(params, model, objective, batch, rng, config, *, train=True, step=None):
   """(loss, aux): reconstruction + KL [+ GAN after loss.gan_start]; aux has loss, rec, kl,
   psnr, ssim (per real frame, averaged), gan terms, and latent_mean_c{i} / latent_std_c{i}."""
-  del schedule
+  del objective
   loss_config = config.loss
   video = _to_unit_range(batch["video"])
   mask = batch["frame_mask"].astype(bool)
@@ -243,9 +243,9 @@ def loss_fn(params, model, schedule, batch, rng, config, *, train=True, step=Non
   return loss, aux
 
 
-def eval_fn(params, model, schedule, batch, index, config) -> dict:
+def eval_fn(params, model, objective, batch, index, config) -> dict:
   """Sums over the batch's real frames (posterior means, no noise), for summarize_eval."""
-  del schedule, index
+  del objective, index
   video = _to_unit_range(batch["video"])
   mask = batch["frame_mask"].astype(bool)
   recon, mean, logvar = model.apply({"params": params["vae"]}, video, sample_posterior=False)
