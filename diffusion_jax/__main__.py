@@ -214,7 +214,7 @@ def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, p
   import jax
   import numpy as np
 
-  from diffusion_jax import inference, sharding
+  from diffusion_jax import inference, media, sharding
   from diffusion_jax.train import dit_task
 
   gen = inference.load_generator(workdir)
@@ -236,37 +236,20 @@ def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, p
 
   out = out or os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)
-  images = images.reshape(len(classes), per_class, *images.shape[1:])
   records = []
   for c in classes:
     path = os.path.join(out, f"class_{c}.png")
-    _save_grid(images[c:c + 1], path)
+    media.save_grid(images[c * per_class:(c + 1) * per_class], path, columns=per_class)
     records.append(dict(cls=c, file=os.path.basename(path), count=per_class, seed=seed, sampler=sampler,
                         steps=steps if sampler == "ddim" else config.diffusion.num_steps, cfg=cfg_scale,
                         checkpoint_step=step))
   grid_path = os.path.join(out, "grid.png")
-  _save_grid(images, grid_path)
+  media.save_grid(images, grid_path, columns=per_class)
   with open(os.path.join(out, "samples.jsonl"), "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
   print(f"sampled {len(labels)} images in {seconds:.1f}s -> {grid_path} (one row per class)", flush=True)
   return grid_path
-
-
-def _save_grid(images, path: str, pad: int = 2) -> None:
-  """Writes [rows, cols, H, W, C] uint8 as one PNG with a dark gutter."""
-  import numpy as np
-  from PIL import Image
-
-  rows, cols, h, w, c = images.shape
-  canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 40, np.uint8)
-  for i in range(rows):
-    for j in range(cols):
-      y, x = pad + i * (h + pad), pad + j * (w + pad)
-      canvas[y:y + h, x:x + w] = images[i, j]
-  scale = max(1, 256 // max(canvas.shape[:2]))  # small images are shown larger
-  Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).resize(
-      (canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def main(argv=None) -> int:

@@ -48,6 +48,7 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import export as export_lib
+from diffusion_jax import media
 from diffusion_jax import sharding
 from diffusion_jax.data import pipeline, sources
 
@@ -415,34 +416,6 @@ def attribute_rates(videos, truths, *, classify=None) -> dict:
 
 # --------------------------------------------------------------------------- pictures
 
-def save_grid(images, path: str, *, columns: int, pad: int = 2) -> str:
-  """Writes uint8 images [N, H, W, C] as one PNG, `columns` a row, with a dark gutter."""
-  import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
-
-  images = np.asarray(images)
-  n, h, w, c = images.shape
-  rows = -(-n // columns)
-  canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 40, np.uint8)
-  for index in range(n):
-    i, j = divmod(index, columns)
-    canvas[pad + i * (h + pad):pad + i * (h + pad) + h, pad + j * (w + pad):pad + j * (w + pad) + w] = images[index]
-  scale = max(1, 256 // max(canvas.shape[:2]))  # small images are shown larger
-  canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
-  iio.imwrite(path, canvas[..., 0] if c == 1 else canvas)
-  return path
-
-
-def save_gif(video, path: str, *, fps: int = 8) -> str:
-  """Writes a uint8 video [T, H, W, C] as a looping GIF."""
-  import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
-
-  video = np.asarray(video)
-  if video.ndim != 4 or video.dtype != np.uint8:
-    raise ValueError(f"save_gif wants uint8 [T, H, W, C], got {video.dtype} {video.shape}")
-  iio.imwrite(path, video[..., 0] if video.shape[-1] == 1 else video, duration=1000 / fps, loop=0)
-  return path
-
-
 def write_samples(samples, labels, out_dir: str, num_classes: int) -> list[str]:
   """samples.png (rows by class) for images [N, H, W, C]; for videos [N, T, H, W, C] also a
   first-frame grid and sample_{i:04d}_class{c}.gif each. Returns the files written."""
@@ -452,9 +425,9 @@ def write_samples(samples, labels, out_dir: str, num_classes: int) -> list[str]:
   files = []
   if samples.ndim == 5:
     for i, (video, label) in enumerate(zip(samples, labels)):
-      files.append(save_gif(video, os.path.join(out_dir, f"sample_{i:04d}_class{int(label)}.gif")))
+      files.append(media.save_gif(video, os.path.join(out_dir, f"sample_{i:04d}_class{int(label)}.gif")))
     samples = samples[:, 0]
-  files.append(save_grid(samples[order], os.path.join(out_dir, "samples.png"), columns=per_class))
+  files.append(media.save_grid(samples[order], os.path.join(out_dir, "samples.png"), columns=per_class))
   return files
 
 
@@ -572,7 +545,7 @@ def _evaluate_dit(export, out_dir, *, num_samples, seed, classifier, feature_ext
     metrics["kid"], metrics["kid_std"] = kernel_inception_distance(real_features, fake_features, seed=seed)
   else:
     metrics["feature_space"] = "none (no classifier export and no feature_extractor: FD and KID skipped)"
-  files.append(save_grid(real[np.argsort(real_labels, kind="stable")], os.path.join(out_dir, "real.png"),
+  files.append(media.save_grid(real[np.argsort(real_labels, kind="stable")], os.path.join(out_dir, "real.png"),
                          columns=max(-(-num_samples // num_classes), 1)))
   metrics.update(held_out_loss(export, data_dir=data_dir))
   return metrics, files
@@ -598,10 +571,10 @@ def _evaluate_vae(export, out_dir, *, num_samples, seed, data_dir) -> dict:
         export.params["vae"], video.astype(np.float32) / 127.5 - 1.0)
   recon = np.asarray(np.clip((np.asarray(recon) + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
   pairs = np.stack([video[:, 0], recon[:, 0]], axis=1).reshape((-1,) + video.shape[2:])
-  files = [save_grid(pairs, os.path.join(out_dir, "reconstructions.png"), columns=2)]
+  files = [media.save_grid(pairs, os.path.join(out_dir, "reconstructions.png"), columns=2)]
   if video.shape[1] > 1:
     for i in range(len(video)):
-      files.append(save_gif(np.concatenate([video[i], recon[i]], axis=2),
+      files.append(media.save_gif(np.concatenate([video[i], recon[i]], axis=2),
                             os.path.join(out_dir, f"reconstruction_{i:04d}.gif")))
   return metrics, files
 

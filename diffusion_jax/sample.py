@@ -37,9 +37,9 @@ and extension are exact; for interpolation the last latent frame is the
 encoding of the clip's last frame held for the final four frames, an
 approximation the manifest states.
 
-Outputs in --out: sample_<i>.gif (and .mp4 when imageio has an ffmpeg
-plugin; .png for a one-frame sample), sample_<i>.npz (uint8 frames
-[T, H, W, C]) and samples.jsonl.
+Outputs in --out (media.save_sample): sample_<i>.gif (and .mp4 when imageio
+has an ffmpeg plugin; .png for a one-frame sample), sample_<i>.npz (uint8
+frames [T, H, W, C]) and samples.jsonl.
 """
 import dataclasses
 import json
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import inference
+from diffusion_jax import inference, media
 from diffusion_jax.data import packing
 from diffusion_jax.train import dit_task
 
@@ -280,27 +280,12 @@ def sample_requests(gen: inference.Generator, requests: list[Request], *, sample
 
 def write_outputs(videos: list[np.ndarray], requests: list[Request], notes: list[dict], out: str, *,
                   gen: inference.Generator, sampler: str, steps: int, cfg_scale: float, seed: int) -> str:
-  """GIF (+ MP4 when possible; PNG for one frame) and .npz per video, and samples.jsonl; returns the manifest path."""
-  import imageio.v3 as iio
-
+  """media.save_sample's files per video and samples.jsonl; returns the manifest path."""
   os.makedirs(out, exist_ok=True)
   manifest = os.path.join(out, "samples.jsonl")
   with open(manifest, "w") as f:
     for i, (video, request, note) in enumerate(zip(videos, requests, notes)):
-      still = len(video) == 1
-      files = [f"sample_{i}.png" if still else f"sample_{i}.gif", f"sample_{i}.npz"]
-      frames = video[..., 0] if video.shape[-1] == 1 else video
-      if still:
-        iio.imwrite(os.path.join(out, files[0]), frames[0])
-      else:
-        iio.imwrite(os.path.join(out, files[0]), frames, duration=125, loop=0)
-      np.savez_compressed(os.path.join(out, files[1]), frames=video)
-      try:
-        if not still:
-          iio.imwrite(os.path.join(out, f"sample_{i}.mp4"), frames, fps=8)
-          files.append(f"sample_{i}.mp4")
-      except Exception:  # no ffmpeg plugin installed: GIF and npz only
-        pass
+      files = media.save_sample(video, out, f"sample_{i}")
       record = dict(prompt=request.prompt, mode=request.mode, input=request.input,
                     strength=request.strength if request.mode == "sdedit" else None,
                     size_asked=list(request.size), frames_asked=request.frames, **note,

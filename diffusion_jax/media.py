@@ -1,0 +1,125 @@
+"""Pictures and clips on disk: PNG grids and contact sheets, GIF, MP4 and npz.
+
+The one writer behind `sample`, `evaluate` and the quickstart report. Every
+function takes uint8 arrays with a channel axis (1 or 3 channels) and returns
+what it wrote. MP4 needs an ffmpeg-capable imageio plugin (PyAV or
+imageio-ffmpeg); without one, save_mp4 writes nothing and says so by
+returning None.
+"""
+import importlib.util
+import os
+
+import imageio.v3 as iio
+import numpy as np
+
+GUTTER = 40  # the dark grey between pictures
+
+
+def _check_uint8(array, ndim: int, what: str) -> np.ndarray:
+  array = np.asarray(array)
+  if array.ndim != ndim or array.dtype != np.uint8 or array.shape[-1] not in (1, 3):
+    raise ValueError(f"{what} wants uint8 with {ndim} axes and 1 or 3 channels, got {array.dtype} {array.shape}")
+  return array
+
+
+def _plain(pixels: np.ndarray) -> np.ndarray:
+  """imageio writes one-channel pictures without their channel axis."""
+  return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+
+
+def save_image(image, path: str) -> str:
+  """One uint8 image [H, W, C] as a PNG."""
+  iio.imwrite(path, _plain(_check_uint8(image, 3, "save_image")))
+  return path
+
+
+def save_grid(images, path: str, *, columns: int, pad: int = 2) -> str:
+  """uint8 images [N, H, W, C] as one PNG, `columns` a row, with a dark gutter; small grids are
+  scaled up (nearest) towards 256 px so they can be seen."""
+  images = _check_uint8(images, 4, "save_grid")
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), GUTTER, np.uint8)
+  for index in range(n):
+    i, j = divmod(index, columns)
+    y, x = pad + i * (h + pad), pad + j * (w + pad)
+    canvas[y:y + h, x:x + w] = images[index]
+  scale = max(1, 256 // max(canvas.shape[:2]))
+  return save_image(canvas.repeat(scale, axis=0).repeat(scale, axis=1), path)
+
+
+def save_clip_rows(videos, path: str, *, scale: int = 2, pad: int = 2) -> str:
+  """A contact sheet: one row per clip (uint8 [T, H, W, C], each its own size and length), its
+  frames left to right; shorter clips leave the rest of their row as gutter. Scaled by `scale`
+  (nearest)."""
+  videos = [_check_uint8(v, 4, "save_clip_rows") for v in videos]
+  if not videos:
+    raise ValueError("save_clip_rows needs at least one clip")
+  channels = {v.shape[-1] for v in videos}
+  if len(channels) != 1:
+    raise ValueError(f"save_clip_rows wants clips of one channel count, got {sorted(channels)}")
+  height = sum(v.shape[1] + pad for v in videos) + pad
+  width = max(len(v) * (v.shape[2] + pad) for v in videos) + pad
+  canvas = np.full((height, width, channels.pop()), GUTTER, np.uint8)
+  y = pad
+  for video in videos:
+    _, h, w, _ = video.shape
+    for i, frame in enumerate(video):
+      x = pad + i * (w + pad)
+      canvas[y:y + h, x:x + w] = frame
+    y += h + pad
+  return save_image(canvas.repeat(scale, axis=0).repeat(scale, axis=1), path)
+
+
+def save_gif(video, path: str, *, fps: int = 8) -> str:
+  """A uint8 video [T, H, W, C] as a looping GIF."""
+  video = _check_uint8(video, 4, "save_gif")
+  iio.imwrite(path, _plain(video), duration=1000 / fps, loop=0)
+  return path
+
+
+def mp4_plugin() -> str | None:
+  """The imageio plugin that can write MP4 here ('pyav' or 'FFMPEG'), or None."""
+  if importlib.util.find_spec("av") is not None:
+    return "pyav"
+  if importlib.util.find_spec("imageio_ffmpeg") is not None:
+    return "FFMPEG"
+  return None
+
+
+def save_mp4(video, path: str, *, fps: int = 8) -> str | None:
+  """A uint8 video [T, H, W, C] as H.264 MP4; None, with no file left behind, when no plugin
+  can write it (none installed, or the encoder refuses the frame size)."""
+  video = _check_uint8(video, 4, "save_mp4")
+  plugin = mp4_plugin()
+  if plugin is None:
+    return None
+  frames = np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
+  codec = dict(codec="libx264") if plugin == "pyav" else {}
+  try:
+    iio.imwrite(path, frames, plugin=plugin, fps=fps, **codec)
+  except Exception:  # encoders raise many types (odd sizes, missing codecs): the GIF stands in
+    if os.path.exists(path):
+      os.remove(path)
+    return None
+  return path
+
+
+def save_npz(video, path: str) -> str:
+  """uint8 frames [T, H, W, C] under the key "frames" (what sample's inputs read back)."""
+  np.savez_compressed(path, frames=_check_uint8(video, 4, "save_npz"))
+  return path
+
+
+def save_sample(video, out_dir: str, stem: str) -> list[str]:
+  """One generated sample as files in out_dir: STEM.png (one frame) or STEM.gif, STEM.npz, and
+  STEM.mp4 when it can be written. Returns the file names, in that order."""
+  video = _check_uint8(video, 4, "save_sample")
+  if len(video) == 1:
+    files = [os.path.basename(save_image(video[0], os.path.join(out_dir, f"{stem}.png")))]
+  else:
+    files = [os.path.basename(save_gif(video, os.path.join(out_dir, f"{stem}.gif")))]
+  files.append(os.path.basename(save_npz(video, os.path.join(out_dir, f"{stem}.npz"))))
+  if len(video) > 1 and save_mp4(video, os.path.join(out_dir, f"{stem}.mp4")) is not None:
+    files.append(f"{stem}.mp4")
+  return files

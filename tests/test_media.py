@@ -1,0 +1,45 @@
+"""media.py: the one writer of grids, contact sheets, GIF, MP4 and npz."""
+import os
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from diffusion_jax import media
+
+
+def _clip(frames, h, w, c=3, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (frames, h, w, c), dtype=np.uint8)
+
+
+def test_save_sample_writes_gif_or_png_and_npz_and_no_stray_mp4(tmp_path):
+  video = _clip(5, 8, 10)
+  files = media.save_sample(video, str(tmp_path), "sample_0")
+  assert files[:2] == ["sample_0.gif", "sample_0.npz"]
+  assert ("sample_0.mp4" in files) == (media.mp4_plugin() is not None)
+  assert ("sample_0.mp4" in os.listdir(tmp_path)) == ("sample_0.mp4" in files)  # nothing left behind
+  np.testing.assert_array_equal(iio.imread(tmp_path / "sample_0.gif", index=None).shape[:3], (5, 8, 10))
+  with np.load(tmp_path / "sample_0.npz") as f:
+    np.testing.assert_array_equal(f["frames"], video)
+  assert media.save_sample(video[:1, ..., :1], str(tmp_path), "still") == ["still.png", "still.npz"]
+  assert iio.imread(tmp_path / "still.png").shape == (8, 10)
+
+
+def test_save_grid_places_images_in_rows_and_scales_small_grids(tmp_path):
+  images = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(5)])
+  grid = iio.imread(media.save_grid(images, str(tmp_path / "g.png"), columns=2, pad=2))
+  scale = 256 // 20  # canvas 3 rows x 2 columns of 4 px with a 2 px gutter: 20 x 14
+  assert grid.shape == (20 * scale, 14 * scale, 3)
+  np.testing.assert_array_equal(grid[2 * scale, 8 * scale], [10, 10, 10])  # image 1: row 0, column 1
+  np.testing.assert_array_equal(grid[0, 0], [media.GUTTER] * 3)
+
+
+def test_save_clip_rows_pads_rows_to_the_longest_clip(tmp_path):
+  clips = [_clip(3, 4, 5), _clip(1, 6, 2, seed=1)]
+  sheet = iio.imread(media.save_clip_rows(clips, str(tmp_path / "s.png"), scale=2, pad=1))
+  assert sheet.shape == (2 * (1 + 4 + 1 + 6 + 1), 2 * (1 + 3 * (5 + 1)), 3)
+  np.testing.assert_array_equal(sheet[2:10:2, 2 + 2 * 6:2 + 2 * 11:2], clips[0][1])  # clip 0, frame 1
+  np.testing.assert_array_equal(sheet[2 * 6:2 * 12:2, 2:6:2], clips[1][0])
+  assert (sheet[2 * 6:2 * 12, 2 * 4:] == media.GUTTER).all()  # the short clip's row is gutter after its frame
+  with pytest.raises(ValueError, match="uint8"):
+    media.save_clip_rows([np.zeros((2, 4, 4, 3), np.float32)], str(tmp_path / "bad.png"))
