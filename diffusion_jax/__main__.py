@@ -182,10 +182,16 @@ def run_encode(args) -> str:
   return args.out
 
 
-def run_sample_video(args) -> str:
+def run_sample(args) -> str:
+  """Class grids of a class-conditional pixel image model, else videos (or images) from prompts."""
   from diffusion_jax import inference, sample as sample_lib
+  from diffusion_jax.train import dit_task
 
   gen = inference.load_generator(args.workdir)
+  out = args.out or os.path.join(args.workdir, "samples")
+  if not dit_task.samples_from_prompts(gen.config):
+    return sample_lib.run_class_grid(gen, out, sampler=args.sampler, steps=args.sample_steps,
+                                     cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
   cfg = gen.config.sample
   size = tuple(int(x) for x in args.size.split(",")) if args.size else tuple(cfg.size)
   if len(size) != 2:
@@ -193,63 +199,8 @@ def run_sample_video(args) -> str:
   prompts = args.prompt or ([] if args.prompts else list(cfg.prompts))
   requests = sample_lib.parse_requests(prompts, args.prompts, dict(
       size=size, frames=args.frames or cfg.frames, mode=args.mode, input=args.input, strength=args.strength))
-  out = args.out or os.path.join(args.workdir, "samples")
   return sample_lib.run(gen, requests, out, sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
                         seed=args.seed)
-
-
-def _saved_config(workdir: str):
-  from diffusion_jax import checkpoint
-
-  manager = checkpoint.make_manager(workdir, keep=1, create=False)
-  config = checkpoint.saved_config(manager)
-  manager.close()
-  if config is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}")
-  return config
-
-
-def run_sample(workdir: str, out: str, *, sampler: str, steps: int, cfg_scale, per_class: int, seed: int) -> str:
-  """Samples per_class images of every class from the newest checkpoint's EMA params."""
-  import jax
-  import numpy as np
-
-  from diffusion_jax import inference, media, sharding
-  from diffusion_jax.train import dit_task
-
-  gen = inference.load_generator(workdir)
-  config, step = gen.config, gen.step
-  mesh = sharding.data_mesh(config.mesh)  # the mesh load_generator placed the params on: rows over all devices
-  rules = sharding.logical_rules(config.mesh)
-
-  steps = steps or config.sample.steps
-  sampler = sampler or config.sample.sampler
-  cfg_scale = config.sample.cfg_scale if cfg_scale is None else cfg_scale
-  per_class = per_class or config.sample.per_class
-  classes = list(range(config.model.num_classes))
-  labels = np.repeat(classes, per_class)
-  start = time.time()
-  with sharding.activate(mesh, rules):
-    images = dit_task.sample(gen.model, gen.params, config, labels, jax.random.PRNGKey(seed),
-                             sampler=sampler, steps=steps, eta=config.sample.eta, cfg_scale=cfg_scale)
-  seconds = time.time() - start
-
-  out = out or os.path.join(workdir, "samples")
-  os.makedirs(out, exist_ok=True)
-  records = []
-  for c in classes:
-    path = os.path.join(out, f"class_{c}.png")
-    media.save_grid(images[c * per_class:(c + 1) * per_class], path, columns=per_class)
-    records.append(dict(cls=c, file=os.path.basename(path), count=per_class, seed=seed, sampler=sampler,
-                        steps=steps if sampler == "ddim" else config.diffusion.num_steps, cfg=cfg_scale,
-                        checkpoint_step=step))
-  grid_path = os.path.join(out, "grid.png")
-  media.save_grid(images, grid_path, columns=per_class)
-  with open(os.path.join(out, "samples.jsonl"), "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  print(f"sampled {len(labels)} images in {seconds:.1f}s -> {grid_path} (one row per class)", flush=True)
-  return grid_path
 
 
 def main(argv=None) -> int:
@@ -273,14 +224,7 @@ def main(argv=None) -> int:
     if args.command == "train":
       run_train(_load(args.config, overrides), args.workdir)
     elif args.command == "sample":
-      saved = _saved_config(args.workdir)
-      from diffusion_jax.train import dit_task
-
-      if saved.task == "dit" and dit_task.samples_from_prompts(saved):
-        run_sample_video(args)
-      else:
-        run_sample(args.workdir, args.out, sampler=args.sampler, steps=args.sample_steps,
-                   cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
+      run_sample(args)
     elif args.command == "encode":
       run_encode(args)
     elif args.command == "data-stats":

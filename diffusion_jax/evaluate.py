@@ -5,7 +5,7 @@
 writes OUT_DIR/metrics.json, sample grids (PNG, one row per class) and, for
 video samples, one GIF per sample. By the export's task:
 
-  dit  generate num_samples images over the classes (dit_task.sample with the
+  dit  generate num_samples images over the classes (sample.sample_classes with the
        config's sample section); the classifier's conditional accuracy (a
        sample of class 3 classified as a 3); Fréchet distance and KID between
        real frames of the dataset's eval split and the samples, in a pluggable
@@ -505,20 +505,18 @@ def _classifier_features(classifier_export):
 
 
 def _evaluate_dit(export, out_dir, *, num_samples, seed, classifier, feature_extractor, data_dir) -> dict:
-  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import inference, sample as sample_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax.train import dit_task  # pylint: disable=g-import-not-at-top
 
   config = export.config
   num_classes = int(config.model.num_classes)
   labels = np.arange(num_samples) % num_classes
-  sample_config = config.get("sample", {})
-  sampler, steps = sample_config.get("sampler", "ddim"), int(sample_config.get("steps", 50))
-  cfg_scale, eta = float(sample_config.get("cfg_scale", 1.0)), float(sample_config.get("eta", 0.0))
+  sampler, steps = str(config.sample.sampler), int(config.sample.steps)
+  cfg_scale = float(config.sample.cfg_scale)
+  gen = inference.with_conditioners(config, dit_task.build_model(config), export.params, int(export.info["step"]))
   mesh, rules = _one_device_mesh(config)
   with sharding.activate(mesh, rules):
-    samples = dit_task.sample(dit_task.build_model(config), export.params, config, labels,
-                              jax.random.PRNGKey(seed), sampler=sampler, steps=steps, eta=eta,
-                              cfg_scale=cfg_scale)
+    samples = sample_lib.sample_classes(gen, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
   metrics = dict(sampler=sampler, sample_steps=steps, cfg_scale=cfg_scale)
   files = write_samples(samples, labels, out_dir, num_classes)
 

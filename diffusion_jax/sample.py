@@ -1,5 +1,5 @@
-"""Sampling from prompts over packed rows: text-to-video (and -image), image-to-video, extension,
-interpolation, SDEdit.
+"""All sampling: prompts (text-to-video and -image, image-to-video, extension, interpolation,
+SDEdit) and class grids, each as packed rows through one generator (dit_task.generate).
 
   python -m diffusion_jax sample --workdir=/tmp/vdit --prompt="a red 3 moving quickly to the right"
   python -m diffusion_jax sample --workdir=/tmp/vdit --prompts=prompts.jsonl
@@ -37,7 +37,13 @@ and extension are exact; for interpolation the last latent frame is the
 encoding of the clip's last frame held for the final four frames, an
 approximation the manifest states.
 
-Outputs in --out (media.save_sample): sample_<i>.gif (and .mp4 when imageio
+A class-conditional pixel image model (no text, no VAE: dit_task.samples_from_prompts
+is False) samples class grids instead (run_class_grid): sample.per_class images of
+every class, one example per label packed into the config's rows, the whole grid
+one compiled call; --out gets grid.png (a row per class), class_<c>.png and
+samples.jsonl.
+
+Outputs of prompts in --out (media.save_sample): sample_<i>.gif (and .mp4 when imageio
 has an ffmpeg plugin; .png for a one-frame sample), sample_<i>.npz (uint8
 frames [T, H, W, C]) and samples.jsonl.
 """
@@ -50,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import inference, media
+from diffusion_jax import inference, media, sharding
 from diffusion_jax.data import packing
 from diffusion_jax.train import dit_task
 
@@ -250,17 +256,17 @@ def pack_requests(gen: inference.Generator, requests: list[Request]) -> tuple[li
 
 # --------------------------------------------------------------------------- sampling
 
-def sample_requests(gen: inference.Generator, requests: list[Request], *, sampler: str, steps: int, cfg_scale: float,
-                    rows_per_call: int, seed: int = 0) -> tuple[list[np.ndarray], list[dict]]:
-  """uint8 videos [T, H, W, C], one per request, and the per-request notes."""
-  rows, notes = pack_requests(gen, requests)
+def _sample_rows(gen: inference.Generator, rows: list[dict], *, sampler: str, steps: int, cfg_scale: float,
+                 rows_per_call: int, seed: int, ddpm_strength: float = 1.0) -> dict[int, np.ndarray]:
+  """{example id: its sample in model space [T', H', W', C]} of packed rows, rows_per_call rows
+  to each compiled call (the last one padded with empty rows); call c draws from key seed * 1000 + c."""
   keys = [k for k in ("patches", "segment_ids", "positions", "cond_mask", "grid", "labels", "text",
                       "text_segment_ids", "strength") if k in rows[0]]
-  ddpm_strength = max([r.strength for r in requests if r.mode == "sdedit"], default=1.0)
+  eta = float(gen.config.sample.get("eta", 0.0))
   run = jax.jit(lambda params, batch, rng: dit_task.generate(
-      gen.model, params, gen.config, batch, rng, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+      gen.model, params, gen.config, batch, rng, sampler=sampler, steps=steps, cfg_scale=cfg_scale, eta=eta,
       ddpm_strength=ddpm_strength))
-  videos = [None] * len(requests)
+  samples = {}
   empty = {k: np.zeros_like(rows[0][k]) for k in keys}
   empty["labels"] = np.full_like(rows[0]["labels"], -1)
   for call, start in enumerate(range(0, len(rows), rows_per_call)):
@@ -272,11 +278,78 @@ def sample_requests(gen: inference.Generator, requests: list[Request], *, sample
         if example_id < 0:
           continue
         mask = row["segment_ids"] == k + 1
-        x = packing.unpatchify(tokens[mask], tuple(row["grid"][k]), tuple(gen.config.data.patch),
-                               int(gen.config.data.channels))
-        videos[example_id] = _from_model_space(gen, np.asarray(x))
-  return videos, notes
+        samples[int(example_id)] = np.asarray(packing.unpatchify(
+            tokens[mask], tuple(row["grid"][k]), tuple(gen.config.data.patch), int(gen.config.data.channels)))
+  return samples
 
+
+def sample_requests(gen: inference.Generator, requests: list[Request], *, sampler: str, steps: int, cfg_scale: float,
+                    rows_per_call: int, seed: int = 0) -> tuple[list[np.ndarray], list[dict]]:
+  """uint8 videos [T, H, W, C], one per request, and the per-request notes."""
+  rows, notes = pack_requests(gen, requests)
+  ddpm_strength = max([r.strength for r in requests if r.mode == "sdedit"], default=1.0)
+  samples = _sample_rows(gen, rows, sampler=sampler, steps=steps, cfg_scale=cfg_scale, rows_per_call=rows_per_call,
+                         seed=seed, ddpm_strength=ddpm_strength)
+  return [_from_model_space(gen, samples[i]) for i in range(len(requests))], notes
+
+
+# --------------------------------------------------------------------------- class grids
+
+def class_rows(gen: inference.Generator, labels) -> list[dict]:
+  """Packed rows of one example per label: an image of the model's one size (data.image_size)
+  to be made from noise under that class."""
+  data = gen.config.data
+  side = int(data.image_size)
+  blank = np.zeros((1, side, side, int(data.channels)), np.float32)
+  tokens, positions, grid = packing.patchify(blank, tuple(data.patch))
+  examples = [dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32), id=i, label=int(label))
+              for i, label in enumerate(labels)]
+  return packing.pack_examples(examples, int(data.tokens_per_row), int(data.examples_per_row))
+
+
+def sample_classes(gen: inference.Generator, labels, *, sampler: str, steps: int, cfg_scale: float,
+                   seed: int = 0) -> np.ndarray:
+  """uint8 images [N, H, W, C], one per class label, all in one compiled call (class grids are small)."""
+  rows = class_rows(gen, labels)
+  samples = _sample_rows(gen, rows, sampler=sampler, steps=steps, cfg_scale=cfg_scale, rows_per_call=len(rows),
+                         seed=seed)
+  return np.stack([_from_model_space(gen, samples[i])[0] for i in range(len(labels))])
+
+
+def run_class_grid(gen: inference.Generator, out: str, *, sampler: str = "", steps: int = 0, cfg_scale=None,
+                   per_class: int = 0, seed: int = 0) -> str:
+  """per_class images of every class -> OUT/grid.png (a row per class), class_<c>.png and
+  samples.jsonl; returns the grid's path. The rows are split over every device (the mesh
+  inference.load_generator placed the params on)."""
+  config = gen.config
+  steps = steps or config.sample.steps
+  sampler = sampler or config.sample.sampler
+  cfg_scale = config.sample.cfg_scale if cfg_scale is None else cfg_scale
+  per_class = per_class or config.sample.per_class
+  classes = list(range(config.model.num_classes))
+  labels = np.repeat(classes, per_class)
+  start = time.time()
+  with sharding.activate(sharding.data_mesh(config.mesh), sharding.logical_rules(config.mesh)):
+    images = sample_classes(gen, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
+  seconds = time.time() - start
+
+  os.makedirs(out, exist_ok=True)
+  records = []
+  for c in classes:
+    path = media.save_grid(images[c * per_class:(c + 1) * per_class], os.path.join(out, f"class_{c}.png"),
+                           columns=per_class)
+    records.append(dict(cls=c, file=os.path.basename(path), count=per_class, seed=seed, sampler=sampler,
+                        steps=steps if sampler == "ddim" else config.diffusion.num_steps, cfg=cfg_scale,
+                        checkpoint_step=gen.step))
+  grid_path = media.save_grid(images, os.path.join(out, "grid.png"), columns=per_class)
+  with open(os.path.join(out, "samples.jsonl"), "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  print(f"sampled {len(labels)} images in {seconds:.1f}s -> {grid_path} (one row per class)", flush=True)
+  return grid_path
+
+
+# --------------------------------------------------------------------------- outputs
 
 def write_outputs(videos: list[np.ndarray], requests: list[Request], notes: list[dict], out: str, *,
                   gen: inference.Generator, sampler: str, steps: int, cfg_scale: float, seed: int) -> str:

@@ -7,6 +7,7 @@ hold examples at different noise levels.
 The objective (config.diffusion.kind: ddpm or rectified flow) is an object of
 diffusion/kinds.py: it draws the training times, corrupts, scores the model's
 output and samples; this module holds no branch on the kind.
+
 Loss weighting, both kinds: every example of the batch counts once, whatever
 its size (the mean over its loss tokens, then the mean over examples), so long
 clips do not drown short ones; padding and conditioning tokens carry no loss.
@@ -22,7 +23,7 @@ import numpy as np
 
 from diffusion_jax import metrics
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import packing, pipeline
+from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import kinds, objectives, samplers
 from diffusion_jax.models import dit
 
@@ -315,44 +316,6 @@ def summarize_eval(auxes: list[dict]) -> dict:
     if count:
       result[f"eval/loss_t{i}"] = sum(float(aux[f"loss_t{i}"] * aux[f"examples_t{i}"]) for aux in auxes) / count
   return result
-
-
-def sample(model, params, config, labels, rng, *, sampler="ddim", steps=50, eta=0.0, cfg_scale=1.0):
-  """Class-conditional images, one per label: returns uint8 [N, H, W, C].
-
-  Each image is one row of exactly its own tokens; the whole sampling loop is
-  one compiled program.
-  """
-  grid = example_grid(config)
-  image = np.zeros((grid[0] * config.data.patch[0], config.data.image_size, config.data.image_size,
-                    config.data.channels), np.float32)
-  _, positions, _ = packing.patchify(image, tuple(config.data.patch))
-  n, length = len(labels), positions.shape[0]
-  segment_ids = jnp.ones((n, length), jnp.int32)
-  positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (n, length, 3))
-  labels = jnp.asarray(labels, jnp.int32)[:, None]
-  null = jnp.full_like(labels, config.model.num_classes)
-  schedule = make_objective(config).schedule
-
-  def apply_fn(x, t, y):
-    rows = x.shape[0]
-    seg = jnp.broadcast_to(segment_ids[:1], (rows, length))
-    pos = jnp.broadcast_to(positions[:1], (rows, length, 3))
-    return model.apply({"params": params}, x, t.astype(jnp.float32), y, seg, pos, train=False).astype(jnp.float32)
-
-  model_fn = samplers.guided_model_fn(apply_fn, labels, null, cfg_scale, config.model.learn_sigma)
-  noise_rng, sample_rng = jax.random.split(rng)
-  noise = jax.random.normal(noise_rng, (n, length, patch_dim(config)), jnp.float32)
-  common = dict(prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma, clip_x0=(-1.0, 1.0))
-  if sampler == "ddim":
-    x0 = samplers.ddim_sample(schedule, model_fn, noise, sample_rng, num_steps=steps, eta=eta, **common)
-  elif sampler == "ddpm":
-    x0 = samplers.ddpm_sample(schedule, model_fn, noise, sample_rng, **common)
-  else:
-    raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
-  videos = jax.vmap(lambda tokens: packing.unpatchify(tokens, grid, tuple(config.data.patch), config.data.channels))(x0)
-  images = videos[:, 0]
-  return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
 
 
 def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=30, cfg_scale=1.0, eta=0.0,
