@@ -23,10 +23,15 @@ import json
 import os
 import time
 
+import numpy as np
+
+from diffusion_jax import media
+
 # One digit per clip keeps a prompt's digit unambiguous for the classifier's check; digits half to
 # 70% of the canvas side (the dataset's default is 30-55%) span 3-7 latent pixels of the x4 VAE.
 QUICKSTART_DATA = dict(min_side=24, max_side=40, max_digits=1, durations=(1, 5, 9), digit_scale=(0.5, 0.7),
                        train_examples=3000, validation_examples=200)
+SHEET_ROWS = 12  # prompts on the report's contact sheet
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -192,13 +197,26 @@ def write_report(workdir: str, scores: dict, times: dict, classifier_metrics: di
   lines += [f"| {name} | {seconds:.0f} |" for name, seconds in times.items()]
   lines += ["", "## Samples (prompt -> video)", ""]
   manifest = os.path.join(workdir, "eval", "samples.jsonl")
+  records = []
   if os.path.isfile(manifest):
     with open(manifest) as f:
-      for line in f:
-        record = json.loads(line)
-        for name in record.get("files", []):
-          if name.endswith(".gif"):
-            lines.append(f"- {record['prompt']}: ![](eval/{name})")
+      records = [json.loads(line) for line in f]
+  # A contact sheet first: one row per prompt, its frames left to right (the GIFs follow).
+  clips, prompts = [], []
+  for record in records[:SHEET_ROWS]:
+    npz = next((n for n in record.get("files", []) if n.endswith(".npz")), None)
+    if npz:
+      with np.load(os.path.join(workdir, "eval", npz)) as data:
+        clips.append(data["frames"])
+      prompts.append(record["prompt"])
+  if clips:
+    media.save_clip_rows(clips, os.path.join(workdir, "eval", "sheet.png"), scale=2)
+    lines += ["![](eval/sheet.png)", "", "Rows, top to bottom:", ""]
+    lines += [f"{i + 1}. {prompt}" for i, prompt in enumerate(prompts)] + [""]
+  for record in records:
+    for name in record.get("files", []):
+      if name.endswith(".gif"):
+        lines.append(f"- {record['prompt']}: ![](eval/{name})")
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

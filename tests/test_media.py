@@ -1,9 +1,11 @@
 """media.py: the one writer of grids, contact sheets, GIF, MP4 and npz."""
+import json
 import os
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from PIL import Image
 
 from diffusion_jax import media
 
@@ -43,3 +45,21 @@ def test_save_clip_rows_pads_rows_to_the_longest_clip(tmp_path):
   assert (sheet[2 * 6:2 * 12, 2 * 4:] == media.GUTTER).all()  # the short clip's row is gutter after its frame
   with pytest.raises(ValueError, match="uint8"):
     media.save_clip_rows([np.zeros((2, 4, 4, 3), np.float32)], str(tmp_path / "bad.png"))
+
+
+def test_quickstart_report_has_a_contact_sheet_of_the_samples(tmp_path):
+  from diffusion_jax import quickstart
+
+  eval_dir = tmp_path / "eval"
+  eval_dir.mkdir()
+  rng = np.random.default_rng(0)
+  with open(eval_dir / "samples.jsonl", "w") as f:
+    for i, frames in enumerate((9, 5, 1)):
+      media.save_npz(rng.integers(0, 255, (frames, 32, 24, 3), dtype=np.uint8), str(eval_dir / f"sample_{i}.npz"))
+      f.write(json.dumps(dict(prompt=f"prompt {i}", files=[f"sample_{i}.gif", f"sample_{i}.npz"])) + "\n")
+  scores = {"check/digit/generated": 0.5, "check/digit/vae": 0.7, "check/digit/real": 1.0, "check/digit/clips": 40}
+  report = open(quickstart.write_report(str(tmp_path), scores, {"total": 1.0}, {})).read()
+  sheet = np.asarray(Image.open(eval_dir / "sheet.png"))
+  assert sheet.shape[0] > 3 * 32 * 2 and sheet.shape[1] > 9 * 24 * 2  # three rows, nine frames wide, x2
+  assert "![](eval/sheet.png)" in report and "3. prompt 2" in report
+  assert "| digit (classifier, majority over frames) | 0.500 | 0.700 | 1.000 | 40 |" in report
