@@ -364,7 +364,7 @@ class _SkipGuard:
 def train(config, workdir: str):
   """Trains until config.train.steps, resuming from the newest checkpoint.
 
-  Returns (final state, last logged metrics). On a preemption notice it saves
+  Returns (final state, the last logged metrics with the newest held-out scores). On a preemption notice it saves
   the state of the step it stopped at and returns early (the CLI exits 0);
   `state.step` tells where it stopped.
   """
@@ -488,6 +488,7 @@ def train(config, workdir: str):
       if eval_every and step % eval_every == 0:
         eval_start = time.time()
         scores, scores_step = evaluate(state.ema_params), step
+        last.update(scores)  # the caller's last metrics include the newest held-out scores
         writer.write(step, scores)
         writer.progress(step, {"eval/loss": scores["eval/loss"]})
         window_start += time.time() - eval_start  # the throughput rates leave out evaluation
