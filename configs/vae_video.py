@@ -11,7 +11,7 @@ discriminator from loss.gan_start on), quickstart (~5 minutes on a 2-core
 CPU), smoke (seconds, for tests).
 
 The checkpoint stores the latents' per-channel mean/std (eval split, EMA
-params) next to the config; train/vae_task.load_vae returns them.
+params) next to the config; inference.load_vae returns them.
 """
 import ml_collections
 

@@ -22,7 +22,7 @@ frames -> features, taking uint8 numpy frames [N, H, W, 3] (image models; videos
 array [N, D] with D fixed, deterministic for its input. It must do its own
 resizing and normalisation (Inception-v3 wants 299 px in [-1, 1], I3D 224 px
 clips). Default: the project classifier's penultimate features
-(classifier_task.classify on the `classifier` export). To use Inception, wrap
+(inference.classify on the `classifier` export). To use Inception, wrap
 a local weights file in such a callable; nothing is downloaded here.
 
 Motion (model-free, for the video DiT's prompt-following check):
