@@ -396,7 +396,7 @@ def caption_attributes(caption: str) -> dict | None:
 
 
 def render_moving_digits(images, labels, rng: np.random.Generator, *, min_side: int, max_side: int,
-                         max_digits: int, durations, digit_scale=(0.3, 0.55)) -> dict:
+                         max_digits: int, durations, digit_scale=MovingDigitsConfig.digit_scale) -> dict:
   """One clip of 1..max_digits digits from `images` (8x8 in [0, 1]) moving on a canvas.
 
   Returns the feature dict (video, label, caption, labels, centers, velocities).
