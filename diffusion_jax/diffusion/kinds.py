@@ -88,22 +88,19 @@ class DdpmObjective:
   def timestep_index(self, t_example):
     return t_example
 
-  def sample(self, model_fn, given, noise, rng, *, segment_ids, cond_mask, strength, sampler, steps, eta,
-             ddpm_strength):
-    """'ddpm' ancestral or 'ddim' from `noise`; SDEdit takes one start step for the whole call,
-    ddpm_strength (a Python float: it fixes the step count), not the per-example `strength`."""
-    del strength
+  def sample(self, model_fn, given, noise, rng, *, segment_ids, cond_mask, strength, sampler, steps, eta):
+    """'ddpm' ancestral or 'ddim' from `noise`; SDEdit per example: each example's `strength`
+    s starts its tokens at step k = round(s (T - 1)) from q_sample(x_edit, k) (s = 1: pure noise)."""
     _check_sampler(self, sampler)
+    top = self.num_timesteps - 1
+    start = objectives.per_token(jnp.round(strength * top).astype(jnp.int32), segment_ids)
+    x_init = jnp.where((start < top)[..., None], schedules.q_sample(self.schedule, given, start, noise), noise)
     common = dict(prediction=self.prediction, learn_sigma=self.learn_sigma, clip_x0=self.clip_x0,
-                  keep_mask=cond_mask, keep_x0=given)
+                  keep_mask=cond_mask, keep_x0=given, start_step=start)
     if sampler == "ddpm":
-      return samplers.ddpm_sample(self.schedule, model_fn, noise, rng, **common)
-    start_step = int(round(float(ddpm_strength) * (self.num_timesteps - 1)))
-    x_init = noise
-    if start_step < self.num_timesteps - 1:
-      x_init = schedules.q_sample(self.schedule, given, jnp.full(segment_ids.shape, start_step, jnp.int32), noise)
+      return samplers.ddpm_sample(self.schedule, model_fn, x_init, rng, **common)
     return samplers.ddim_sample(self.schedule, model_fn, x_init, rng if eta else None, num_steps=steps, eta=eta,
-                                start_step=start_step, **common)
+                                **common)
 
 
 class FlowObjective:
@@ -140,11 +137,10 @@ class FlowObjective:
   def timestep_index(self, t_example):
     return jnp.minimum((t_example * self.num_timesteps).astype(jnp.int32), self.num_timesteps - 1)
 
-  def sample(self, model_fn, given, noise, rng, *, segment_ids, cond_mask, strength, sampler, steps, eta,
-             ddpm_strength):
+  def sample(self, model_fn, given, noise, rng, *, segment_ids, cond_mask, strength, sampler, steps, eta):
     """Per-token clocks from each example's `strength` (1 = pure noise, s < 1 = SDEdit from
     (1 - s) x_edit + s noise) down to 0, shifted by each example's own token count."""
-    del rng, eta, ddpm_strength  # a deterministic ODE
+    del rng, eta  # a deterministic ODE
     _check_sampler(self, sampler)
     num_examples = strength.shape[1]
     start = objectives.per_token(strength, segment_ids)

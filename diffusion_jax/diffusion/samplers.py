@@ -64,21 +64,35 @@ def _check_output(out, x, learn_sigma):
 
 
 def ddpm_sample(s, model_fn, noise, rng, *, prediction, learn_sigma, clip_x0=None,
-                keep_mask=None, keep_x0=None):
-  """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) from t = T-1 down to 0.
+                keep_mask=None, keep_x0=None, start_step=None):
+  """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) from t = T-1 (or start_step) down to 0.
 
   x_{t-1} = mean + sigma_t z with mean and variance from `objectives.p_mean_variance`
   (learned range with learn_sigma, else fixed small beta-tilde); no noise at t = 0.
   `noise` is x_{T-1}, the starting standard Gaussian. Returns the sample x_{-1} = x0.
+
+  SDEdit: `start_step` k (an int, or an int array of the time shape: one start per
+  token) means `noise` is x_k and a token's steps run from its own k down to 0; a
+  token waits at x_k, seen by the model at time k, until the loop reaches k. Step
+  t always draws its noise from the same key, whatever the start.
   """
   _check_keep(noise, keep_mask, keep_x0)
-  timesteps = jnp.asarray(np.arange(s.num_steps - 1, -1, -1), jnp.int32)
   keys = jax.random.split(rng, s.num_steps)
   time_shape = _time_shape(noise)
+  first = 0
+  if start_step is None or isinstance(start_step, (int, np.integer)):
+    start = s.num_steps - 1 if start_step is None else int(start_step)
+    if not 0 <= start < s.num_steps:
+      raise ValueError(f"start_step must be in [0, {s.num_steps - 1}], got {start}")
+    first = s.num_steps - 1 - start  # a scalar start skips the steps above it
+  else:
+    start = jnp.broadcast_to(jnp.asarray(start_step, jnp.int32), time_shape)
+  timesteps = jnp.asarray(np.arange(s.num_steps - 1 - first, -1, -1), jnp.int32)
 
   def step(x, inputs):
     t_now, key = inputs
-    t = jnp.full(time_shape, t_now, jnp.int32)
+    active = t_now <= start
+    t = jnp.minimum(jnp.full(time_shape, t_now, jnp.int32), start)
     x_in, t_in = _model_inputs(x, t, keep_mask, keep_x0)
     out = model_fn(x_in, t_in)
     _check_output(out, x, learn_sigma)
@@ -86,10 +100,17 @@ def ddpm_sample(s, model_fn, noise, rng, *, prediction, learn_sigma, clip_x0=Non
         s, out, x_in, t, prediction=prediction, learn_sigma=learn_sigma, clip_x0=clip_x0)
     std = jnp.where(t_now > 0, jnp.exp(0.5 * p["log_variance"]), 0.0)
     x_next = p["mean"] + std * jax.random.normal(key, x.shape, x.dtype)
-    return _hold(x_next.astype(x.dtype), keep_mask, keep_x0), None
+    x_next = jnp.where(_expand(active, x), x_next.astype(x.dtype), x)
+    return _hold(x_next, keep_mask, keep_x0), None
 
-  x, _ = jax.lax.scan(step, _hold(noise, keep_mask, keep_x0), (timesteps, keys))
+  x, _ = jax.lax.scan(step, _hold(noise, keep_mask, keep_x0), (timesteps, keys[first:]))
   return x
+
+
+def _expand(mask, x):
+  """A per-token (or per-example) mask broadcast against x."""
+  mask = jnp.asarray(mask)
+  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
 def ddim_timesteps(total_steps: int, num_steps: int, start_step=None) -> np.ndarray:
@@ -140,6 +161,18 @@ def ddim_coefficients(s, t, t_prev, eta):
   return sqrt_abar_prev, direction, sigma
 
 
+def ddim_token_timesteps(total_steps: int, num_steps: int, start_steps):
+  """Per-token DDIM grids [num_steps + 1, *start_steps.shape]: row i is ddim_timesteps' t_i
+  for each token's own start step k (t_i = floor((k + 1)(n - i) / n) - 1), row n is -1 (x0).
+
+  A token whose k + 1 < num_steps repeats some times (those steps leave it as it is) and
+  reaches -1 early (done: held from then on), so one call mixes SDEdit strengths.
+  """
+  start = jnp.clip(jnp.asarray(start_steps, jnp.int32), 0, total_steps - 1)
+  i = jnp.arange(num_steps + 1, dtype=jnp.int32).reshape((-1,) + (1,) * start.ndim)
+  return ((start + 1) * (num_steps - i)) // num_steps - 1
+
+
 def ddim_sample(s, model_fn, noise, rng, *, num_steps, eta=0.0, prediction, learn_sigma,
                 clip_x0=None, keep_mask=None, keep_x0=None, start_step=None):
   """DDIM sampling (Song et al. 2021) over `ddim_timesteps(T, num_steps, start_step)`.
@@ -150,11 +183,20 @@ def ddim_sample(s, model_fn, noise, rng, *, num_steps, eta=0.0, prediction, lear
   When clipping, eps is recomputed from the clipped x0. `rng` may be None when eta == 0.
 
   SDEdit (Meng et al. 2022): with `start_step` = k, `noise` is x_k, e.g.
-  `q_sample(s, x_edit, k, eps)`, and sampling runs from k down to 0.
+  `q_sample(s, x_edit, k, eps)`, and sampling runs from k down to 0. `start_step`
+  may also be an int array of the time shape, one start per token: each token then
+  walks its own grid (ddim_token_timesteps) in the same num_steps model calls.
   """
   _check_keep(noise, keep_mask, keep_x0)
-  timesteps = ddim_timesteps(s.num_steps, num_steps, start_step)
-  previous = np.append(timesteps[1:], -1).astype(np.int32)
+  time_shape = _time_shape(noise)
+  if start_step is None or isinstance(start_step, (int, np.integer)):
+    grid = np.append(ddim_timesteps(s.num_steps, num_steps, start_step), -1).astype(np.int32)
+    grid = jnp.broadcast_to(jnp.asarray(grid).reshape((-1,) + (1,) * len(time_shape)),
+                            (num_steps + 1,) + tuple(time_shape))
+  else:
+    if not 1 <= num_steps:
+      raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    grid = ddim_token_timesteps(s.num_steps, num_steps, jnp.broadcast_to(start_step, time_shape))
   deterministic = rng is None
   if deterministic:
     if not (isinstance(eta, (int, float)) and eta == 0):
@@ -162,12 +204,12 @@ def ddim_sample(s, model_fn, noise, rng, *, num_steps, eta=0.0, prediction, lear
     keys = jnp.zeros((num_steps,), jnp.uint32)  # placeholder scan input, never used
   else:
     keys = jax.random.split(rng, num_steps)
-  time_shape = _time_shape(noise)
   channels = noise.shape[-1]
 
   def step(x, inputs):
     t_now, t_prev, key = inputs
-    t = jnp.full(time_shape, t_now, jnp.int32)
+    moves = t_now > t_prev  # repeated times (small SDEdit starts) and finished tokens stay
+    t = jnp.maximum(t_now, 0)
     x_in, t_in = _model_inputs(x, t, keep_mask, keep_x0)
     out = model_fn(x_in, t_in)
     _check_output(out, x, learn_sigma)
@@ -175,14 +217,14 @@ def ddim_sample(s, model_fn, noise, rng, *, num_steps, eta=0.0, prediction, lear
     if clip_x0 is not None:
       pred_x0 = jnp.clip(pred_x0, *clip_x0)
       eps = sched.predict_eps_from_x0(s, x_in, t, pred_x0)
-    sqrt_abar_prev, direction, sigma = ddim_coefficients(s, t_now, t_prev, eta)
+    sqrt_abar_prev, direction, sigma = (_expand(c, x) for c in ddim_coefficients(s, t, t_prev, eta))
     x_next = sqrt_abar_prev * pred_x0 + direction * eps
     if not deterministic:
       x_next = x_next + sigma * jax.random.normal(key, x.shape, x.dtype)
-    return _hold(x_next.astype(x.dtype), keep_mask, keep_x0), None
+    x_next = jnp.where(_expand(moves, x), x_next.astype(x.dtype), x)
+    return _hold(x_next, keep_mask, keep_x0), None
 
-  inputs = (jnp.asarray(timesteps), jnp.asarray(previous), keys)
-  x, _ = jax.lax.scan(step, _hold(noise, keep_mask, keep_x0), inputs)
+  x, _ = jax.lax.scan(step, _hold(noise, keep_mask, keep_x0), (grid[:-1], grid[1:], keys))
   return x
 
 

@@ -318,8 +318,7 @@ def summarize_eval(auxes: list[dict]) -> dict:
   return result
 
 
-def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=30, cfg_scale=1.0, eta=0.0,
-             ddpm_strength=1.0):
+def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=30, cfg_scale=1.0, eta=0.0):
   """Samples every example of packed rows in one compiled loop; returns x0 tokens [B, L, P].
 
   `rows` follows the packed-batch contract (segment_ids, positions, grid,
@@ -330,7 +329,11 @@ def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=3
     patches [B, L, P]  the given tokens' values, and for SDEdit the clip to edit;
     strength [B, K]    1 = start from pure noise (text-to-video and the frame
                        modes); s < 1 = SDEdit: start at time s from
-                       (1 - s) x_edit + s noise (flow) or at step s T (DDPM).
+                       (1 - s) x_edit + s noise (flow) or at step s T (DDPM),
+                       each example at its own strength whatever the sampler;
+    negative_text_segment_ids [B, Lt]  (optional) negative prompts: tokens of `text`
+                       that belong to example k's negative prompt carry k (and 0 in
+                       text_segment_ids); has_negative [B, K] marks those examples.
   CFG (cfg_scale != 1, samplers.guided_model_fn) runs the conditional and the
   unconditional model as one batch: the unconditional branch has every caption
   replaced by the null caption and every label by the null class. The samplers
@@ -355,6 +358,9 @@ def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=3
                                   {key: rows[key] for key in ("segment_ids", "positions", "text", "text_segment_ids")
                                    if key in rows})
     text_null = jnp.ones(rows["labels"].shape, bool)
+    if "negative_text_segment_ids" in rows:  # the unconditional branch reads the negative prompts' tokens
+      both["text_segment_ids"] = jnp.concatenate([rows["text_segment_ids"], rows["negative_text_segment_ids"]])
+      text_null = ~jnp.asarray(rows["has_negative"], bool)
     both_text_null = jnp.concatenate([jnp.zeros_like(text_null), text_null], axis=0)
 
     def apply_both(x, t_model, labels):  # guided_model_fn's batch: the rows, then the same rows unconditional
@@ -363,4 +369,4 @@ def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=3
     null_labels = jnp.full_like(rows["labels"], int(config.model.get("num_classes", 0)))
     model_fn = samplers.guided_model_fn(apply_both, rows["labels"], null_labels, cfg_scale, objective.learn_sigma)
   return objective.sample(model_fn, given, noise, sample_rng, segment_ids=segment_ids, cond_mask=rows["cond_mask"],
-                          strength=strength, sampler=sampler, steps=steps, eta=eta, ddpm_strength=ddpm_strength)
+                          strength=strength, sampler=sampler, steps=steps, eta=eta)
