@@ -37,9 +37,18 @@ def _parser() -> argparse.ArgumentParser:
   sample.add_argument("--prompts", default="", help="prompts: a JSON-lines file of requests")
   sample.add_argument("--size", default="", help="prompts: HEIGHT,WIDTH in pixels (default: the config's)")
   sample.add_argument("--frames", type=int, default=0, help="prompts: frames (default: the config's)")
-  sample.add_argument("--mode", default="t2v", choices=("t2v", "i2v", "extend", "interpolate", "sdedit"))
-  sample.add_argument("--input", default="", help="prompts: the image or video the mode conditions on")
+  sample.add_argument("--mode", default="t2v", choices=("t2v", "i2v", "extend", "extend-backward", "interpolate",
+                                                         "join", "sdedit", "long"))
+  sample.add_argument("--input", default="", help="prompts: the image or video the mode conditions on (join: clip A)")
+  sample.add_argument("--input-b", default="", help="join: clip B, whose first frames end the video")
   sample.add_argument("--strength", type=float, default=0.7, help="sdedit: noise level to start from, (0, 1]")
+  sample.add_argument("--negative-prompt", default="", help="text for CFG's unconditional branch (text models)")
+  sample.add_argument("--keep", type=int, default=0,
+                      help="extend, extend-backward, join: input frames kept (default: all; join: 1 of each clip)")
+  sample.add_argument("--overlap", type=int, default=0, help="long: latent frames windows share (default: half)")
+  sample.add_argument("--window", type=int, default=0, help="long: frames per window (default: the config's)")
+  sample.add_argument("--expand", action="store_true",
+                      help="expand each prompt to the dense moving_digits caption style (sources.expand_caption)")
 
   encode = sub.add_parser("encode", help="write a dataset of VAE latents (or pixels) and caption embeddings")
   encode.add_argument("--source", required=True, help="built-in dataset name or a tfds dataset directory")
@@ -198,7 +207,9 @@ def run_sample(args) -> str:
     raise ValueError(f"--size={args.size!r}: use HEIGHT,WIDTH")
   prompts = args.prompt or ([] if args.prompts else list(cfg.prompts))
   requests = sample_lib.parse_requests(prompts, args.prompts, dict(
-      size=size, frames=args.frames or cfg.frames, mode=args.mode, input=args.input, strength=args.strength))
+      size=size, frames=args.frames or cfg.frames, mode=args.mode, input=args.input, strength=args.strength,
+      input_b=args.input_b, negative=args.negative_prompt, keep=args.keep, overlap=args.overlap, window=args.window,
+      expand=args.expand))
   return sample_lib.run(gen, requests, out, sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
                         seed=args.seed)
 

@@ -341,6 +341,76 @@ def _motion_phrase(direction: str, speed: str, bounced: bool, finite: bool) -> s
   return phrase
 
 
+def compose_caption(digits, colours, background: str, motions=None) -> str:
+  """The moving_digits caption of digits (int) in colours (DIGIT_COLOURS keys) on a background
+  (a BACKGROUND_COLOURS key); `motions` holds one (direction, speed, bounced) per digit for a
+  video (the first digit's phrase "moving ...", the others' "moves ..."), None for an image."""
+  nouns = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {d}" for d, c in zip(digits, colours)]
+  if motions is None:
+    caption = " and ".join(nouns)
+  else:
+    clauses = [f"{noun} {_motion_phrase(direction, speed, bounced, finite=i > 0)}"
+               for i, (noun, (direction, speed, bounced)) in enumerate(zip(nouns, motions))]
+    caption = clauses[0] + (" while " + " and ".join(clauses[1:]) if len(clauses) > 1 else "")
+  return caption + f" on a {background} background"
+
+
+# The prompt expander's defaults for what a short prompt leaves unsaid.
+EXPAND_DEFAULTS = dict(colour="white", background="black", direction="right", speed="steadily")
+_DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_SPEED_WORDS = {"slowly": ("slowly", "slow"), "steadily": ("steadily", "steady", "moderately"),
+                "quickly": ("quickly", "quick", "fast", "rapidly")}
+_VERTICAL_WORDS = {"up": ("up", "upward", "upwards", "rising", "rises", "rise"),
+                   "down": ("down", "downward", "downwards", "falling", "falls", "fall", "dropping", "drops")}
+
+
+def expand_caption(prompt: str, frames: int = 9) -> str:
+  """A short prompt ("a red 3 falling fast", "7 on navy") as the dense caption the generator writes
+  (compose_caption), so a model trained on those captions reads it as it learned them.
+
+  Deterministic: each digit (0-9 or zero..nine) is a subject, the DIGIT_COLOURS word right before
+  it its colour; the words after it (up to the next subject) its motion: left/right and up/down
+  words (or rising, falling, ...) make the direction, both a diagonal, still/static "still";
+  slow/steady/fast words the speed; "bounc" bouncing. A background is "on (a) X (background)" or
+  "X background" for X of BACKGROUND_COLOURS. What the prompt leaves unsaid takes EXPAND_DEFAULTS
+  (white, black background, moving steadily to the right); a one-frame request gets no motion.
+  A generator caption expands to itself. A prompt without a digit is an error.
+  """
+  import re  # pylint: disable=g-import-not-at-top  (as caption_attributes)
+
+  text = " " + prompt.lower().replace("grey", "gray").strip() + " "
+  backgrounds = "|".join(sorted(BACKGROUND_COLOURS, key=len, reverse=True))
+  background = EXPAND_DEFAULTS["background"]
+  found = re.search(rf"\b(?:on|against) (?:an? |the )?({backgrounds})(?: background)?\b|\b({backgrounds}) background\b",
+                    text)
+  if found:
+    background = found.group(1) or found.group(2)
+    text = text[:found.start()] + " " + text[found.end():]
+  colours = "|".join(sorted(DIGIT_COLOURS, key=len, reverse=True))
+  numbers = r"\d" if re.search(r"\b\d\b", text) else "|".join(_DIGIT_WORDS)  # "one red 3": 3 is the digit
+  nouns = list(re.finditer(rf"(?:\b(?:an?|the) )?(?:\b({colours}) )?\b({numbers})\b", text))
+  if not nouns:
+    raise ValueError(f"cannot expand prompt {prompt!r}: it names no digit (0-9 or zero..nine); the expander "
+                     "writes moving_digits captions, whose subjects are digits")
+  digits, digit_colours, motions = [], [], []
+  for i, noun in enumerate(nouns):
+    word = noun.group(2)
+    digits.append(int(word) if word.isdigit() else _DIGIT_WORDS.index(word))
+    digit_colours.append(noun.group(1) or EXPAND_DEFAULTS["colour"])
+    words = set(re.findall(r"[a-z]+", text[noun.end():nouns[i + 1].start() if i + 1 < len(nouns) else len(text)]))
+    vertical = next((v for v, names in _VERTICAL_WORDS.items() if words & set(names)), None)
+    horizontal = next((h for h in ("left", "right") if h in words), None)
+    if words & {"still", "static", "stationary", "motionless"}:
+      direction = "still"
+    elif vertical and horizontal:
+      direction = f"{vertical}-{horizontal}"
+    else:
+      direction = vertical or horizontal or EXPAND_DEFAULTS["direction"]
+    speed = next((s for s, names in _SPEED_WORDS.items() if words & set(names)), EXPAND_DEFAULTS["speed"])
+    motions.append((direction, speed, any(w.startswith("bounc") for w in words) and direction != "still"))
+  return compose_caption(digits, digit_colours, background, motions if frames > 1 else None)
+
+
 def caption_direction(caption: str) -> str | None:
   """The DIRECTIONS key a one-digit caption states (the inverse of _motion_phrase), or None
   when the digit bounces (its path is not one direction) or the caption names no motion."""
@@ -411,7 +481,7 @@ def render_moving_digits(images, labels, rng: np.random.Generator, *, min_side: 
   canvas = np.broadcast_to(background, (frames, height, width, 3)).copy()
   centers = np.zeros((frames, num, 2), np.float32)
   velocities = np.zeros((num, 2), np.float32)
-  digit_labels, clauses = [], []
+  digit_labels, motions = [], []
   time = np.arange(frames, dtype=np.float64)
   for d in range(num):
     pick = int(rng.integers(len(images)))
@@ -431,19 +501,10 @@ def render_moving_digits(images, labels, rng: np.random.Generator, *, min_side: 
     centers[:, d, 0] = top + side / 2
     centers[:, d, 1] = left + side / 2
     velocities[d] = step
-    label = int(labels[pick])
-    digit_labels.append(label)
-    article = "an" if colour_names[d][0] in "aeiou" else "a"
-    noun = f"{article} {colour_names[d]} {label}"
-    if frames == 1:
-      clauses.append(noun)
-    else:
-      clauses.append(f"{noun} {_motion_phrase(direction, speed, bounced_y or bounced_x, finite=d > 0)}")
-  if frames == 1:
-    caption = " and ".join(clauses)
-  else:
-    caption = clauses[0] + (" while " + " and ".join(clauses[1:]) if num > 1 else "")
-  caption += f" on a {background_name} background"
+    digit_labels.append(int(labels[pick]))
+    motions.append((direction, speed, bounced_y or bounced_x))
+  caption = compose_caption(digit_labels, [str(c) for c in colour_names], background_name,
+                            motions if frames > 1 else None)
   return dict(video=np.round(canvas).astype(np.uint8), label=digit_labels[0], caption=caption,
               labels=np.asarray(digit_labels, np.int64), centers=centers, velocities=velocities)
 
