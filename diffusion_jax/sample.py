@@ -1,5 +1,6 @@
-"""All sampling: prompts (text-to-video and -image, image-to-video, extension, interpolation,
-SDEdit) and class grids, each as packed rows through one generator (dit_task.generate).
+"""All sampling: prompts (text-to-video and -image, image-to-video, extension forward and
+backward, interpolation, joining two clips, SDEdit, long videos) and class grids, each as packed
+rows through one generator (dit_task.generate).
 
   python -m diffusion_jax sample --workdir=/tmp/vdit --prompt="a red 3 moving quickly to the right"
   python -m diffusion_jax sample --workdir=/tmp/vdit --prompts=prompts.jsonl
@@ -7,16 +8,27 @@ SDEdit) and class grids, each as packed rows through one generator (dit_task.gen
 A request is one video to make: a prompt, a size (height, width in pixels), a
 number of frames, a mode and, for the conditioned modes, an input file:
 
-  t2v          text only
-  i2v          --input an image (or a video: its first frame) becomes frame 0
-  extend       --input a video; its frames are kept and the clip continues
-  interpolate  --input a video: its first and last frames are kept, the middle is made
-  sdedit       --input a video: noised to --strength (0..1) and denoised under the prompt
+  t2v              text only
+  i2v              --input an image (or a video: its first frame) becomes frame 0
+  extend           --input a video; its frames (its first --keep) are kept and the clip continues
+  extend-backward  --input a video; its frames (its last --keep) end the clip, what came before is made
+  interpolate      --input a video: its first and last frames are kept, the middle is made
+  join             --input clip A, --input-b clip B: A's last --keep frames (default 1) open the
+                   clip, B's first --keep close it, the transition between is made
+  sdedit           --input a video: noised to --strength (0..1) and denoised under the prompt
+  long             any number of frames: windows of at most one row (--window frames), each an
+                   extension of the video so far from its last --overlap latent frames;
+                   an optional --input opens the video
+
+Every request may carry a negative prompt (--negative-prompt: CFG's unconditional branch reads it
+instead of the null caption; text models only) and --expand (the prompt becomes the dense
+moving_digits caption of sources.expand_caption before it is encoded; the manifest records both).
 
 A prompts file is JSON lines with the same fields ({"prompt", "size", "frames",
-"mode", "input", "strength"}); missing fields take the flags' values. The
-noise of call i of a run comes from the key (seed, i): the same requests and
-seed give the same videos.
+"mode", "input", "input_b", "strength", "negative", "keep", "overlap", "window",
+"expand"}); missing fields take the flags' values. The noise of call i of a run
+comes from the key (seed, i) (folded with the window number for long's later
+windows): the same requests and seed give the same videos.
 
 Sizes round to what the model takes: height and width down to a multiple of
 (VAE factor x patch) (at least one), frames down to 1 + 4k for a causal video
@@ -32,10 +44,11 @@ one frame at their one size whatever the request asks.
 Latent models decode through the VAE recorded in the config (latent.vae),
 after undoing the per-channel normalisation the model trained with
 (latent.mean / latent.std). Conditioning frames of latent models: by
-causality a prefix of frames encodes to exactly a prefix of latents, so i2v
-and extension are exact; for interpolation the last latent frame is the
-encoding of the clip's last frame held for the final four frames, an
-approximation the manifest states.
+causality a prefix of frames encodes to exactly a prefix of latents, so i2v,
+extension and join's start are exact; frames at the end (extend-backward,
+join's clip B) are encoded after one copy of their first frame, and for
+interpolation the last latent frame is the encoding of the clip's last frame
+held for the final four frames: approximations the manifest states.
 
 A class-conditional pixel image model (no text, no VAE: dit_task.samples_from_prompts
 is False) samples class grids instead (run_class_grid): sample.per_class images of
@@ -382,7 +395,9 @@ def check_negatives(gen: inference.Generator, requests: list[Request], cfg_scale
 def pack_jobs(gen: inference.Generator, examples: list[dict], prompts: list[str], negatives: list[str]) -> list[dict]:
   """Packed rows of examples (each with `strength`) and their prompts. Each row also gets `strength`
   [K]; when any example has a negative prompt, its tokens follow the caption's in `text` and rows get
-  negative_text_segment_ids [Lt] and has_negative [K] (dit_task.generate)."""
+  negative_text_segment_ids [Lt], the text CFG's unconditional half reads (the negative prompt's
+  tokens where there is one, else the caption's, which has_negative [K] False turns into the null
+  caption; dit_task.generate)."""
   data = gen.config.data
   texts = _text_of(gen, prompts)
   with_negative = any(negatives)
@@ -404,12 +419,13 @@ def pack_jobs(gen: inference.Generator, examples: list[dict], prompts: list[str]
     row["strength"] = np.array([strengths[i] if i >= 0 else 1.0 for i in ids], np.float32)
     if with_negative:
       row["has_negative"] = np.array([i >= 0 and negative_texts[i].size > 0 for i in ids], bool)
-      row["negative_text_segment_ids"] = np.zeros_like(row["text_segment_ids"])
+      caption_ids, uncond_ids = row["text_segment_ids"].copy(), row["text_segment_ids"].copy()
       for k, i in enumerate(ids):
         if i >= 0 and negative_texts[i].size:  # the example's tokens: its caption, then its negative prompt
-          where = np.flatnonzero(row["text_segment_ids"] == k + 1)[len(texts[i]):]
-          row["text_segment_ids"][where] = 0
-          row["negative_text_segment_ids"][where] = k + 1
+          where = np.flatnonzero(row["text_segment_ids"] == k + 1)
+          caption_ids[where[len(texts[i]):]] = 0
+          uncond_ids[where[:len(texts[i])]] = 0
+      row["text_segment_ids"], row["negative_text_segment_ids"] = caption_ids, uncond_ids
   return rows
 
 

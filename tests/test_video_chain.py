@@ -274,17 +274,13 @@ def _write_tmp(text):
   return f.name
 
 
-def test_evaluate_a_pixel_video_model(tmp_path):
+def test_evaluate_a_pixel_video_model(pixel_run, tmp_path):
   """configs/video_dit.py:smoke without data= trains on moving_digits pixels. Evaluate's video branch
   reads its eval clips' shapes from the clips (raw examples have no source_shape) and fits them
   to a row as training does (a 24 px 5-frame clip is 720 tokens of 2 x 2 patches; a row holds 256)."""
   from diffusion_jax import evaluate as evaluate_lib
 
-  workdir, data = str(tmp_path / "pixels"), str(tmp_path / "data")
-  assert cli.main(["train", f"--config={CONFIGS}/video_dit.py:smoke", f"--workdir={workdir}",
-                   f"--config.data.data_dir={data}", "--config.data.builder.train_examples=16",
-                   "--config.data.builder.validation_examples=8", "--config.train.steps=2",
-                   "--config.train.ckpt_every=2", "--config.train.eval_batches=1"]) == 0
+  workdir, _ = pixel_run
   exported = export_lib.export(workdir, str(tmp_path / "export"))
   scores = evaluate_lib.evaluate(exported, str(tmp_path / "eval"), num_samples=3)
   records = _records(str(tmp_path / "eval" / "samples.jsonl"))
@@ -293,3 +289,128 @@ def test_evaluate_a_pixel_video_model(tmp_path):
     (h, w), frames = record["size_made"], record["frames_made"]
     assert frames > 1 and frames * (h // 2) * (w // 2) <= 256
   assert 0.0 <= scores["check/background/generated"] <= 1.0 and scores["check/background/real"] == 1.0
+
+
+# --------------------------------------------------------------------------- the modes of issue 17
+
+
+def _second_clip(chain, like):
+  """A 9-frame validation clip of another background than `like`, resized to like's size (join's
+  clip B: inputs of one aspect ratio)."""
+  source = sources.open_source("moving_digits", "validation", chain["data"], **BUILD)
+  background = tuple(like[0, 0, 0])
+  clip = next(np.asarray(source[i]["video"]) for i in range(len(source))
+              if len(source[i]["video"]) == 9 and np.abs(np.asarray(source[i]["video"])[0, 0, 0].astype(int)
+                                                         - background).sum() > 60)
+  return np.clip(np.round(sources.resize_frames(clip.astype(np.float32), *like.shape[1:3])), 0, 255).astype(np.uint8)
+
+
+def test_backward_join_long_negative_and_expand_on_the_latent_model(chain, inputs, tmp_path):
+  """One CLI call, requests of every new mode and of three sizes packed together on the latent
+  text-to-video model: extend-backward (its 4 given frames a latent frame at the end), join (clip
+  A's last frame opens the video as the VAE renders it; the end is nearer clip B's first frame
+  than A's), long (21 frames in windows of 9 sharing one latent frame), a negative prompt and an
+  expanded prompt."""
+  vae, clip = inference.load_vae(chain["vae"]), inputs["clip"]
+  clip_b = _second_clip(chain, clip)
+  np.savez(tmp_path / "b.npz", frames=clip_b)
+  requests = tmp_path / "requests.jsonl"
+  requests.write_text("\n".join(json.dumps(r) for r in [
+      dict(prompt=PROMPT, mode="extend-backward", input=inputs["npz"], frames=9, size=[16, 16]),
+      dict(prompt=PROMPT, mode="join", input=inputs["npz"], input_b=str(tmp_path / "b.npz"), frames=9,
+           size=[16, 24]),
+      dict(prompt=PROMPT, mode="long", frames=21, size=[16, 16], window=9, overlap=1),
+      dict(prompt="a 7 falling", mode="t2v", frames=5, size=[24, 16], negative="a red 3", expand=True),
+  ]) + "\n")
+  out = str(tmp_path / "out")
+  assert cli.main(["sample", f"--workdir={chain['run']}", f"--out={out}", f"--prompts={requests}", "--seed=3"]) == 0
+  records = _records(os.path.join(out, "samples.jsonl"))
+  assert [r["mode"] for r in records] == ["extend-backward", "join", "long", "t2v"]
+  assert [(r["frames_made"], r["size_made"]) for r in records] == [(9, [16, 16]), (9, [16, 24]), (21, [16, 16]),
+                                                                  (5, [24, 16])]
+  made = [_frames(os.path.join(out, f"sample_{i}.npz")) for i in range(4)]
+  assert [m.shape for m in made] == [(9, 16, 16, 3), (9, 16, 24, 3), (21, 16, 16, 3), (5, 24, 16, 3)]
+  assert records[0]["given_frames"] == 4 and "approximation" in records[0]
+  assert (records[1]["given_frames_start"], records[1]["given_frames_end"], records[1]["transition_frames"]) == (1, 4, 4)
+  assert records[2]["windows"] == 3 and records[2]["window_frames"] == 9 and records[2]["overlap_units"] == 1
+  assert records[3]["negative"] == "a red 3"
+  assert records[3]["prompt_expanded"] == "a white 7 falling steadily on a black background"
+  a_last = _through_vae(vae, clip[4:5], (16, 24))[0]  # clip A is the npz: the clip's first 5 frames
+  np.testing.assert_allclose(made[1][0], a_last, atol=2)  # a prefix latent decodes exactly
+  b_first = sources.resize_frames(clip_b[:1].astype(np.float32), 16, 24)[0]
+  to_b, to_a = (np.abs(made[1][-1].astype(float) - f).mean() for f in (b_first, a_last))
+  assert to_b < 0.75 * to_a, (to_b, to_a)
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+  """configs/video_dit.py:smoke on moving_digits pixels (no text), trained 2 steps: (workdir, data dir)."""
+  root = tmp_path_factory.mktemp("pixel_video")
+  workdir, data = str(root / "pixels"), str(root / "data")
+  assert cli.main(["train", f"--config={CONFIGS}/video_dit.py:smoke", f"--workdir={workdir}",
+                   f"--config.data.data_dir={data}", "--config.data.builder.train_examples=16",
+                   "--config.data.builder.validation_examples=8", "--config.train.steps=2",
+                   "--config.train.ckpt_every=2", "--config.train.eval_batches=1"]) == 0
+  return workdir, data
+
+
+def test_modes_on_a_pixel_model_keep_given_frames_exactly(pixel_run, tmp_path):
+  """Every frame mode in one CLI call on the pixel model (a 8 x 8 frame is 16 tokens, a row 256): the
+  given frames come back to one uint8 level at their places, images (one-frame inputs) included;
+  long makes 40 frames (2.5 rows) in windows of 5 frames sharing 2."""
+  workdir, _ = pixel_run
+  rng = np.random.default_rng(0)
+  clip = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+  clip_b = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)  # another size, the same aspect ratio
+  image = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
+  np.savez(tmp_path / "a.npz", frames=clip)
+  np.savez(tmp_path / "b.npz", frames=clip_b)
+  iio.imwrite(tmp_path / "image.png", image)
+  requests = tmp_path / "requests.jsonl"
+  requests.write_text("\n".join(json.dumps(r) for r in [
+      dict(prompt="", mode="extend-backward", input=str(tmp_path / "a.npz"), frames=7, size=[8, 8]),
+      dict(prompt="", mode="join", input=str(tmp_path / "a.npz"), input_b=str(tmp_path / "b.npz"), frames=6,
+           size=[8, 8], keep=2),
+      dict(prompt="", mode="long", input=str(tmp_path / "a.npz"), frames=40, size=[8, 8]),
+      dict(prompt="", mode="extend-backward", input=str(tmp_path / "image.png"), frames=4, size=[8, 12]),
+      dict(prompt="", mode="join", input=str(tmp_path / "image.png"), input_b=str(tmp_path / "image.png"),
+           frames=3, size=[8, 12]),
+  ]) + "\n")
+  out = str(tmp_path / "out")
+  assert cli.main(["sample", f"--workdir={workdir}", f"--out={out}", f"--prompts={requests}"]) == 0
+  records = _records(os.path.join(out, "samples.jsonl"))
+  made = [_frames(os.path.join(out, f"sample_{i}.npz")) for i in range(5)]
+  assert [m.shape for m in made] == [(7, 8, 8, 3), (6, 8, 8, 3), (40, 8, 8, 3), (4, 8, 12, 3), (3, 8, 12, 3)]
+  close = lambda a, b: np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)  # noqa: E731
+  small_b = np.clip(np.round(sources.resize_frames(clip_b.astype(np.float32), 8, 8)), 0, 255)
+  close(made[0][-3:], clip)  # extend-backward: the input at the end
+  close(made[1][:2], clip[-2:])  # join: A's last two frames, then a transition, then B's first two
+  close(made[1][-2:], small_b[:2])
+  assert records[1]["transition_frames"] == 2
+  close(made[2][:3], clip)  # long: the input, then windows
+  assert records[2]["windows"] == 13 and records[2]["window_frames"] == 5 and records[2]["overlap_units"] == 2
+  close(made[3][-1], image)
+  close(made[4][0], image)
+  close(made[4][-1], image)
+  assert np.abs(made[0][:4].astype(int) - clip[0]).mean() > 0  # made, not copied
+
+
+def test_bad_mode_inputs_are_clear_errors_and_write_nothing(pixel_run, tmp_path, capsys):
+  workdir, _ = pixel_run
+  rng = np.random.default_rng(1)
+  np.savez(tmp_path / "wide.npz", frames=rng.integers(0, 256, (2, 8, 16, 3), dtype=np.uint8))
+  np.savez(tmp_path / "square.npz", frames=rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+  np.savez(tmp_path / "long.npz", frames=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+  out = tmp_path / "out"
+  cases = [
+      (["--mode=join", f"--input={tmp_path / 'square.npz'}", f"--input-b={tmp_path / 'wide.npz'}", "--frames=5"],
+       "different aspect ratios"),
+      (["--mode=extend-backward", f"--input={tmp_path / 'long.npz'}", "--frames=24"], "leaves nothing to generate"),
+      (["--negative-prompt=a blue 9"], "no text conditioning"),
+      (["--mode=join", f"--input={tmp_path / 'square.npz'}"], "needs two inputs"),
+  ]
+  for flags, message in cases:
+    code = cli.main(["sample", f"--workdir={workdir}", f"--out={out}", "--prompt=x", "--size=8,8", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.startswith("error:"), (flags, err)
+    assert not out.exists(), flags

@@ -331,9 +331,10 @@ def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=3
                        modes); s < 1 = SDEdit: start at time s from
                        (1 - s) x_edit + s noise (flow) or at step s T (DDPM),
                        each example at its own strength whatever the sampler;
-    negative_text_segment_ids [B, Lt]  (optional) negative prompts: tokens of `text`
-                       that belong to example k's negative prompt carry k (and 0 in
-                       text_segment_ids); has_negative [B, K] marks those examples.
+    negative_text_segment_ids [B, Lt]  (optional) the text segment ids of CFG's
+                       unconditional half: example k's negative-prompt tokens carry
+                       k (and 0 in text_segment_ids), for examples without one their
+                       caption's; has_negative [B, K] marks the examples with one.
   CFG (cfg_scale != 1, samplers.guided_model_fn) runs the conditional and the
   unconditional model as one batch: the unconditional branch has every caption
   replaced by the null caption and every label by the null class. The samplers
