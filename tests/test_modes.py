@@ -23,7 +23,7 @@ def _toy_eps_model(x, t):
   return 0.3 * jnp.tanh(x) * jnp.cos(t.astype(jnp.float32)[..., None] * 0.01) + 0.05
 
 
-def _halves(start_a, start_b, n=6, p=3):
+def _halves(start_a, start_b, n=6):
   return jnp.asarray(np.array([[start_a] * n + [start_b] * n]), jnp.int32), n
 
 
