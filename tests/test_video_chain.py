@@ -404,7 +404,7 @@ def test_bad_mode_inputs_are_clear_errors_and_write_nothing(pixel_run, tmp_path,
   cases = [
       (["--mode=join", f"--input={tmp_path / 'square.npz'}", f"--input-b={tmp_path / 'wide.npz'}", "--frames=5"],
        "different aspect ratios"),
-      (["--mode=extend-backward", f"--input={tmp_path / 'long.npz'}", "--frames=24"], "leaves nothing to generate"),
+      (["--mode=extend-backward", f"--input={tmp_path / 'long.npz'}", "--frames=12"], "leaves nothing to generate"),
       (["--negative-prompt=a blue 9"], "no text conditioning"),
       (["--mode=join", f"--input={tmp_path / 'square.npz'}"], "needs two inputs"),
   ]
