@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import inference, media, sharding
+from diffusion_jax import inference, media, patches, sharding
 from diffusion_jax.data import packing
 from diffusion_jax.train import dit_task
 
@@ -215,7 +215,7 @@ def request_example(gen: inference.Generator, request: Request, index: int) -> t
       if len(clip) < frames:
         clip = np.concatenate([clip, np.repeat(clip[-1:], frames - len(clip), axis=0)])
       given = _to_model_space(gen, clip)
-  tokens, positions, grid = packing.patchify(given, patch)
+  tokens, positions, grid = patches.patchify(given, patch)
   cond_mask = cond_frames[positions[:, 0] * patch[0]]
   example = dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32), cond_mask=cond_mask,
                  id=index, label=int(config.model.get("num_classes", 0)), caption=request.prompt)
@@ -278,7 +278,7 @@ def _sample_rows(gen: inference.Generator, rows: list[dict], *, sampler: str, st
         if example_id < 0:
           continue
         mask = row["segment_ids"] == k + 1
-        samples[int(example_id)] = np.asarray(packing.unpatchify(
+        samples[int(example_id)] = np.asarray(patches.unpatchify(
             tokens[mask], tuple(row["grid"][k]), tuple(gen.config.data.patch), int(gen.config.data.channels)))
   return samples
 
@@ -301,7 +301,7 @@ def class_rows(gen: inference.Generator, labels) -> list[dict]:
   data = gen.config.data
   side = int(data.image_size)
   blank = np.zeros((1, side, side, int(data.channels)), np.float32)
-  tokens, positions, grid = packing.patchify(blank, tuple(data.patch))
+  tokens, positions, grid = patches.patchify(blank, tuple(data.patch))
   examples = [dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32), id=i, label=int(label))
               for i, label in enumerate(labels)]
   return packing.pack_examples(examples, int(data.tokens_per_row), int(data.examples_per_row))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import inference
+from diffusion_jax import patches
 from diffusion_jax import sample as sample_lib
 from diffusion_jax.data import packing
 from diffusion_jax.models import dit
@@ -29,7 +30,7 @@ def _perturbed(params, scale=0.05):
 
 def _example(rng, grid, n_text, index):
   tokens = int(np.prod(grid))
-  return dict(patches=rng.normal(size=(tokens, 12)).astype(np.float32), positions=packing.grid_positions(grid),
+  return dict(patches=rng.normal(size=(tokens, 12)).astype(np.float32), positions=patches.grid_positions(grid),
               grid=np.asarray(grid, np.int32), id=index, label=0, caption=f"example {index}",
               text=rng.normal(size=(n_text, TEXT_DIM)).astype(np.float32))
 

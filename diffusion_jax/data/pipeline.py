@@ -59,6 +59,7 @@ import grain
 import jax
 import numpy as np
 
+from diffusion_jax import patches
 from diffusion_jax.data import packing, sources
 
 FRAME_STEP = 4  # clips are cut to 1 + 4k frames: what a causal video VAE with 4x time compression takes
@@ -203,7 +204,7 @@ class PrepareExample(grain.transforms.RandomMap):
     z = mean[window] + np.exp(0.5 * logvar[window]) * rng.standard_normal(mean[window].shape).astype(np.float32)
     if self.latent_mean:
       z = (z - np.asarray(self.latent_mean, np.float32)) / np.asarray(self.latent_std, np.float32)
-    tokens, positions, grid = packing.patchify(z, self.patch)
+    tokens, positions, grid = patches.patchify(z, self.patch)
     return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32),
                 id=int(element["id"]), label=int(element["label"]), caption=element.get("caption", b""))
 
@@ -240,7 +241,7 @@ class PrepareExample(grain.transforms.RandomMap):
     else:
       pixels = sources.resize_frames(pixels, out_h, out_w)
     pixels = np.clip(pixels, -1.0, 1.0)
-    tokens, positions, grid = packing.patchify(pixels, self.patch)
+    tokens, positions, grid = patches.patchify(pixels, self.patch)
     return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32),
                 id=int(element["id"]), label=int(element["label"]), caption=element.get("caption", b""))
 
