@@ -1,4 +1,4 @@
-"""Config files, their argument strings, command-line overrides and validation.
+"""Config files, their argument strings and command-line overrides (validation: train.loop.validate).
 
 A config is a Python file with `get_config(arg)` returning an
 `ml_collections.ConfigDict` (big_vision's convention). It is named on the
@@ -122,23 +122,6 @@ def _product(xs):
   for x in xs:
     out *= x
   return out
-
-
-def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:
-  """Checks everything that can be checked before compiling; raises ConfigError."""
-  from diffusion_jax.train.loop import TASKS  # the loop owns the task table
-
-  if config.task not in TASKS:
-    raise ConfigError(f"unknown task {config.task!r}; known: {sorted(TASKS)}")
-  shape = resolve_mesh_shape(config.mesh.shape, num_devices)
-  axes = dict(zip(config.mesh.axes, shape))
-  data_parallel = axes.get("data", 1) * axes.get("fsdp", 1)
-  batch = config.train.global_batch
-  if batch % data_parallel:
-    raise ConfigError(f"train.global_batch={batch} is not divisible by the data-parallel size {data_parallel} (mesh data x fsdp)")
-  if batch % process_count:
-    raise ConfigError(f"train.global_batch={batch} is not divisible by the {process_count} processes")
-  TASKS[config.task].validate(config)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

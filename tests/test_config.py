@@ -4,6 +4,7 @@ import os
 import pytest
 
 from diffusion_jax import config as config_lib
+from diffusion_jax.train import loop
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "dit_image.py")
 
@@ -55,7 +56,7 @@ def test_validation_errors(override, message):
   config = config_lib.load_config(CONFIG + ":smoke")
   config_lib.apply_overrides(config, [override])
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(config, num_devices=8)
+    loop.validate(config, num_devices=8)
 
 
 def test_mesh_shape_resolution():

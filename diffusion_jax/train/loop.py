@@ -67,6 +67,22 @@ TASKS = {"dit": dit_task, "classifier": classifier_task, "vae": vae_task}
 TEST_SIGNAL_ENV = "DIFFUSION_JAX_TEST_SIGNAL_AT"
 
 
+def validate(config, *, num_devices: int, process_count: int = 1) -> None:
+  """Checks everything that can be checked before compiling: the task, the mesh against the devices and
+  the batch, then the task's own fields (TASKS[task].validate); raises ConfigError."""
+  if config.task not in TASKS:
+    raise ConfigError(f"unknown task {config.task!r}; known: {sorted(TASKS)}")
+  shape = config_lib.resolve_mesh_shape(config.mesh.shape, num_devices)
+  axes = dict(zip(config.mesh.axes, shape))
+  data_parallel = axes.get("data", 1) * axes.get("fsdp", 1)
+  batch = config.train.global_batch
+  if batch % data_parallel:
+    raise ConfigError(f"train.global_batch={batch} is not divisible by the data-parallel size {data_parallel} (mesh data x fsdp)")
+  if batch % process_count:
+    raise ConfigError(f"train.global_batch={batch} is not divisible by the {process_count} processes")
+  TASKS[config.task].validate(config)
+
+
 class TrainingDiverged(FloatingPointError):
   """Too many consecutive non-finite updates: the run stopped without saving."""
 
@@ -370,7 +386,7 @@ def train(config, workdir: str):
   """
   # ------------------------------------------------------------------ setup
   task = TASKS.get(config.task)
-  config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   _validate_resilience(config, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
