@@ -48,9 +48,11 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import export as export_lib
-from diffusion_jax import media
+from diffusion_jax import inference, media
+from diffusion_jax import sample as sample_lib
 from diffusion_jax import sharding
-from diffusion_jax.data import pipeline, sources
+from diffusion_jax.data import encoded, pipeline, sources
+from diffusion_jax.train import classifier_task, dit_task, loop, vae_task
 
 # --------------------------------------------------------------------------- distances between feature sets
 
@@ -475,8 +477,6 @@ def held_out_loss(export, *, data_dir: str = "", batches: int = 0) -> dict:
   """The task's held-out metrics (eval_fn + summarize_eval) over `batches` (default
   train.eval_batches) batches of the eval split: the loop's fixed eval set (same seed, same noise),
   so the numbers compare with the run's eval/*."""
-  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
-
   config = _config_with_data_dir(export.config, data_dir)
   task = loop.TASKS[config.task]
   model, objective = task.build_model(config), task.make_objective(config)
@@ -495,8 +495,6 @@ def held_out_loss(export, *, data_dir: str = "", batches: int = 0) -> dict:
 # --------------------------------------------------------------------------- evaluate
 
 def _classifier_features(classifier_export):
-  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
-
   def features(frames):
     return inference.classify(classifier_export, frames)[1]
 
@@ -505,9 +503,6 @@ def _classifier_features(classifier_export):
 
 
 def _evaluate_dit(export, out_dir, *, num_samples, seed, classifier, feature_extractor, data_dir) -> dict:
-  from diffusion_jax import inference, sample as sample_lib  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train import dit_task  # pylint: disable=g-import-not-at-top
-
   config = export.config
   num_classes = int(config.model.num_classes)
   labels = np.arange(num_samples) % num_classes
@@ -553,7 +548,6 @@ def _evaluate_vae(export, out_dir, *, num_samples, seed, data_dir) -> dict:
   """Held-out reconstruction metrics of a VAE export over the loop's fixed eval batches (the
   eval set is fixed by data.shuffle_seed; `seed` does not change it)."""
   del seed
-  from diffusion_jax.train import vae_task  # pylint: disable=g-import-not-at-top
 
   config = _config_with_data_dir(export.config, data_dir)
   batches = -(-num_samples // int(config.train.global_batch))
@@ -590,9 +584,6 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   on VAE reconstructions of them (check/<name>/vae, the latent model's ceiling;
   latent models only); check/<name>/clips is how many clips each check covers.
   Then FD/KID between the generated and real frames in the feature space."""
-  from diffusion_jax import inference, sample as sample_lib  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train import dit_task  # pylint: disable=g-import-not-at-top
-
   config = _config_with_data_dir(export.config, data_dir)
   if config.get("latent", None) is not None and config.latent.get("vae", "") and not os.path.isabs(config.latent.vae):
     config.latent.vae = os.path.join(export.path, config.latent.vae)  # the VAE bundled in the export
@@ -671,9 +662,6 @@ def classify_frames(classifier_export, frames, *, chunk: int = 64) -> np.ndarray
   data.image_size as it was trained (classifier_task.SingleDigitFrame: a locating classifier's
   frames are first padded to a square with their background) and classified in chunks of
   `chunk` frames, so one compilation serves every clip size and length."""
-  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train import classifier_task  # pylint: disable=g-import-not-at-top
-
   config = classifier_export.config
   squarer = classifier_task.SingleDigitFrame(size=int(config.data.image_size),
                                              pad_square=bool(config.model.get("locate", False)))
@@ -719,9 +707,8 @@ def _source_examples(config, examples) -> list[dict]:
   examples of its source dataset, found by id."""
   if all("video" in ex for ex in examples):
     return list(examples)
-  from diffusion_jax import encode  # pylint: disable=g-import-not-at-top
 
-  meta = encode.encoded_metadata(str(config.data.name))
+  meta = encoded.encoded_metadata(str(config.data.name))
   origin = meta["source"]
   split = meta["splits"][config.data.eval_split]["source_split"]
   opened = sources.open_source(origin["name"], split, origin["data_dir"], **(origin.get("builder_kwargs") or {}))
@@ -733,11 +720,9 @@ def reconstruct(vae, clips) -> list[np.ndarray]:
   """VAE reconstructions (posterior mean, decoded) of uint8 clips [T, H, W, C], each first trimmed
   to 1 + 4k frames and centre-cropped to multiples of the VAE's spatial factor (as the encode
   step does), one clip at a time; uint8 like the input."""
-  from diffusion_jax import encode  # pylint: disable=g-import-not-at-top
-
   out = []
   for clip in clips:
-    clip = encode.trim_and_crop(_as_clip(clip), vae.spatial_factor)
+    clip = encoded.trim_and_crop(_as_clip(clip), vae.spatial_factor)
     mean, _ = vae.encode(clip[None].astype(np.float32) / 127.5 - 1.0)
     decoded = vae.decode(mean)[0]
     out.append(np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8))
@@ -759,7 +744,6 @@ def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, 
   os.makedirs(out_dir, exist_ok=True)
   task = export.config.task
   common = dict(num_samples=num_samples, seed=seed, data_dir=data_dir)
-  from diffusion_jax.train import dit_task  # pylint: disable=g-import-not-at-top
 
   if task == "dit" and dit_task.samples_from_prompts(export.config):
     metrics, files = _evaluate_video_dit(export, out_dir, classifier=classifier, feature_extractor=feature_extractor,

@@ -52,12 +52,13 @@ import json
 import os
 import time
 
+import imageio.v3 as iio
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import inference, media, patches, sharding
-from diffusion_jax.data import packing
+from diffusion_jax.data import packing, sources
 from diffusion_jax.train import dit_task
 
 MODES = ("t2v", "i2v", "extend", "interpolate", "sdedit")
@@ -107,8 +108,6 @@ def parse_requests(prompts: list[str], prompts_file: str, defaults: dict) -> lis
 
 def read_media(path: str, channels: int) -> np.ndarray:
   """uint8 [T, H, W, C] from an image or a video file; a clear error naming the file otherwise."""
-  import imageio.v3 as iio
-
   if not os.path.isfile(path):
     raise FileNotFoundError(f"input {path} does not exist")
   if path.endswith(".npz"):
@@ -172,8 +171,6 @@ def _from_model_space(gen: inference.Generator, x: np.ndarray) -> np.ndarray:
 
 def _fit_input(frames: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
   """The input resized to (height, width) (bilinear) with its frame count unchanged."""
-  from diffusion_jax.data import sources
-
   t, h, w = shape
   resized = sources.resize_frames(frames.astype(np.float32), h, w)
   return np.clip(np.round(resized), 0, 255).astype(np.uint8)

@@ -55,12 +55,13 @@ import math
 import os
 from typing import Any
 
+from absl import flags
 import grain
 import jax
 import numpy as np
 
 from diffusion_jax import patches
-from diffusion_jax.data import packing, sources
+from diffusion_jax.data import encoded, packing, sources
 
 FRAME_STEP = 4  # clips are cut to 1 + 4k frames: what a causal video VAE with 4x time compression takes
 
@@ -278,7 +279,7 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   tokens_per_row, examples_per_row = int(data.tokens_per_row), int(data.examples_per_row)
 
   source = sources.open_source(data.name, split, data.data_dir, **builder_kwargs(data))
-  stats = latent_stats(data)
+  stats = encoded.latent_stats(data)
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} examples, fewer than {process_count} processes")
   # A convolutional backbone takes one grid only; the DiT takes any size, image_size or not.
@@ -321,35 +322,8 @@ def _check_fixed_side(element: dict, side: int, name: str) -> None:
                      f"model needs data.image_size to match them")
 
 
-def latent_stats(data_config) -> dict | None:
-  """The per-channel latent {mean, std} a latent dataset was encoded with, or None for pixels.
-
-  A latent dataset whose channel count differs from data.channels is a
-  config error naming both sides (a VAE of another latent width).
-  """
-  if not os.path.isfile(os.path.join(str(data_config.name), "metadata.json")):
-    return None
-  from diffusion_jax import encode  # pylint: disable=g-import-not-at-top  (only encoded datasets need it)
-
-  meta = encode.encoded_metadata(str(data_config.name))
-  if not meta or meta.get("content") != "latents":
-    return None
-  vae = meta["vae"]
-  if int(vae["latent_channels"]) != int(data_config.channels):
-    raise ValueError(
-        f"data.channels={data_config.channels} but the latent dataset {data_config.name} holds "
-        f"{vae['latent_channels']}-channel latents of the VAE {vae['path']}; set data.channels="
-        f"{vae['latent_channels']}")
-  stats = vae.get("latent_stats") or {}
-  if "mean" not in stats or "std" not in stats:
-    raise ValueError(f"the latent dataset {data_config.name} has no latent_stats (mean, std) in its metadata")
-  return {"mean": [float(x) for x in stats["mean"]], "std": [float(x) for x in stats["std"]]}
-
-
 def _mark_absl_flags_parsed():
   """Grain's worker processes read absl flags; a library caller may never have parsed them."""
-  from absl import flags
-
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 

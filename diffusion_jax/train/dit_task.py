@@ -25,7 +25,7 @@ from diffusion_jax import metrics
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import kinds, objectives, samplers
-from diffusion_jax.models import dit
+from diffusion_jax.models import dit, layers, unet
 
 
 def patch_dim(config) -> int:
@@ -73,8 +73,6 @@ def validate(config) -> None:
   if uses_text(config) and int(config.data.get("text_tokens_per_row", 0)) < 1:
     raise ConfigError(f"model.text_dim={config.model.text_dim} needs data.text_tokens_per_row >= 1 "
                       "(the packed caption budget of a row)")
-  from diffusion_jax.models import layers  # pylint: disable=g-import-not-at-top
-
   backend = config.model.get("attention_backend", "xla")
   if backend not in layers.ATTENTION_BACKENDS:
     raise ConfigError(f"unknown model.attention_backend {backend!r}; known: {layers.ATTENTION_BACKENDS}")
@@ -87,7 +85,6 @@ def validate(config) -> None:
     return
   family = _model_family(config)
   if family == "unet":
-    from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
     variants = unet.VARIANTS
   else:
     variants = dit.VARIANTS
@@ -126,7 +123,6 @@ def build_model(config):
   """The backbone of `model.family`: 'dit' (models/dit.py, default) or 'unet' (models/unet.py)."""
   dtype = jnp.dtype(config.train.compute_dtype)
   if _model_family(config) == "unet":
-    from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
     return unet.build_unet(config.model, patch_dim=patch_dim(config), grid=example_grid(config),
                            patch=tuple(config.data.patch), channels=config.data.channels, dtype=dtype)
   return dit.build_dit(config.model, patch_dim=patch_dim(config), dtype=dtype)
