@@ -66,9 +66,30 @@ def _convert(text: str, like, name: str):
   return text
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+RECIPES_DIRS = (
+    os.path.join(_PACKAGE_DIR, "configs"),  # an installed package (setup.py maps configs/ there)
+    os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"),  # a source checkout
+)
+
+
+def recipe_path(name: str) -> str:
+  """The path of a shipped recipe, e.g. recipe_path("video_dit.py"), installed or in a checkout."""
+  for folder in RECIPES_DIRS:
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  raise ConfigError(f"no recipe {name!r} in {' or '.join(RECIPES_DIRS)}")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'path/to/config.py[:arg]' by running its get_config(arg)."""
+  """Loads 'path/to/config.py[:arg]' by running its get_config(arg).
+
+  A path 'configs/NAME.py' that does not exist from here is the shipped recipe NAME.py, so the
+  README's commands run from any directory.
+  """
   path, _, arg = spec.partition(":")
+  if not os.path.isfile(path) and os.path.dirname(os.path.normpath(path)) == "configs":
+    path = recipe_path(os.path.basename(path))
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   module_spec = importlib.util.spec_from_file_location("diffusion_jax_user_config", path)

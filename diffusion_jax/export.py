@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import safetensors.numpy
+from safetensors import numpy as safetensors_numpy
 
 from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
@@ -237,7 +237,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
     checkpointer.wait_until_finished()
     checkpointer.close()
     if safetensors:
-      safetensors.numpy.save_file({k: np.asarray(v) for k, v in flatten_params(params).items()},
+      safetensors_numpy.save_file({k: np.asarray(v) for k, v in flatten_params(params).items()},
                                   os.path.join(staging, SAFETENSORS_FILE))
 
     exported_config = ml_collections.ConfigDict(config.to_dict())

@@ -36,11 +36,10 @@ from diffusion_jax.train import loop
 QUICKSTART_DATA = dict(min_side=24, max_side=40, max_digits=1, durations=(1, 5, 9), digit_scale=(0.5, 0.7),
                        train_examples=3000, validation_examples=200)
 SHEET_ROWS = 12  # prompts on the report's contact sheet
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def _config(name: str, arg: str, **overrides):
-  config = config_lib.load_config(os.path.join(REPO_CONFIGS, name) + ":" + arg)
+  config = config_lib.load_config(config_lib.recipe_path(name) + ":" + arg)
   with config.unlocked():
     for path, value in overrides.items():
       section, field = path.split(".")
