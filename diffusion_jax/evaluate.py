@@ -592,7 +592,7 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
                                **pipeline.builder_kwargs(config.data))
   rng = np.random.default_rng([seed, 2])
   order = rng.permutation(len(source))
-  makes_video = "image_size" not in config.data
+  makes_video = not config.data.fixed_size
   chosen = []
   for index in order:
     example = source[int(index)]
@@ -677,7 +677,7 @@ def _fit_to_row(gen, request):
   data.tokens_per_row tokens, as the training pipeline fits a clip of that size
   (pipeline.plan_shape); a request that fits, or a latent model's, unchanged."""
   data = gen.config.data
-  if gen.vae is not None or "image_size" in data:
+  if gen.vae is not None or data.fixed_size:
     return request
   patch = tuple(int(p) for p in data.patch)
   plan = pipeline.plan_shape(request.frames, *request.size, patch=patch, tokens_per_row=int(data.tokens_per_row),

@@ -135,7 +135,7 @@ def read_media(path: str, channels: int) -> np.ndarray:
 
 def planned_shape(gen: inference.Generator, request: Request) -> tuple[int, int, int]:
   """(frames, height, width) in pixels that the model makes for a request (the rounding rule above)."""
-  if "image_size" in gen.config.data:  # a fixed-size image model (the U-Net): one size only
+  if gen.config.data.fixed_size:  # a fixed-size image model (e.g. the U-Net): one size only
     side = int(gen.config.data.image_size) * gen.spatial_factor
     return 1, side, side
   pt, ph, pw = gen.config.data.patch

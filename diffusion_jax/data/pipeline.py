@@ -72,7 +72,7 @@ def builder_kwargs(data_config) -> dict[str, Any]:
     return {}
   if data_config.name == "digits_canvas":
     return {"image_size": int(data_config.image_size)}
-  return dict(data_config.get("builder", None) or {})
+  return dict(data_config.builder)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -283,25 +283,26 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} examples, fewer than {process_count} processes")
   # A convolutional backbone takes one grid only; the DiT takes any size, image_size or not.
-  fixed_side = int(data.image_size) if config.model.get("family", "dit") == "unet" else 0
+  fixed_side = int(data.image_size) if config.model.family == "unet" else 0
   if fixed_side:
     _check_fixed_side(source[0], fixed_side, data.name)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   prepare = PrepareExample(
       patch=patch, channels=int(data.channels), tokens_per_row=tokens_per_row,
-      max_area=int(data.get("max_area", 0)), max_frames=int(data.get("max_frames", 0)),
+      max_area=int(data.max_area), max_frames=int(data.max_frames),
+      # data.min_side is optional: its default, 4 patches, depends on data.patch
       min_side=int(data.get("min_side", 4 * max(patch[1:]))),
       latent_mean=tuple(stats["mean"]) if stats else (), latent_std=tuple(stats["std"]) if stats else (),
-      text_tokens_per_row=int(data.get("text_tokens_per_row", 0)), fixed_side=fixed_side)
+      text_tokens_per_row=int(data.text_tokens_per_row), fixed_side=fixed_side)
   ds = ds.random_map(prepare, seed=seed)
   # Grain's default read-ahead of 500 examples costs a scan of that buffer per example (its depth
   # statistic), ~45% of the quickstart's host time; 64 keeps the reader threads as busy.
   ds = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=64))
   ds = packing.pack(ds, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
-                    num_open_rows=int(data.get("pack_open_rows", 8)),
-                    buffer_size=int(data.get("pack_buffer", 32)),
-                    text_tokens_per_row=int(data.get("text_tokens_per_row", 0)))
+                    num_open_rows=int(data.pack_open_rows),
+                    buffer_size=int(data.pack_buffer),
+                    text_tokens_per_row=int(data.text_tokens_per_row))
   if drop_remainder:
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
