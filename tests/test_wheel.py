@@ -6,6 +6,7 @@ takes minutes and is run by hand (README); here every shipped recipe loads and a
 trains two steps through the installed CLI.
 """
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,8 +27,12 @@ def _run(argv, cwd, env=None, timeout=600):
 @pytest.fixture(scope="module")
 def venv_python(tmp_path_factory):
   root = tmp_path_factory.mktemp("wheel")
+  source = root / "source"  # a copy: building in place would leave build/ and egg-info in the checkout
+  shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                              ".pytest_cache", "quickstart_out"))
   dist = root / "dist"
-  _run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-w", str(dist)], cwd=root)
+  _run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(dist)],
+       cwd=root)
   wheels = list(dist.glob("diffusion_jax-*.whl"))
   assert len(wheels) == 1, wheels
   _run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")], cwd=root)
