@@ -117,7 +117,7 @@ def held_out_loss(export, *, data_dir: str = "", batches: int = 0) -> dict:
   eval_batch = jax.jit(lambda params, batch, index: task.eval_fn(params, model, objective, batch, index, config))
   auxes = []
   with sharding.activate(mesh, rules):
-    for index in range(batches or int(config.train.get("eval_batches", 1))):
+    for index in range(batches or int(config.train.eval_batches)):
       batch = {k: v for k, v in next(source).items() if k not in ("captions", "skipped")}
       auxes.append(jax.device_get(eval_batch(export.params, batch, np.int32(index))))
   return task.summarize_eval(auxes)
@@ -244,7 +244,7 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   sampler = str(config.sample.sampler)
   steps, cfg_scale = int(config.sample.steps), float(config.sample.cfg_scale)
   videos, notes = sample_lib.sample_requests(gen, requests, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                             rows_per_call=int(config.sample.get("rows_per_call", 4)), seed=seed)
+                                             rows_per_call=int(config.sample.rows_per_call), seed=seed)
   sample_lib.write_outputs(videos, requests, notes, out_dir, gen=gen, sampler=sampler, steps=steps,
                            cfg_scale=cfg_scale, seed=seed)
   files = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("sample_")]
@@ -297,7 +297,7 @@ def classify_frames(classifier_export, frames, *, chunk: int = 64) -> np.ndarray
   `chunk` frames, so one compilation serves every clip size and length."""
   config = classifier_export.config
   squarer = classifier_task.SingleDigitFrame(size=int(config.data.image_size),
-                                             pad_square=bool(config.model.get("locate", False)))
+                                             pad_square=bool(config.model.locate))
   frames = [squarer.random_map({"video": frame, "label": 0}, None)["frames"] for frame in np.asarray(frames)]
   count = len(frames)
   frames = np.stack(frames + [np.zeros_like(frames[0])] * (-count % chunk))
@@ -314,8 +314,8 @@ def _fit_to_row(gen, request):
     return request
   patch = tuple(int(p) for p in data.patch)
   plan = pipeline.plan_shape(request.frames, *request.size, patch=patch, tokens_per_row=int(data.tokens_per_row),
-                             max_area=int(data.get("max_area", 0)), max_frames=int(data.get("max_frames", 0)),
-                             min_side=int(data.get("min_side", 4 * max(patch[1:]))))
+                             max_area=int(data.max_area), max_frames=int(data.max_frames),
+                             min_side=int(data.get("min_side", 4 * max(patch[1:]))))  # optional: 4 patches
   if plan is None:
     return request  # sample_requests names the request that cannot fit
   return dataclasses.replace(request, frames=plan[0], size=(plan[1], plan[2]))

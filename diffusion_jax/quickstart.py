@@ -50,7 +50,7 @@ def _config(name: str, arg: str, **overrides):
 def _steps(config, scale: float) -> None:
   config.train.steps = max(10, int(round(config.train.steps * scale)))
   for key in ("ckpt_every", "eval_every"):
-    if config.train.get(key, 0):
+    if config.train[key]:
       config.train[key] = min(config.train[key], config.train.steps)
 
 
