@@ -123,6 +123,7 @@ def record_conditioners(config) -> None:
     return
   meta = encoded_metadata(str(config.data.name))
   text = meta.get("text_encoder") or {}
+  # a VAE or classifier trained on an encoded dataset has no model.text_dim
   if text and int(config.model.get("text_dim", 0)) not in (0, int(text["dim"])):
     raise ValueError(f"model.text_dim={config.model.text_dim} but {config.data.name} holds {text['dim']}-wide "
                      f"caption embeddings of {text['name']}")
