@@ -62,9 +62,7 @@ def get_config(arg: str = ""):
       # diffusion: LDM's objective, eps prediction, linear betas (the defaults)
       train=dict(global_batch=32, steps=3000, lr=3e-4, warmup_steps=200, log_every=100, ckpt_every=1000,
                  keep_ckpts=2, eval_every=1000),
-      # Filled at train time from the encoded dataset (data.encoded.record_conditioners).
-      latent=dict(vae="", mean=(), std=()),
-      text=dict(encoder_dir="", max_length=32),
+      **config_defaults.CONDITIONERS,
       sample=dict(sampler="ddim", steps=50, cfg_scale=4.0, rows_per_call=16,
                   prompts=("a red 3 on a navy background", "a white 7 on a black background"),
                   size=(32, 32), frames=1),

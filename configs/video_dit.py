@@ -56,10 +56,7 @@ def get_config(arg: str = ""):
       train=dict(global_batch=8, steps=100_000, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
                  compute_dtype="bfloat16", log_every=50, ckpt_every=1000, eval_every=1000),
       mesh=dict(shape=(1, -1, 1)),  # FSDP over every device by default
-      # Filled at train time from the encoded dataset's metadata (data.encoded.record_conditioners) and
-      # saved with every checkpoint: the VAE to decode with, the latent normalisation, the text encoder.
-      latent=dict(vae="", mean=(), std=()),
-      text=dict(encoder_dir="", max_length=32),
+      **config_defaults.CONDITIONERS,
       sample=dict(sampler="euler", steps=30, cfg_scale=4.0, rows_per_call=4,
                   prompts=("a red 3 moving quickly to the right", "a green 7 moving slowly up"),
                   size=(32, 32), frames=9),

@@ -114,6 +114,11 @@ DIFFUSION = dict(
     cond={},  # training probabilities of conditioning-frame modes (i2v, extend, interpolate, random)
 )
 
+# A prompt-conditioned diffusion model's conditioners, empty in the recipe: filled at train time from
+# the encoded dataset's metadata (data.encoded.record_conditioners) and saved with every checkpoint:
+# the VAE to decode with, the latent normalisation, the text encoder.
+CONDITIONERS = dict(latent=dict(vae="", mean=(), std=()), text=dict(encoder_dir="", max_length=32))
+
 SAMPLE = dict(sampler="ddim", steps=50, eta=0.0, cfg_scale=4.0, seed=0, rows_per_call=4)
 
 
