@@ -215,14 +215,14 @@ def request_example(gen: inference.Generator, request: Request, index: int) -> t
   tokens, positions, grid = patches.patchify(given, patch)
   cond_mask = cond_frames[positions[:, 0] * patch[0]]
   example = dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32), cond_mask=cond_mask,
-                 id=index, label=int(config.model.num_classes), caption=request.prompt)
+                 id=index, label=int(config.model.get("num_classes", 0)), caption=request.prompt)
   return example, notes
 
 
 def _text_of(gen: inference.Generator, prompts: list[str]) -> list[np.ndarray]:
   if gen.text_encoder is None:
     return [np.zeros((0, 0), np.float32) for _ in prompts]
-  max_length = int(gen.config.get("text", {}).get("max_length", 32))  # no text section: no captions
+  max_length = int(gen.config.get("text", {}).get("max_length", 32))
   tokens, mask = gen.text_encoder.encode(prompts, max_length=max_length)
   return [np.asarray(t)[np.asarray(m)] for t, m in zip(tokens, mask)]
 
@@ -244,7 +244,7 @@ def pack_requests(gen: inference.Generator, requests: list[Request]) -> tuple[li
     examples.append(example)
     notes.append(note)
   rows = packing.pack_examples(examples, int(data.tokens_per_row), int(data.examples_per_row),
-                               text_tokens_per_row=int(data.text_tokens_per_row))
+                               text_tokens_per_row=int(data.get("text_tokens_per_row", 0)))
   for row in rows:
     row["strength"] = np.array([requests[i].strength if i >= 0 and requests[i].mode == "sdedit" else 1.0
                                 for i in row["example_ids"]], np.float32)
@@ -259,7 +259,7 @@ def _sample_rows(gen: inference.Generator, rows: list[dict], *, sampler: str, st
   to each compiled call (the last one padded with empty rows); call c draws from key seed * 1000 + c."""
   keys = [k for k in ("patches", "segment_ids", "positions", "cond_mask", "grid", "labels", "text",
                       "text_segment_ids", "strength") if k in rows[0]]
-  eta = float(gen.config.sample.eta)
+  eta = float(gen.config.sample.get("eta", 0.0))
   run = jax.jit(lambda params, batch, rng: dit_task.generate(
       gen.model, params, gen.config, batch, rng, sampler=sampler, steps=steps, cfg_scale=cfg_scale, eta=eta,
       ddpm_strength=ddpm_strength))
@@ -371,7 +371,7 @@ def run(gen: inference.Generator, requests: list[Request], out: str, *, sampler:
   sampler = sampler or cfg.sampler
   steps = steps or cfg.steps
   cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
-  rows_per_call = rows_per_call or int(cfg.rows_per_call)
+  rows_per_call = rows_per_call or int(cfg.get("rows_per_call", 4))
   start = time.time()
   videos, notes = sample_requests(gen, requests, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                                   rows_per_call=rows_per_call, seed=seed)
