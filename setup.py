@@ -5,7 +5,10 @@ setuptools.setup(
     name="diffusion_jax",
     version="0.1.0",
     description="JAX/Flax training system for image and video diffusion transformers.",
-    packages=setuptools.find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
+    # The recipes in configs/ ship inside the package as diffusion_jax.configs, so an installed
+    # (non-editable) package finds them too (config.recipe_path).
+    packages=setuptools.find_packages(include=["diffusion_jax", "diffusion_jax.*"]) + ["diffusion_jax.configs"],
+    package_dir={"diffusion_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",

@@ -27,9 +27,9 @@ import argparse
 import math
 import time
 
-import ml_collections
 import numpy as np
 
+from diffusion_jax import config_defaults
 from diffusion_jax.data import packing, pipeline, sources
 
 PATCH = (1, 4, 4)
@@ -43,12 +43,12 @@ BUCKET_FRAMES = (1, 5, 9, 17)
 
 
 def _config(data_dir, tokens_per_row, examples_per_row, rows, num_workers):
-  return ml_collections.ConfigDict(dict(
-      data=dict(name="moving_digits", data_dir=data_dir, split="train", patch=PATCH, channels=3,
-                tokens_per_row=tokens_per_row, examples_per_row=examples_per_row, num_workers=num_workers,
-                max_area=MAX_AREA, max_frames=MAX_FRAMES, min_side=MIN_SIDE, pack_open_rows=8,
-                pack_buffer=32, builder={}),
-      train=dict(global_batch=rows)))
+  return config_defaults.recipe(
+      "dit",
+      data=dict(name="moving_digits", data_dir=data_dir, patch=PATCH, channels=3, tokens_per_row=tokens_per_row,
+                examples_per_row=examples_per_row, num_workers=num_workers, max_area=MAX_AREA,
+                max_frames=MAX_FRAMES, min_side=MIN_SIDE),
+      train=dict(global_batch=rows))
 
 
 def _tokens(shape):

@@ -57,6 +57,7 @@ def main():
   import jax
 
   from diffusion_jax import config as config_lib
+  from diffusion_jax.train import loop
 
   rows = []
   for policy in args.policies.split(","):
@@ -64,7 +65,7 @@ def main():
       raise ValueError(f"unknown remat policy {policy!r}; use {', '.join(POLICIES)}")
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
-    config_lib.validate(config, num_devices=jax.device_count())
+    loop.validate(config, num_devices=jax.device_count())
     rows.append(measure(config, policy, args.steps))
   print(f"config {args.config} {' '.join(overrides)}, {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), {args.steps} timed steps\n")

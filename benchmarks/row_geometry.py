@@ -17,15 +17,14 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import __main__ as cli
 from diffusion_jax import config as config_lib
 from diffusion_jax import sharding
-from diffusion_jax.data import pipeline
+from diffusion_jax.data import encoded, pipeline
 from diffusion_jax.train import dit_task, loop
 
 
 def measure(config, steps: int) -> dict:
-  cli.record_conditioners(config)
+  encoded.record_conditioners(config)
   data_iter = iter(dit_task.make_dataset(config, split="train", seed=0))
   local = [next(data_iter) for _ in range(8)]
   start = time.perf_counter()

@@ -26,7 +26,7 @@ def measure(config_spec: str, steps: int, overrides) -> dict:
 
   config = config_lib.load_config(config_spec)
   config_lib.apply_overrides(config, overrides)
-  config_lib.validate(config, num_devices=jax.device_count())
+  loop.validate(config, num_devices=jax.device_count())
   sources.ensure_dataset(config.data.name, config.data.data_dir, **pipeline.builder_kwargs(config.data))
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)

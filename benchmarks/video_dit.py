@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import metrics, sharding
+from diffusion_jax import metrics, patches, sharding
 from diffusion_jax.data import packing
 from diffusion_jax.train import dit_task, loop
 
@@ -32,7 +32,7 @@ def packed_rows(rows: int, length: int, k: int, text_len: int, patch_dim: int, t
     grid = (int(rng.integers(1, 4)), int(rng.integers(2, 7)), int(rng.integers(2, 7)))
     n = int(np.prod(grid))
     examples.append(dict(patches=rng.normal(size=(n, patch_dim)).astype(np.float32),
-                         positions=packing.grid_positions(grid), grid=np.asarray(grid, np.int32),
+                         positions=patches.grid_positions(grid), grid=np.asarray(grid, np.int32),
                          id=len(examples), label=0, caption="",
                          text=rng.normal(size=(int(rng.integers(10, 21)), text_dim)).astype(np.float32)))
   packed = packing.pack_examples(examples, length, k, text_tokens_per_row=text_len)[:rows]

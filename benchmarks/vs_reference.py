@@ -38,7 +38,7 @@ def our_step_times(variant: str, batch: int, steps: int, overrides) -> list[floa
   import jax.numpy as jnp
 
   from diffusion_jax import config as config_lib
-  from diffusion_jax import sharding
+  from diffusion_jax import patches, sharding
   from diffusion_jax.data import packing
   from diffusion_jax.train import dit_task, loop
 
@@ -55,7 +55,7 @@ def our_step_times(variant: str, batch: int, steps: int, overrides) -> list[floa
   rng = np.random.default_rng(0)
   rows["patches"] = rng.normal(size=rows["patches"].shape).astype(np.float32)
   grid = (1, size // 2, size // 2)
-  rows["positions"][:] = packing.grid_positions(grid)
+  rows["positions"][:] = patches.grid_positions(grid)
   rows["grid"][:] = grid
   rows["labels"] = rng.integers(0, NUM_CLASSES, rows["labels"].shape).astype(np.int32)
   rows = jax.device_put(rows, sharding.batch_sharding(mesh))

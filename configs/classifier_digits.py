@@ -15,7 +15,7 @@ Arguments after the colon (comma separated):
                       window around the digit, model.locate), so it classifies samples of any size
   smoke               a few steps of a tiny net, for tests
 """
-import ml_collections
+from diffusion_jax import config_defaults
 
 # The moving_digits build the classifier trains on (sources.MovingDigits arguments): one digit per
 # clip, so a clip's label is its only digit; seed 0 holds out the same 200 digit images as every
@@ -31,56 +31,36 @@ def get_config(arg: str = ""):
   arg = parse_arg(arg, data="moving_digits", image_size=0, smoke=False)
   if arg.data not in ("moving_digits", "digits_canvas"):
     raise ConfigError(f"data={arg.data!r}: the classifier trains on moving_digits or digits_canvas")
-  c = ml_collections.ConfigDict()
-  c.task = "classifier"
-
-  c.data = dict(
-      name=arg.data,
-      data_dir="",  # "" = $DIFFUSION_JAX_DATA or ~/.cache/diffusion_jax/data
-      split="train",
-      eval_split="validation",
-      image_size=arg.image_size or (96 if arg.data == "moving_digits" else 32),  # batched at this square size
-      channels=3,
-      shuffle_seed=0,
-      num_workers=0,
-  )
-  if arg.data == "moving_digits":
-    c.data.builder = dict(MOVING_DIGITS)
-
-  c.model = dict(
-      num_classes=10,
-      input_size=24,  # every frame is resized to this inside the network
-      widths=(16, 32, 64),  # one 3x3 conv + 2x2 max pool each: 24 -> 3 px
-      features=64,  # penultimate width: the feature space of FD / KID
-      locate=arg.data == "moving_digits",  # resample a window around the digit (canvases of any size)
-  )
-
-  c.train = dict(
-      seed=0,
-      global_batch=64,
-      steps=300,  # 98.9% of held-out real frames (99.3% at 500); 300 keeps the quickstart within 15 minutes
-      lr=3e-3,
-      lr_schedule="cosine",
-      warmup_steps=20,
-      weight_decay=1e-4,
-      grad_clip=1.0,
-      ema_decay=0.99,
-      compute_dtype="float32",
-      log_every=100,
-      ckpt_every=300,
-      keep_ckpts=1,
-      grad_accum_steps=1,
-      max_consecutive_skips=20,
-      eval_every=300,  # accuracy on eval_batches x global_batch validation frames, at the end
-      eval_batches=15,  # 960 validation frames (of 1000 clips / 1000 canvases)
-      profile_steps=(0, 0),
-  )
-
-  # Pure data parallelism: the classifier's params are small and replicated.
-  c.mesh = dict(
-      shape=(-1, 1, 1),
-      axes=("data", "fsdp", "tensor"),
-      rules=(("batch", ("data", "fsdp")),),
+  c = config_defaults.recipe(
+      "classifier",
+      data=dict(
+          name=arg.data,
+          builder=dict(MOVING_DIGITS) if arg.data == "moving_digits" else {},
+          image_size=arg.image_size or (96 if arg.data == "moving_digits" else 32),  # batched at this square size
+          channels=3,
+      ),
+      model=dict(
+          num_classes=10,
+          input_size=24,  # every frame is resized to this inside the network
+          widths=(16, 32, 64),  # one 3x3 conv + 2x2 max pool each: 24 -> 3 px
+          features=64,  # penultimate width: the feature space of FD / KID
+          locate=arg.data == "moving_digits",  # resample a window around the digit (canvases of any size)
+      ),
+      train=dict(
+          global_batch=64,
+          steps=300,  # 98.9% of held-out real frames (99.3% at 500); 300 keeps the quickstart within 15 minutes
+          lr=3e-3,
+          lr_schedule="cosine",
+          warmup_steps=20,
+          weight_decay=1e-4,
+          ema_decay=0.99,
+          log_every=100,
+          ckpt_every=300,
+          keep_ckpts=1,
+          eval_every=300,  # accuracy on eval_batches x global_batch validation frames, at the end
+          eval_batches=15,  # 960 validation frames (of 1000 clips / 1000 canvases)
+      ),
+      # Pure data parallelism: the classifier's params are small and replicated (its only named axis: batch).
   )
 
   if arg.smoke:

@@ -25,7 +25,7 @@ size (data.image_size = latent_size; latents of another size are skipped and
 counted, a dataset of another size is an error); the DiT gets the same rows so
 the two compare. For native sizes and durations use configs/video_dit.py.
 """
-import ml_collections
+from diffusion_jax import config_defaults
 
 
 def get_config(arg: str = ""):
@@ -40,94 +40,33 @@ def get_config(arg: str = ""):
   unet = arg.family == "unet"
   variant = arg.variant or ("smoke" if arg.smoke else "small" if unet else "tiny")
   patch = 1 if unet else 2  # the U-Net sees the latent grid; the DiT patches it 2x2
-  c = ml_collections.ConfigDict()
-  c.task = "dit"  # the diffusion-backbone task; model.family picks the net
-
-  c.data = dict(
-      name=arg.data,
-      data_dir="",
-      split="train",
-      eval_split="validation",
-      image_size=arg.latent_size,  # every example: latent_size x latent_size latents
-      patch=(1, patch, patch),
-      channels=arg.channels,
-      tokens_per_row=(arg.latent_size // patch) ** 2,  # exactly one image a row
-      examples_per_row=1,
-      text_tokens_per_row=32,  # one caption of <= text.max_length tokens
-      shuffle_seed=0,
-      num_workers=0,
-  )
-
-  c.model = dict(
-      family=arg.family,
-      variant=variant,
-      num_classes=0,  # conditioning comes from the captions
-      class_dropout_prob=0.0,
-      text_dim=384,  # all-MiniLM-L6-v2's width (diffusion_jax/models/text.py)
-      caption_dropout_prob=0.1,  # the null caption, for classifier-free guidance
-      learn_sigma=False,
-  )
-  if not unet:
-    c.model.update(pos_embedding="sincos2d", attention_backend="xla", scan_layers=True, scan_unroll=0, remat="none")
-
-  c.diffusion = dict(
-      kind="ddpm",  # LDM's objective: eps prediction, linear betas
-      schedule="linear",
-      num_steps=1000,
-      prediction="eps",
-  )
-
-  c.train = dict(
-      seed=0,
-      global_batch=32,
-      steps=3000,
-      lr=3e-4,
-      warmup_steps=200,
-      weight_decay=0.0,
-      grad_clip=1.0,
-      ema_decay=0.999,
-      compute_dtype="float32",
-      log_every=100,
-      ckpt_every=1000,
-      keep_ckpts=2,
-      grad_accum_steps=1,
-      max_consecutive_skips=20,
-      eval_every=1000,
-      eval_batches=4,
-      profile_steps=(0, 0),
-  )
-
-  # Rules for both families' logical names (models/unet.py LOGICAL_NAMES, configs/dit_image.py).
-  c.mesh = dict(
-      shape=(-1, 1, 1),
-      axes=("data", "fsdp", "tensor"),
-      rules=(
-          ("batch", ("data", "fsdp")),
-          ("length", None),
-          ("text_length", None),
-          ("channels", "fsdp"),
-          ("channels_in", None),
-          ("context", None),
-          ("embed", "fsdp"),
-          ("embed_out", None),
-          ("text_embed", None),
-          ("mlp", "tensor"),
-          ("modulation", None),
-          ("heads", "tensor"),
-          ("kv", None),
-          ("patch", None),
-          ("classes", None),
-          ("layers", None),
+  c = config_defaults.recipe(
+      "dit",  # the diffusion-backbone task; model.family picks the net
+      data=dict(
+          name=arg.data,
+          fixed_size=True,  # every example: latent_size x latent_size latents
+          image_size=arg.latent_size,
+          patch=(1, patch, patch),
+          channels=arg.channels,
+          tokens_per_row=(arg.latent_size // patch) ** 2,  # exactly one image a row
+          examples_per_row=1,
+          text_tokens_per_row=32,  # one caption of <= text.max_length tokens
       ),
-  )
-
-  # Filled at train time from the encoded dataset (__main__.record_conditioners).
-  c.latent = dict(vae="", mean=(), std=())
-  c.text = dict(encoder_dir="", max_length=32)
-
-  c.sample = dict(sampler="ddim", steps=50, cfg_scale=4.0, seed=0, rows_per_call=16,
+      model=dict(
+          family=arg.family,
+          variant=variant,
+          class_dropout_prob=0.0,  # conditioning comes from the captions
+          text_dim=384,  # all-MiniLM-L6-v2's width (diffusion_jax/models/text.py)
+          learn_sigma=False,
+      ),
+      # diffusion: LDM's objective, eps prediction, linear betas (the defaults)
+      train=dict(global_batch=32, steps=3000, lr=3e-4, warmup_steps=200, log_every=100, ckpt_every=1000,
+                 keep_ckpts=2, eval_every=1000),
+      **config_defaults.CONDITIONERS,
+      sample=dict(sampler="ddim", steps=50, cfg_scale=4.0, rows_per_call=16,
                   prompts=("a red 3 on a navy background", "a white 7 on a black background"),
-                  size=(32, 32), frames=1)
+                  size=(32, 32), frames=1),
+  )
 
   if arg.smoke:
     c.diffusion.num_steps = 100

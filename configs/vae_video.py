@@ -13,7 +13,7 @@ CPU), smoke (seconds, for tests).
 The checkpoint stores the latents' per-channel mean/std (eval split, EMA
 params) next to the config; inference.load_vae returns them.
 """
-import ml_collections
+from diffusion_jax import config_defaults
 
 
 def get_config(arg: str = ""):
@@ -22,76 +22,39 @@ def get_config(arg: str = ""):
   arg = parse_arg(arg, variant="", latent_channels=0, autoencoder=False, gan=False, quickstart=False,
                   smoke=False)
   variant = arg.variant or ("smoke" if arg.smoke else "small" if arg.quickstart else "video16")
-  c = ml_collections.ConfigDict()
-  c.task = "vae"
-
-  # Data: fixed-shape clips [B, frames, height, width, 3]; shorter clips and
-  # images sit at frame 0 with a frame mask.
-  c.data = dict(
-      name="moving_digits",
-      data_dir="",  # "" = $DIFFUSION_JAX_DATA or ~/.cache/diffusion_jax/data
-      split="train",
-      eval_split="validation",
-      builder=dict(min_side=24, max_side=64, max_digits=2, durations=(1, 5, 9, 17), train_examples=2000,
-                   validation_examples=200),
-      frames=17,  # T = 1 + 4k
-      height=128,
-      width=128,
-      spatial="resize_crop",  # shorter side scaled to the crop's, then a random crop; or "crop"
-      channels=3,
-      shuffle_seed=0,
-      num_workers=0,
-  )
-
-  c.model = dict(
-      variant=variant,
-      variational=not arg.autoencoder,
-      latent_channels=arg.latent_channels,  # 0 = the variant's
-  )
-
-  c.loss = dict(
-      l1_weight=1.0,
-      l2_weight=0.0,
-      kl_weight=0.0 if arg.autoencoder else 1e-4,  # per latent element, against per-pixel L1
-      gan_weight=0.5 if arg.gan else 0.0,  # times VQGAN's adaptive weight
-      gan_start=2000,  # discriminator and generator GAN terms from this step on
-      disc_widths=(64, 128),
-  )
-
-  c.train = dict(
-      seed=0,
-      global_batch=16,
-      steps=50000,
-      lr=1e-4,
-      lr_schedule="cosine",
-      warmup_steps=500,
-      weight_decay=0.0,
-      grad_clip=1.0,
-      ema_decay=0.999,
-      compute_dtype="float32",
-      log_every=100,
-      ckpt_every=2000,
-      keep_ckpts=3,
-      grad_accum_steps=1,
-      max_consecutive_skips=20,
-      eval_every=2000,  # PSNR/SSIM/latent stats of the EMA params on the fixed eval set
-      eval_batches=4,
-      profile_steps=(0, 0),
-  )
-
-  # The VAE's params are replicated (data parallelism); the kernel and channel
-  # axes have names so a bigger one can be split by editing this table only.
-  c.mesh = dict(
-      shape=(-1, 1, 1),
-      axes=("data", "fsdp", "tensor"),
-      rules=(
-          ("batch", ("data", "fsdp")),
-          ("kernel_t", None),
-          ("kernel_h", None),
-          ("kernel_w", None),
-          ("channels_in", None),
-          ("channels", None),
+  c = config_defaults.recipe(
+      "vae",
+      # Data: fixed-shape clips [B, frames, height, width, 3]; shorter clips and
+      # images sit at frame 0 with a frame mask.
+      data=dict(
+          name="moving_digits",
+          builder=dict(min_side=24, max_side=64, max_digits=2, durations=(1, 5, 9, 17), train_examples=2000,
+                       validation_examples=200),
+          frames=17,  # T = 1 + 4k
+          height=128,
+          width=128,
+          spatial="resize_crop",  # shorter side scaled to the crop's, then a random crop; or "crop"
+          channels=3,
       ),
+      model=dict(
+          variant=variant,
+          variational=not arg.autoencoder,
+          latent_channels=arg.latent_channels,  # 0 = the variant's
+      ),
+      loss=dict(
+          l1_weight=1.0,
+          l2_weight=0.0,
+          kl_weight=0.0 if arg.autoencoder else 1e-4,  # per latent element, against per-pixel L1
+          gan_weight=0.5 if arg.gan else 0.0,  # times VQGAN's adaptive weight
+          gan_start=2000,  # discriminator and generator GAN terms from this step on
+          disc_widths=(64, 128),
+      ),
+      train=dict(global_batch=16, steps=50000, lr=1e-4, lr_schedule="cosine", warmup_steps=500, log_every=100,
+                 ckpt_every=2000,
+                 eval_every=2000),  # PSNR/SSIM/latent stats of the EMA params on the fixed eval set
+      # The VAE's params are replicated (data parallelism); its kernel and channel axes have names,
+      # so a bigger one can be split by editing this table only.
+      mesh=dict(rules=config_defaults.logical_rules(channels=None)),
   )
 
   if arg.quickstart:

@@ -14,7 +14,7 @@ Arguments after the colon (comma separated):
   smoke          seconds, for tests;  quickstart: the CPU text-to-video recipe of the quickstart
 Images are one-frame videos: every row mixes them with clips of 5-33 frames.
 """
-import ml_collections
+from diffusion_jax import config_defaults
 
 
 def get_config(arg: str = ""):
@@ -25,106 +25,42 @@ def get_config(arg: str = ""):
   variant = arg.variant or ("smoke" if arg.smoke else "tiny" if arg.quickstart else "B/2" if latent else "B/4")
   patch = int(variant.split("/")[1]) if "/" in variant else 2
   text = arg.text or bool(arg.data)
-  c = ml_collections.ConfigDict()
-  c.task = "dit"
-
-  # Data: native sizes and durations, packed NaViT-style into rows of L tokens.
-  c.data = dict(
-      name=arg.data or "moving_digits",
-      data_dir="",
-      split="train",
-      eval_split="validation",
-      builder={},  # moving_digits' defaults: 24-96 px sides, 1/5/9/17/33 frames, 1-3 digits
-      patch=(1, patch, patch),
-      channels=arg.channels,
-      tokens_per_row=4096,  # L
-      examples_per_row=32,  # K
-      text_tokens_per_row=32 * 32 if text else 0,  # Lt: K captions of <= 32 tokens each always fit
-      max_frames=0,
-      max_area=0,
-      shuffle_seed=0,
-      num_workers=0,
-      pack_buffer=64,
-  )
-
-  c.model = dict(
-      family="dit",
-      variant=variant,
-      num_classes=0,  # conditioning comes from the captions
-      text_dim=384 if text else 0,  # all-MiniLM-L6-v2's width (diffusion_jax/models/text.py)
-      pooled_text=True,  # with text: the mean caption token joins c too (SD3), not only cross-attention
-      caption_dropout_prob=0.1,
-      learn_sigma=False,
-      pos_embedding="rope3d",
-      rope_split=(0.25, 0.375, 0.375),  # head-dim share of (t, h, w)
-      qk_norm=True,
-      adaln="zero",  # DiT's adaLN-Zero, a 6 x width Dense per block; "single": PixArt-alpha's shared one
-      attention_backend="xla",
-      scan_layers=True,
-      scan_unroll=0,  # layers per loop iteration; 0 = auto: unrolled on CPU (faster there), a loop elsewhere
-      remat="none",
-  )
-
-  c.diffusion = dict(
-      kind="flow",  # rectified flow; "ddpm" uses schedule / num_steps / prediction below
-      logit_mean=0.0,
-      logit_std=1.0,
-      shift_base_tokens=256,  # t-shift s = sqrt(tokens of the example / 256)
-      cond=dict(i2v=0.1, extend=0.05, interpolate=0.05, random=0.05),  # conditioning-frame modes in training
-      schedule="linear",
-      num_steps=1000,
-      prediction="v",
-  )
-
-  c.train = dict(
-      seed=0,
-      global_batch=8,
-      steps=100_000,
-      lr=1e-4,
-      lr_schedule="constant",  # or "cosine" (to 0 at train.steps)
-      warmup_steps=1000,
-      weight_decay=0.0,
-      grad_clip=1.0,
-      ema_decay=0.9999,
-      compute_dtype="bfloat16",
-      log_every=50,
-      ckpt_every=1000,
-      keep_ckpts=3,
-      grad_accum_steps=1,
-      max_consecutive_skips=20,
-      eval_every=1000,
-      eval_batches=4,
-      profile_steps=(0, 0),
-  )
-
-  c.mesh = dict(
-      shape=(1, -1, 1),  # FSDP over every device by default
-      axes=("data", "fsdp", "tensor"),
-      rules=(
-          ("batch", ("data", "fsdp")),
-          ("length", None),  # ("length", "tensor") shards long sequences; attention gathers K/V
-          ("text_length", None),
-          ("embed", "fsdp"),
-          ("embed_out", None),
-          ("text_embed", None),
-          ("mlp", "tensor"),
-          ("modulation", None),  # see configs/dit_image.py
-          ("heads", "tensor"),
-          ("kv", None),
-          ("patch", None),
-          ("classes", None),
-          ("layers", None),
+  c = config_defaults.recipe(
+      "dit",
+      # Data: native sizes and durations, packed NaViT-style into rows of L tokens.
+      data=dict(
+          name=arg.data or "moving_digits",
+          builder={},  # moving_digits' defaults: 24-96 px sides, 1/5/9/17/33 frames, 1-3 digits
+          patch=(1, patch, patch),
+          channels=arg.channels,
+          tokens_per_row=4096,  # L
+          examples_per_row=32,  # K
+          text_tokens_per_row=32 * 32 if text else 0,  # Lt: K captions of <= 32 tokens each always fit
+          pack_buffer=64,
       ),
-  )
-
-  # Filled at train time from the encoded dataset's metadata (__main__.record_conditioners) and saved
-  # with every checkpoint: the VAE to decode with, the latent normalisation, the text encoder.
-  c.latent = dict(vae="", mean=(), std=())
-  c.text = dict(encoder_dir="", max_length=32)
-
-  c.sample = dict(sampler="euler", steps=30, cfg_scale=4.0, seed=0, rows_per_call=4,
+      model=dict(
+          variant=variant,
+          text_dim=384 if text else 0,  # all-MiniLM-L6-v2's width (diffusion_jax/models/text.py)
+          pooled_text=True,  # with text: the mean caption token joins c too (SD3), not only cross-attention
+          learn_sigma=False,
+          pos_embedding="rope3d",
+          rope_split=(0.25, 0.375, 0.375),  # head-dim share of (t, h, w)
+          qk_norm=True,
+      ),
+      diffusion=dict(
+          kind="flow",  # rectified flow
+          shift_base_tokens=256,  # t-shift s = sqrt(tokens of the example / 256)
+          cond=dict(i2v=0.1, extend=0.05, interpolate=0.05, random=0.05),  # conditioning-frame modes in training
+          prediction="v",
+      ),
+      train=dict(global_batch=8, steps=100_000, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
+                 compute_dtype="bfloat16", log_every=50, ckpt_every=1000, eval_every=1000),
+      mesh=dict(shape=(1, -1, 1)),  # FSDP over every device by default
+      **config_defaults.CONDITIONERS,
+      sample=dict(sampler="euler", steps=30, cfg_scale=4.0, rows_per_call=4,
                   prompts=("a red 3 moving quickly to the right", "a green 7 moving slowly up"),
-                  size=(32, 32), frames=9)
+                  size=(32, 32), frames=9),
+  )
 
   if arg.quickstart:
     # Latent clips of the quickstart data are 9-75 tokens. Attention is dense over a row (masked by

@@ -10,11 +10,24 @@ Mistakes in what the user gave (a config, an override, a workdir, a dataset)
 print one `error:` line and exit 2; --debug shows the traceback instead.
 """
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import time
 
+import jax
+
+from diffusion_jax import checkpoint, distributed, encode, evaluate, export as export_lib, inference, quickstart
+from diffusion_jax import config as config_lib
+from diffusion_jax import sample as sample_lib
+from diffusion_jax.data import encoded, pipeline, sources, stats
+from diffusion_jax.train import dit_task, loop
+
+try:  # JAX's own TPU / GPU presence checks (private; a JAX without them probes as usual)
+  from jax._src import hardware_utils
+except ImportError:
+  hardware_utils = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,25 +117,18 @@ def _skip_tpu_probe_without_tpu() -> None:
   """With libtpu installed (the dev extra brings it for the TPU compile check) on a host without
   TPU chips, JAX's TPU probe prints libtpu errors; pin such hosts to CPU/GPU before any device use.
   JAX_PLATFORMS, when set, wins. Uses the same chip check as JAX's own cloud_tpu_init."""
-  import importlib.util
-
-  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or hardware_utils is None:
     return
-  import jax
-
   try:
-    from jax._src import hardware_utils
     no_tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0
     gpu = hardware_utils.has_visible_nvidia_gpu()
-  except (ImportError, AttributeError):  # a JAX without these helpers: let it probe
+  except AttributeError:  # a JAX without these helpers: let it probe
     return
   if no_tpu and not gpu:
     jax.config.update("jax_platforms", "cpu")
 
 
 def _load(spec: str, overrides):
-  from diffusion_jax import config as config_lib
-
   config = config_lib.load_config(spec)
   config_lib.apply_overrides(config, overrides)
   return config
@@ -130,12 +136,8 @@ def _load(spec: str, overrides):
 
 def run_train(config, workdir: str):
   """Trains in this process; with DIFFUSION_JAX_COORDINATOR etc. set, as one of several (see distributed.py)."""
-  from diffusion_jax import distributed
-  from diffusion_jax.data import pipeline, sources
-  from diffusion_jax.train import loop
-
   distributed.initialize()  # before any device is touched; a no-op for a single process
-  record_conditioners(config)
+  encoded.record_conditioners(config)
   distributed.check_agreement(config)  # every process runs the same config and code, or none starts
   # Several processes on one host share the data directory: process 0 builds it first.
   distributed.process_zero_first(sources.ensure_dataset, config.data.name, config.data.data_dir,
@@ -143,38 +145,7 @@ def run_train(config, workdir: str):
   return loop.train(config, workdir)
 
 
-def record_conditioners(config) -> None:
-  """Writes into the config what a model trained on an encoded dataset decodes and conditions with:
-  latent.{vae, mean, std} (the VAE and the per-channel statistics the pipeline
-  normalises latents with) and text.{encoder_dir, max_length}. The checkpoint
-  keeps the config, so sampling and export undo exactly the normalisation
-  training used."""
-  import ml_collections
-
-  from diffusion_jax import encode
-  from diffusion_jax.data import pipeline
-
-  stats = pipeline.latent_stats(config.data)
-  if stats is None and not os.path.isfile(os.path.join(str(config.data.name), "metadata.json")):
-    return
-  meta = encode.encoded_metadata(str(config.data.name))
-  text = meta.get("text_encoder") or {}
-  if text and int(config.model.get("text_dim", 0)) not in (0, int(text["dim"])):
-    raise ValueError(f"model.text_dim={config.model.text_dim} but {config.data.name} holds {text['dim']}-wide "
-                     f"caption embeddings of {text['name']}")
-  with config.unlocked():
-    if stats is not None:
-      config.latent = ml_collections.ConfigDict(
-          dict(vae=meta["vae"]["path"], mean=tuple(stats["mean"]), std=tuple(stats["std"])))
-    if text:
-      config.text = ml_collections.ConfigDict(dict(encoder_dir=text["path"], max_length=int(text["max_length"])))
-
-
 def run_encode(args) -> str:
-  from diffusion_jax import distributed, encode
-  from diffusion_jax.data import sources
-  import jax
-
   try:
     builder = json.loads(args.builder)
   except json.JSONDecodeError as e:
@@ -193,9 +164,6 @@ def run_encode(args) -> str:
 
 def run_sample(args) -> str:
   """Class grids of a class-conditional pixel image model, else videos (or images) from prompts."""
-  from diffusion_jax import inference, sample as sample_lib
-  from diffusion_jax.train import dit_task
-
   gen = inference.load_generator(args.workdir)
   out = args.out or os.path.join(args.workdir, "samples")
   if not dit_task.samples_from_prompts(gen.config):
@@ -224,10 +192,6 @@ def main(argv=None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
 
   _skip_tpu_probe_without_tpu()
-  from diffusion_jax import checkpoint, config as config_lib, distributed
-  from diffusion_jax.train import loop
-
-  from diffusion_jax import export as export_lib
 
   user_errors = (config_lib.ConfigError, checkpoint.CheckpointMismatch, distributed.CoordinatorUnreachable,
                  loop.TrainingDiverged, FileNotFoundError, ValueError)
@@ -239,22 +203,16 @@ def main(argv=None) -> int:
     elif args.command == "encode":
       run_encode(args)
     elif args.command == "data-stats":
-      from diffusion_jax.data import stats
-
       result = stats.data_stats(_load(args.config, overrides), num_batches=args.num_batches, split=args.split)
       print(json.dumps(result, indent=1))
     elif args.command == "export":
       path = export_lib.export(args.workdir, args.out, step=args.step, dtype=args.dtype, safetensors=args.safetensors)
       print(f"exported {args.workdir} -> {path}", flush=True)
     elif args.command == "evaluate":
-      from diffusion_jax import evaluate
-
       scores = evaluate.evaluate(args.export, args.out, num_samples=args.num_samples, seed=args.seed,
                                  classifier=args.classifier, data_dir=args.data_dir)
       print(json.dumps({k: v for k, v in scores.items() if not isinstance(v, list)}, indent=1), flush=True)
     elif args.command == "quickstart":
-      from diffusion_jax import quickstart
-
       quickstart.run(args.workdir, scale=args.scale, num_samples=args.num_samples)
   except user_errors as e:
     if args.debug:

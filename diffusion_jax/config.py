@@ -1,4 +1,4 @@
-"""Config files, their argument strings, command-line overrides and validation.
+"""Config files, their argument strings and command-line overrides (validation: train.loop.validate).
 
 A config is a Python file with `get_config(arg)` returning an
 `ml_collections.ConfigDict` (big_vision's convention). It is named on the
@@ -66,9 +66,30 @@ def _convert(text: str, like, name: str):
   return text
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+RECIPES_DIRS = (
+    os.path.join(_PACKAGE_DIR, "configs"),  # an installed package (setup.py maps configs/ there)
+    os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"),  # a source checkout
+)
+
+
+def recipe_path(name: str) -> str:
+  """The path of a shipped recipe, e.g. recipe_path("video_dit.py"), installed or in a checkout."""
+  for folder in RECIPES_DIRS:
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  raise ConfigError(f"no recipe {name!r} in {' or '.join(RECIPES_DIRS)}")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'path/to/config.py[:arg]' by running its get_config(arg)."""
+  """Loads 'path/to/config.py[:arg]' by running its get_config(arg).
+
+  A path 'configs/NAME.py' that does not exist from here is the shipped recipe NAME.py, so the
+  README's commands run from any directory.
+  """
   path, _, arg = spec.partition(":")
+  if not os.path.isfile(path) and os.path.dirname(os.path.normpath(path)) == "configs":
+    path = recipe_path(os.path.basename(path))
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   module_spec = importlib.util.spec_from_file_location("diffusion_jax_user_config", path)
@@ -122,23 +143,6 @@ def _product(xs):
   for x in xs:
     out *= x
   return out
-
-
-def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:
-  """Checks everything that can be checked before compiling; raises ConfigError."""
-  from diffusion_jax.train.loop import TASKS  # the loop owns the task table
-
-  if config.task not in TASKS:
-    raise ConfigError(f"unknown task {config.task!r}; known: {sorted(TASKS)}")
-  shape = resolve_mesh_shape(config.mesh.shape, num_devices)
-  axes = dict(zip(config.mesh.axes, shape))
-  data_parallel = axes.get("data", 1) * axes.get("fsdp", 1)
-  batch = config.train.global_batch
-  if batch % data_parallel:
-    raise ConfigError(f"train.global_batch={batch} is not divisible by the data-parallel size {data_parallel} (mesh data x fsdp)")
-  if batch % process_count:
-    raise ConfigError(f"train.global_batch={batch} is not divisible by the {process_count} processes")
-  TASKS[config.task].validate(config)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -31,8 +31,11 @@ import socket
 import sys
 import time
 
+import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
+import orbax.checkpoint as ocp
 
 from diffusion_jax import config as config_lib
 
@@ -187,8 +190,6 @@ def code_version(package_dir: str = PACKAGE_DIR) -> str:
 
 def _allgather_text(text: str) -> list[str]:
   """Every process's `text` (ASCII, at most 64 chars), in process order."""
-  from jax.experimental import multihost_utils
-
   encoded = np.zeros(64, np.uint8)
   raw = text.encode("ascii")[:64]
   encoded[:len(raw)] = np.frombuffer(raw, np.uint8)
@@ -240,9 +241,6 @@ def resume_data_iterator(manager, step: int, data_iter) -> str:
   Skipping reads and packs those batches once, on every process (minutes for a
   long run on a large step).
   """
-  import grain
-  import orbax.checkpoint as ocp
-
   if saved_process_count(manager, step) == jax.process_count():
     manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
     return "restored"
@@ -262,7 +260,6 @@ def process_zero_first(fn, *args, **kwargs):
   """
   if jax.process_count() == 1:
     return fn(*args, **kwargs)
-  from jax.experimental import multihost_utils
 
   result = fn(*args, **kwargs) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("diffusion_jax.distributed.process_zero_first")

@@ -4,20 +4,8 @@ Latent diffusion (Rombach et al., 2022) trains on a frozen autoencoder's
 latents and a frozen text encoder's outputs; computing both once, here, keeps
 them out of the train step. `encode_dataset` reads one split of a prepared
 tfds dataset (diffusion_jax.data.sources) and writes an ArrayRecord tfds
-dataset (Tensor features, no TensorFlow), one example per source example:
-
-  id             int64                      the source example's id
-  label          int64                      the source example's label
-  caption        text (bytes when read)     the source caption
-  text           float16 [n_tokens, D]      the text encoder's last hidden states of the caption, its
-                                            n_tokens = text_length real tokens ([CLS] ... [SEP]), no padding
-  text_length    int32                      n_tokens (<= text_max_length)
-  source_shape   int32 [3]                  (frames, height, width) of the source clip, before any trim or crop
-with a VAE:
-  latent_mean    float32 [T', H', W', z]    posterior mean and log-variance of the trimmed, cropped clip
-  latent_logvar  float32 [T', H', W', z]
-without a VAE:
-  video          uint8 [T, H, W, C]         the source clip unchanged (a pixel dataset that carries text)
+dataset (Tensor features, no TensorFlow), one example per source example (the
+format: diffusion_jax.data.encoded).
 
 With a VAE the clip is first trimmed to 1 + 4k frames (its first 1 + 4*floor((T-1)/4)
 frames, the causal video VAE's 1 + 4k rule) and centre-cropped to height and width
@@ -47,56 +35,23 @@ import re
 import uuid
 
 from absl import logging
+from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_info, example_serializer, file_adapters, naming
+from tensorflow_datasets.core import splits as split_lib
 
-from diffusion_jax.data import sources
+from diffusion_jax import inference
+from diffusion_jax.data import encoded, sources
 from diffusion_jax.models import text as text_lib
 
-TEMPORAL_FACTOR = 4  # the causal video VAE keeps frame 0 and folds each next 4 frames into one
-FORMAT_VERSION = "1.0.0"
 PROGRESS_DIR = "_encode_progress"
-
-
-def trimmed_frames(frames: int) -> int:
-  """1 + 4*floor((T-1)/4): the longest 1 + 4k prefix of a T-frame clip."""
-  return 1 + TEMPORAL_FACTOR * ((frames - 1) // TEMPORAL_FACTOR)
-
-
-def trim_and_crop(video: np.ndarray, spatial_factor: int) -> np.ndarray:
-  """The first 1 + 4k frames of [T, H, W, C], centre-cropped to multiples of spatial_factor."""
-  frames, height, width = video.shape[:3]
-  out_h, out_w = height - height % spatial_factor, width - width % spatial_factor
-  if out_h == 0 or out_w == 0:
-    raise ValueError(f"a {height}x{width} clip is smaller than the VAE's spatial factor {spatial_factor}")
-  top, left = (height - out_h) // 2, (width - out_w) // 2
-  return video[:trimmed_frames(frames), top:top + out_h, left:left + out_w]
 
 
 def _load_vae(vae_path: str):
   """The VAE handle of inference.py: encode(video [B,T,H,W,C] in [-1,1]) -> (mean, logvar),
   spatial_factor, latent_channels, latent_stats, config_hash."""
-  from diffusion_jax import inference  # local: only the latent path needs the VAE
-
   return inference.load_vae(vae_path)
-
-
-def _features(text_dim: int, latent_channels: int | None) -> tfds.features.FeaturesDict:
-  features = {
-      "id": tfds.features.Scalar(dtype=np.int64),
-      "label": tfds.features.Scalar(dtype=np.int64),
-      "caption": tfds.features.Text(),
-      "text": tfds.features.Tensor(shape=(None, text_dim), dtype=np.float16, encoding="zlib"),
-      "text_length": tfds.features.Scalar(dtype=np.int32),
-      "source_shape": tfds.features.Tensor(shape=(3,), dtype=np.int32),
-  }
-  if latent_channels is None:
-    features["video"] = tfds.features.Tensor(shape=(None, None, None, None), dtype=np.uint8, encoding="zlib")
-  else:
-    for key in ("latent_mean", "latent_logvar"):
-      features[key] = tfds.features.Tensor(shape=(None, None, None, latent_channels), dtype=np.float32,
-                                           encoding="zlib")
-  return tfds.features.FeaturesDict(features)
 
 
 def _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, vae_path, vae) -> dict:
@@ -109,11 +64,11 @@ def _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, v
         "config_hash": str(vae.config_hash),
         "latent_stats": {k: [float(x) for x in np.ravel(v)] for k, v in dict(vae.latent_stats or {}).items()},
         "spatial_factor": int(vae.spatial_factor),
-        "temporal_factor": TEMPORAL_FACTOR,
+        "temporal_factor": encoded.TEMPORAL_FACTOR,
         "latent_channels": int(vae.latent_channels),
     }
   return {
-      "format_version": FORMAT_VERSION,
+      "format_version": encoded.FORMAT_VERSION,
       "content": "pixels" if vae is None else "latents",
       "source": {
           "name": source_name if builtin else os.path.abspath(source_name),
@@ -138,33 +93,12 @@ def _write_json_atomic(path: str, value) -> None:
   os.replace(tmp, path)
 
 
-def _read_json(path: str):
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
 def _shard_file(name: str, split: str, index: int, count: int) -> str:
   return f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
 
 
 def _marker_file(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.done.json"
-
-
-def complete_splits(path: str) -> list[str]:
-  """Splits of the dataset at `path` that are readable (listed in its dataset_info.json)."""
-  info_path = os.path.join(path, "dataset_info.json")
-  if not os.path.isfile(info_path):
-    return []
-  return sorted(s["name"] for s in _read_json(info_path).get("splits", []))
-
-
-def encoded_metadata(path: str) -> dict:
-  """The dataset-level metadata of an encoded dataset (metadata.json; see the module docstring)."""
-  meta_path = os.path.join(path, "metadata.json")
-  if not os.path.isfile(meta_path):
-    raise ValueError(f"{path} is not a finished encoded dataset (no metadata.json)")
-  return _read_json(meta_path)
 
 
 class CaptionMemo:
@@ -220,7 +154,7 @@ def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0, p
       row["video"] = video
     return out
   factor = int(vae.spatial_factor)
-  clips = [trim_and_crop(video, math.lcm(factor, crop_multiple or 1)) for video in videos]
+  clips = [encoded.trim_and_crop(video, math.lcm(factor, crop_multiple or 1)) for video in videos]
   by_shape = {}
   for i, clip in enumerate(clips):
     by_shape.setdefault(clip.shape, []).append(i)
@@ -232,7 +166,7 @@ def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0, p
     # not once per group size a batch happens to hold.
     padded = 1 << (len(members) - 1).bit_length()
     batch = np.concatenate([batch, np.zeros((padded - len(members),) + batch.shape[1:], batch.dtype)])
-    latent_frames = 1 + (shape[0] - 1) // TEMPORAL_FACTOR
+    latent_frames = 1 + (shape[0] - 1) // encoded.TEMPORAL_FACTOR
     mean, logvar = (np.asarray(a, np.float32)[:len(members), :latent_frames] for a in vae.encode(batch))
     expected = (len(members), latent_frames, shape[1] // factor, shape[2] // factor,
                 int(vae.latent_channels))
@@ -247,9 +181,6 @@ def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0, p
 def _write_shard(path, source, indices, features, encoder, text_max_length, vae, batch_size, crop_multiple=0,
                  pad_frames=0) -> int:
   """Encodes source[indices] into one ArrayRecord file at `path` (via a temporary name); its size in bytes."""
-  from array_record.python import array_record_module
-  from tensorflow_datasets.core import example_serializer
-
   serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
   # the temporary file lives in the progress folder, so a killed run leaves nothing shard-like behind
   tmp = os.path.join(os.path.dirname(path), PROGRESS_DIR, f"{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
@@ -283,7 +214,7 @@ def _finished_splits(progress_dir: str) -> dict:
     if len(markers) == count:
       newest = max(os.path.getmtime(p) for p in markers.values())
       if split not in finished or newest > finished[split][0]:
-        finished[split] = (newest, count, [_read_json(markers[i]) for i in range(count)])
+        finished[split] = (newest, count, [encoded.read_json(markers[i]) for i in range(count)])
   return {split: value[1:] for split, value in finished.items()}
 
 
@@ -292,9 +223,6 @@ def _finalize(out_dir: str, settings: dict, features) -> list[str]:
 
   Idempotent, and written file by file with atomic renames, dataset_info.json last.
   """
-  from tensorflow_datasets.core import dataset_info, file_adapters, naming
-  from tensorflow_datasets.core import splits as split_lib
-
   name = _dataset_name(settings)
   progress_dir = os.path.join(out_dir, PROGRESS_DIR)
   finished = _finished_splits(progress_dir)
@@ -313,7 +241,7 @@ def _finalize(out_dir: str, settings: dict, features) -> list[str]:
               "process_count": count}
       for split, (count, markers) in finished.items()})
   identity = dataset_info.DatasetIdentity(
-      name=name, version=tfds.core.Version(FORMAT_VERSION), data_dir=out_dir, module_name="")
+      name=name, version=tfds.core.Version(encoded.FORMAT_VERSION), data_dir=out_dir, module_name="")
   info = dataset_info.DatasetInfo(
       builder=identity, features=features, metadata=tfds.core.MetadataDict(metadata),
       description=f"{settings['content']} and {settings['text_encoder']['name']} caption embeddings of "
@@ -358,8 +286,8 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
     raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if pad_frames and (pad_frames < 1 or (pad_frames - 1) % TEMPORAL_FACTOR):
-    raise ValueError(f"pad_frames must be 1 + {TEMPORAL_FACTOR}k frames (or 0 for no padding), got {pad_frames}")
+  if pad_frames and (pad_frames < 1 or (pad_frames - 1) % encoded.TEMPORAL_FACTOR):
+    raise ValueError(f"pad_frames must be 1 + {encoded.TEMPORAL_FACTOR}k frames (or 0 for no padding), got {pad_frames}")
   if not out_dir:
     raise ValueError("out_dir must name the directory of the encoded dataset")
   builder_kwargs = dict(builder_kwargs or {})
@@ -367,24 +295,24 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
   source = sources.open_source(source_name, split, data_dir, **builder_kwargs)
   encoder = text_lib.load_text_encoder(text_encoder_dir)
   vae = _load_vae(vae_path) if vae_path else None
-  if pad_frames and vae is not None and int(vae.temporal_factor) != TEMPORAL_FACTOR:
-    raise ValueError(f"pad_frames needs a causal video VAE (temporal factor {TEMPORAL_FACTOR}); {vae_path} has "
+  if pad_frames and vae is not None and int(vae.temporal_factor) != encoded.TEMPORAL_FACTOR:
+    raise ValueError(f"pad_frames needs a causal video VAE (temporal factor {encoded.TEMPORAL_FACTOR}); {vae_path} has "
                      f"temporal factor {vae.temporal_factor}")
   settings = _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, vae_path, vae)
-  features = _features(encoder.dim, None if vae is None else int(vae.latent_channels))
+  features = encoded.features(encoder.dim, None if vae is None else int(vae.latent_channels))
 
   progress_dir = os.path.join(out_dir, PROGRESS_DIR)
   os.makedirs(progress_dir, exist_ok=True)
   settings_path = os.path.join(progress_dir, "settings.json")
   if not os.path.isfile(settings_path):
     _write_json_atomic(settings_path, settings)
-  stored = _read_json(settings_path)
+  stored = encoded.read_json(settings_path)
   if stored != json.loads(json.dumps(settings)):
     changed = sorted(k for k in settings if stored.get(k) != json.loads(json.dumps(settings[k])))
     raise ValueError(f"{out_dir} holds a dataset encoded with other settings ({', '.join(changed)} differ); "
                      "use another out_dir or delete this one")
 
-  if split in complete_splits(out_dir):
+  if split in encoded.complete_splits(out_dir):
     logging.info("encode: split %s of %s is complete; nothing to do", split, out_dir)
     return out_dir
   name = _dataset_name(settings)

@@ -34,11 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from safetensors import numpy as safetensors_numpy
 
 from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
+from diffusion_jax.train import loop
 
 FORMAT_VERSION = 1
 INFO_FILE = "export.json"
@@ -116,8 +118,6 @@ def _restore_mesh(config):
 def _restore_target(config, mesh, dtype=None):
   """Abstract params of the config's model (eval_shape of its init: no optimizer, nothing allocated),
   each carrying its sharding: whole on the first local device (mesh None) or split by the logical rules."""
-  from diffusion_jax.train import loop  # the task table; keep this module light
-
   task = loop.TASKS[config.task]
   model = task.build_model(config)
   init = lambda rng: task.init_params(model, config, rng)
@@ -237,9 +237,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
     checkpointer.wait_until_finished()
     checkpointer.close()
     if safetensors:
-      import safetensors.numpy  # pylint: disable=g-import-not-at-top
-
-      safetensors.numpy.save_file({k: np.asarray(v) for k, v in flatten_params(params).items()},
+      safetensors_numpy.save_file({k: np.asarray(v) for k, v in flatten_params(params).items()},
                                   os.path.join(staging, SAFETENSORS_FILE))
 
     exported_config = ml_collections.ConfigDict(config.to_dict())
@@ -249,8 +247,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
         step=int(step),
         workdir=os.path.abspath(workdir),
         config_hash=training_config_hash,
-        dataset=dict(name=config.data.get("name", ""), split=config.data.get("split", ""),
-                     eval_split=config.data.get("eval_split", "")),
+        dataset=dict(name=config.data.name, split=config.data.split, eval_split=config.data.eval_split),
         code_version=code_version(),
         param_count=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params))),
         dtype=dtype,
@@ -353,8 +350,6 @@ def _compare_trees(expected: dict, saved: dict, path: str) -> None:
 
 def _export_config(path: str, info: dict):
   """config.json of an export, checked against export.json and the task table."""
-  from diffusion_jax.train import loop  # the task table
-
   try:
     with open(os.path.join(path, CONFIG_FILE)) as f:
       config = config_lib.from_json(f.read())

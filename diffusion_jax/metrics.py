@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter  # pure Python, no TensorFlow
 
 # Dense bf16 peak FLOP/s per chip (vendor figures), matched against
 # jax.Device.device_kind in order: the first key found in the lowercase kind wins.
@@ -41,8 +42,6 @@ class MetricWriter:
     self._jsonl = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # pure Python, no TensorFlow
-
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 

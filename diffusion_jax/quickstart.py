@@ -21,24 +21,25 @@ the command resumes or skips what is finished):
 """
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 
-from diffusion_jax import media
+from diffusion_jax import checkpoint, encode, evaluate, export, inference, media
+from diffusion_jax import config as config_lib
+from diffusion_jax.data import encoded, pipeline, sources
+from diffusion_jax.train import loop
 
 # One digit per clip keeps a prompt's digit unambiguous for the classifier's check; digits half to
 # 70% of the canvas side (the dataset's default is 30-55%) span 3-7 latent pixels of the x4 VAE.
 QUICKSTART_DATA = dict(min_side=24, max_side=40, max_digits=1, durations=(1, 5, 9), digit_scale=(0.5, 0.7),
                        train_examples=3000, validation_examples=200)
 SHEET_ROWS = 12  # prompts on the report's contact sheet
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def _config(name: str, arg: str, **overrides):
-  from diffusion_jax import config as config_lib
-
-  config = config_lib.load_config(os.path.join(REPO_CONFIGS, name) + ":" + arg)
+  config = config_lib.load_config(config_lib.recipe_path(name) + ":" + arg)
   with config.unlocked():
     for path, value in overrides.items():
       section, field = path.split(".")
@@ -49,17 +50,12 @@ def _config(name: str, arg: str, **overrides):
 def _steps(config, scale: float) -> None:
   config.train.steps = max(10, int(round(config.train.steps * scale)))
   for key in ("ckpt_every", "eval_every"):
-    if config.train.get(key, 0):
+    if config.train[key]:
       config.train[key] = min(config.train[key], config.train.steps)
 
 
 def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   """Runs every stage into workdir; returns the report's path."""
-  from diffusion_jax import __main__ as cli
-  from diffusion_jax import encode, evaluate, export, inference
-  from diffusion_jax.data import pipeline, sources
-  from diffusion_jax.train import loop
-
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   times = {}
@@ -100,7 +96,7 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   stage("dit")
   dit_config = _config("video_dit.py", f"quickstart,data={latents},channels={channels}")
   _steps(dit_config, scale)
-  cli.record_conditioners(dit_config)
+  encoded.record_conditioners(dit_config)
   loop.train(dit_config, os.path.join(workdir, "dit"))
   done("dit")
 
@@ -128,8 +124,6 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
 
 def _fresh_export(export, workdir: str, out_dir: str) -> str:
   """An export of the newest step, rewritten when the run has moved on since the last one."""
-  import shutil
-
   if os.path.isdir(out_dir):
     try:
       if export.load_info(out_dir)["step"] == _latest_step(workdir):
@@ -141,8 +135,6 @@ def _fresh_export(export, workdir: str, out_dir: str) -> str:
 
 
 def _latest_step(workdir: str) -> int:
-  from diffusion_jax import checkpoint
-
   manager = checkpoint.make_manager(workdir, keep=1, create=False)
   step = manager.latest_step()
   manager.close()

@@ -65,12 +65,13 @@ import json
 import os
 import time
 
+import imageio.v3 as iio
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import inference, media, sharding
-from diffusion_jax.data import packing
+from diffusion_jax import inference, media, patches, sharding
+from diffusion_jax.data import packing, sources
 from diffusion_jax.train import dit_task
 
 MODES = ("t2v", "i2v", "extend", "extend-backward", "interpolate", "join", "sdedit", "long")
@@ -140,15 +141,11 @@ def model_prompt(request: Request) -> str:
   """The text the model is conditioned on: the prompt, or its dense expansion with `expand`."""
   if not request.expand:
     return request.prompt
-  from diffusion_jax.data import sources
-
   return sources.expand_caption(request.prompt, frames=request.frames)
 
 
 def read_media(path: str, channels: int) -> np.ndarray:
   """uint8 [T, H, W, C] from an image or a video file; a clear error naming the file otherwise."""
-  import imageio.v3 as iio
-
   if not os.path.isfile(path):
     raise FileNotFoundError(f"input {path} does not exist")
   if path.endswith(".npz"):
@@ -197,7 +194,7 @@ def _tokens_per_unit(gen: inference.Generator, height: int, width: int) -> int:
 
 def planned_shape(gen: inference.Generator, request: Request) -> tuple[int, int, int]:
   """(frames, height, width) in pixels that the model makes for a request (the rounding rule above)."""
-  if "image_size" in gen.config.data:  # a fixed-size image model (the U-Net): one size only
+  if gen.config.data.fixed_size:  # a fixed-size image model (e.g. the U-Net): one size only
     side = int(gen.config.data.image_size) * gen.spatial_factor
     return 1, side, side
   pt, ph, pw = gen.config.data.patch
@@ -253,8 +250,6 @@ def _hold_to(frames: np.ndarray, count: int, at_end: bool) -> np.ndarray:
 
 def _fit_input(frames: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
   """The input resized to (height, width) (bilinear) with its frame count unchanged."""
-  from diffusion_jax.data import sources
-
   t, h, w = shape
   resized = sources.resize_frames(frames.astype(np.float32), h, w)
   return np.clip(np.round(resized), 0, 255).astype(np.uint8)
@@ -357,7 +352,7 @@ def conditioned_clip(gen: inference.Generator, request: Request, index: int, sha
 
 def _example_of(gen: inference.Generator, given: np.ndarray, cond: np.ndarray, index: int) -> dict:
   patch = tuple(gen.config.data.patch)
-  tokens, positions, grid = packing.patchify(given, patch)
+  tokens, positions, grid = patches.patchify(given, patch)
   return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32), cond_mask=cond[positions[:, 0] * patch[0]],
               id=index, label=int(gen.config.model.get("num_classes", 0)))
 
@@ -538,7 +533,7 @@ def _sample_rows(gen: inference.Generator, rows: list[dict], run, *, rows_per_ca
         if example_id < 0:
           continue
         mask = row["segment_ids"] == k + 1
-        samples[int(example_id)] = np.asarray(packing.unpatchify(
+        samples[int(example_id)] = np.asarray(patches.unpatchify(
             tokens[mask], tuple(row["grid"][k]), tuple(gen.config.data.patch), int(gen.config.data.channels)))
   return samples
 
@@ -597,7 +592,7 @@ def class_rows(gen: inference.Generator, labels) -> list[dict]:
   data = gen.config.data
   side = int(data.image_size)
   blank = np.zeros((1, side, side, int(data.channels)), np.float32)
-  tokens, positions, grid = packing.patchify(blank, tuple(data.patch))
+  tokens, positions, grid = patches.patchify(blank, tuple(data.patch))
   examples = [dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32), id=i, label=int(label))
               for i, label in enumerate(labels)]
   return packing.pack_examples(examples, int(data.tokens_per_row), int(data.examples_per_row))

@@ -94,7 +94,7 @@ def lower_train_step(config, devices):
   from diffusion_jax import sharding
   from diffusion_jax.train import loop
 
-  config_lib.validate(config, num_devices=len(devices),
+  loop.validate(config, num_devices=len(devices),
                       process_count=len({d.process_index for d in devices}))
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.mesh)

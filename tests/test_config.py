@@ -4,6 +4,8 @@ import os
 import pytest
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import config_defaults
+from diffusion_jax.train import loop
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "dit_image.py")
 
@@ -55,7 +57,7 @@ def test_validation_errors(override, message):
   config = config_lib.load_config(CONFIG + ":smoke")
   config_lib.apply_overrides(config, [override])
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(config, num_devices=8)
+    loop.validate(config, num_devices=8)
 
 
 def test_mesh_shape_resolution():
@@ -70,3 +72,33 @@ def test_json_round_trip_keeps_values():
   again = config_lib.from_json(config_lib.to_json(config))
   assert config_lib.to_json(again) == config_lib.to_json(config)
   assert config_lib.config_hash(again) == config_lib.config_hash(config)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.image_size=0"], "data.fixed_size needs data.image_size >= 1"),
+    (["data.fixed_size=False", "model.family=unet"], "model.family='unet' needs data.fixed_size=True"),
+])
+def test_fixed_size_is_an_explicit_field(overrides, message):
+  """data.fixed_size, not the presence of data.image_size, says an image model has one size."""
+  config = config_lib.load_config(CONFIG + ":smoke")
+  config_lib.apply_overrides(config, overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    loop.validate(config, num_devices=8)
+
+
+def test_shipped_recipes_load_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = config_lib.load_config("configs/dit_image.py:smoke")
+  assert config_lib.to_json(config) == config_lib.to_json(config_lib.load_config(CONFIG + ":smoke"))
+  with pytest.raises(config_lib.ConfigError, match="no recipe 'nowhere.py'"):
+    config_lib.load_config("configs/nowhere.py")
+
+
+def test_recipes_share_one_rule_table():
+  """Each recipe's logical-axis rules are config_defaults.LOGICAL_RULES (the VAE keeps its channels whole)."""
+  for name, arg in [("dit_image.py", "smoke"), ("video_dit.py", "smoke"), ("ddpm_digits.py", "smoke"),
+                    ("classifier_digits.py", "smoke")]:
+    rules = tuple(config_lib.load_config(config_lib.recipe_path(name) + ":" + arg).mesh.rules)
+    assert rules == config_defaults.LOGICAL_RULES, name
+  vae_rules = dict(config_lib.load_config(config_lib.recipe_path("vae_video.py") + ":smoke").mesh.rules)
+  assert vae_rules["channels"] is None and vae_rules["batch"] == ("data", "fsdp")

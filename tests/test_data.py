@@ -10,6 +10,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import patches
 from diffusion_jax.data import packing, pipeline, sources
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "dit_image.py")
@@ -128,7 +129,7 @@ def test_pipeline_batches_meet_the_contract(data_dir, tokens_per_row, examples_p
   source = sources.open_source("digits_canvas", "validation", data_dir, image_size=16)
   stored = {int(ex["id"]): i for i, ex in enumerate(source.__getitems__(range(len(source))))}
   part = packing.split_row({k: v[0] for k, v in batch.items()})[0]
-  image = packing.unpatchify(part["patches"], part["grid"], (1, 2, 2), 3)
+  image = patches.unpatchify(part["patches"], part["grid"], (1, 2, 2), 3)
   original = source[stored[part["id"]]]
   np.testing.assert_allclose(image, original["video"] / 127.5 - 1.0, atol=1e-6)
   assert part["label"] == original["label"] and part["caption"] == original["caption"].decode()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import patches
 from diffusion_jax.data import packing, pipeline, sources, stats
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "dit_image.py")
@@ -150,14 +151,14 @@ def test_too_large_example_is_resized_to_fit_not_dropped():
   frames, height, width = np.asarray(out["grid"]) * (1, 4, 4)
   assert out["patches"].shape[0] == np.prod(out["grid"]) <= 256 and frames == 33
   assert (height, width) == (8, 12)  # 33 frames x 2 x 3 patches = 198 tokens <= 256; 2x3 keeps 2:3
-  clip = packing.unpatchify(out["patches"], out["grid"], (1, 4, 4), 3)
+  clip = patches.unpatchify(out["patches"], out["grid"], (1, 4, 4), 3)
   np.testing.assert_allclose(clip[:, :3], 1.0, atol=1e-5)  # the filter blurs only the edge rows
   np.testing.assert_allclose(clip[:, 5:], -1.0, atol=1e-5)
   np.testing.assert_allclose(clip.mean(), 0.0, atol=1e-5)  # half white, half black still
   # A clip that fits keeps its pixels exactly (a temporal crop of 1 + 4k frames, centre-cropped sides).
   small = rng.integers(0, 256, size=(7, 18, 21, 3), dtype=np.uint8)
   out = prepare.random_map(_element(small), np.random.default_rng(1))
-  clip = packing.unpatchify(out["patches"], out["grid"], (1, 4, 4), 3)
+  clip = patches.unpatchify(out["patches"], out["grid"], (1, 4, 4), 3)
   assert clip.shape == (5, 16, 20, 3)
   starts = [s for s in range(3) if np.allclose(clip, small[s:s + 5, 1:17, 0:20] / 127.5 - 1, atol=1e-6)]
   assert len(starts) == 1

@@ -473,10 +473,11 @@ def test_flow_euler_recovers_point_mass(shift):
     return (x_t - x_star) / jnp.maximum(t, 1e-6)[..., None]
 
   noise = jax.random.normal(k[2], (B, L, P))
-  out = jax.jit(lambda n: samplers.flow_euler_sample(velocity, n, num_steps=4, shift=shift,
-                                                     keep_mask=keep_mask, keep_x0=keep_x0))(noise)
+  times = samplers.flow_time_grid(4, jnp.ones((B, L)), shift)  # the Euler sampler of flow_sample
+  out = jax.jit(lambda n: samplers.flow_sample(velocity, n, times, method="euler",
+                                               keep_mask=keep_mask, keep_x0=keep_x0))(noise)
   keep = np.asarray(keep_mask)
   np.testing.assert_array_equal(np.asarray(out)[keep], np.asarray(keep_x0)[keep])
   np.testing.assert_allclose(np.asarray(out)[~keep], np.asarray(x_star)[~keep], atol=1e-5)
   with pytest.raises(ValueError, match="together"):
-    samplers.flow_euler_sample(velocity, noise, num_steps=2, keep_mask=keep_mask)
+    samplers.flow_sample(velocity, noise, samplers.flow_time_grid(2, jnp.ones((B, L))), keep_mask=keep_mask)

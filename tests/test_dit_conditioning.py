@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import patches
 from diffusion_jax.data import packing
 from diffusion_jax.models import dit
 
@@ -31,7 +32,7 @@ def _rows(grids, *, length, k, lt, seed=0):
   """One or more packed rows of examples of the given (T', H', W') grids, with captions and padding."""
   rng = np.random.default_rng(seed)
   examples = [dict(patches=rng.normal(size=(int(np.prod(g)), PATCH_DIM)).astype(np.float32),
-                   positions=packing.grid_positions(g), grid=np.asarray(g, np.int32), id=i, label=i % 5,
+                   positions=patches.grid_positions(g), grid=np.asarray(g, np.int32), id=i, label=i % 5,
                    caption=f"example {i}", text=rng.normal(size=(2 + i % 3, TEXT_DIM)).astype(np.float32))
               for i, g in enumerate(grids)]
   rows = packing.pack_examples(examples, length, k, text_tokens_per_row=lt)

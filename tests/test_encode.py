@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import encode
+from diffusion_jax.data import encoded as encoded_lib
 from diffusion_jax.data import sources
 from diffusion_jax.models import text
 
@@ -71,13 +72,13 @@ def _check_text(rows, encoder, max_length):
 
 
 def test_trim_and_crop_rule():
-  assert [encode.trimmed_frames(t) for t in (1, 2, 4, 5, 6, 8, 9, 33, 34)] == [1, 1, 1, 5, 5, 5, 9, 33, 33]
+  assert [encoded_lib.trimmed_frames(t) for t in (1, 2, 4, 5, 6, 8, 9, 33, 34)] == [1, 1, 1, 5, 5, 5, 9, 33, 33]
   video = np.arange(6 * 19 * 17, dtype=np.int64).reshape(6, 19, 17, 1)
-  out = encode.trim_and_crop(video, 8)
+  out = encoded_lib.trim_and_crop(video, 8)
   assert out.shape == (5, 16, 16, 1)
   np.testing.assert_array_equal(out, video[:5, 1:17, 0:16])  # centre: (19-16)//2 = 1, (17-16)//2 = 0
   with pytest.raises(ValueError, match="smaller than the VAE's spatial factor 8"):
-    encode.trim_and_crop(video[:, :7], 8)
+    encoded_lib.trim_and_crop(video[:, :7], 8)
 
 
 def test_caption_memo_encodes_each_caption_once(encoder):
@@ -119,7 +120,7 @@ def test_pixels_with_text(digits_dir, encoder, tmp_path):
   assert max(r["text_length"] for r in rows) == 12  # some captions are cut at text_max_length
   _check_text(rows, encoder, 12)
 
-  meta = encode.encoded_metadata(out)
+  meta = encoded_lib.encoded_metadata(out)
   assert meta["vae"] is None and meta["content"] == "pixels"
   assert meta["text_encoder"]["name"] == "all-MiniLM-L6-v2" and meta["text_encoder"]["dim"] == 384
   assert meta["text_encoder"]["max_length"] == 12
@@ -140,11 +141,11 @@ def test_latents_two_processes_and_rerun_skips(digits_dir, encoder, tmp_path, mo
   kwargs = dict(vae_path="fake/vae", builder_kwargs=BUILD, process_count=2, batch_size=8)
   encode.encode_dataset("moving_digits", "train", digits_dir, out, process_index=1, **kwargs)
   # one shard of two: written, but not a readable split yet
-  assert encode.complete_splits(out) == [] and not os.path.exists(os.path.join(out, "dataset_info.json"))
+  assert encoded_lib.complete_splits(out) == [] and not os.path.exists(os.path.join(out, "dataset_info.json"))
   with pytest.raises(ValueError, match="not a prepared tfds dataset"):
     sources.open_source(out, "train")
   encode.encode_dataset("moving_digits", "train", digits_dir, out, process_index=0, **kwargs)
-  assert encode.complete_splits(out) == ["train"]
+  assert encoded_lib.complete_splits(out) == ["train"]
   assert max(vae.batch_sizes) > 1  # equal shapes went through the VAE together
 
   encoded = sources.open_source(out, "train")
@@ -171,7 +172,7 @@ def test_latents_two_processes_and_rerun_skips(digits_dir, encoder, tmp_path, mo
   assert 6 in frames_seen  # the 1 + 4k trim was exercised
   _check_text(rows, encoder, 32)
 
-  meta = encode.encoded_metadata(out)
+  meta = encoded_lib.encoded_metadata(out)
   assert meta["content"] == "latents" and meta["vae"]["config_hash"] == "fake0123"
   assert meta["vae"]["latent_stats"] == FakeVAE.latent_stats and meta["vae"]["spatial_factor"] == 4
   assert meta["vae"]["path"] == os.path.abspath("fake/vae")
@@ -185,7 +186,7 @@ def test_latents_two_processes_and_rerun_skips(digits_dir, encoder, tmp_path, mo
   encode.encode_dataset("moving_digits", "train", digits_dir, out, process_index=1, **kwargs)
   os.remove(os.path.join(out, "dataset_info.json"))  # as if the finishing process died before the metadata
   encode.encode_dataset("moving_digits", "train", digits_dir, out, process_index=1, **kwargs)
-  assert encode.complete_splits(out) == ["train"]  # the rerun skipped the shard and finished the split
+  assert encoded_lib.complete_splits(out) == ["train"]  # the rerun skipped the shard and finished the split
   assert len(sources.open_source(out, "train")) == 10
 
 
@@ -205,7 +206,7 @@ def test_interrupted_run_is_not_readable(digits_dir, tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     encode.encode_dataset("moving_digits", "train", digits_dir, out, builder_kwargs=BUILD, batch_size=4)
   # the finished split is still readable, the interrupted one is not, and no shard file is left
-  assert encode.complete_splits(out) == ["validation"] and len(sources.open_source(out, "validation")) == 3
+  assert encoded_lib.complete_splits(out) == ["validation"] and len(sources.open_source(out, "validation")) == 3
   with pytest.raises(ValueError, match="split 'train' not found"):
     sources.open_source(out, "train")
   assert not [f for f in os.listdir(out) if "-train." in f]
@@ -215,9 +216,9 @@ def test_interrupted_run_is_not_readable(digits_dir, tmp_path, monkeypatch):
   # an unfinished run with another process count leaves a shard; the run that finishes the split removes it
   encode.encode_dataset("moving_digits", "train", digits_dir, out, builder_kwargs=BUILD, process_index=1,
                         process_count=2)
-  assert encode.complete_splits(out) == ["validation"]
+  assert encoded_lib.complete_splits(out) == ["validation"]
   encode.encode_dataset("moving_digits", "train", digits_dir, out, builder_kwargs=BUILD, batch_size=4)
-  assert encode.complete_splits(out) == ["train", "validation"]
+  assert encoded_lib.complete_splits(out) == ["train", "validation"]
   assert [f for f in os.listdir(out) if "-train." in f] == ["moving_digits_pixels-train.array_record-00000-of-00001"]
   assert not [f for f in os.listdir(os.path.join(out, encode.PROGRESS_DIR)) if "-of-00002" in f]
   assert len(sources.open_source(out, "train")) == 10

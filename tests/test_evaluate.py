@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import eval_metrics
 from diffusion_jax import evaluate as evaluate_lib
 from diffusion_jax import export as export_lib
 from diffusion_jax import inference
@@ -25,7 +26,7 @@ def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
   mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
   sd1, sd2 = np.array([1.0, 2.0, 0.5]), np.array([3.0, 0.5, 0.5])
   expected = np.sum((mu1 - mu2) ** 2) + np.sum((sd1 - sd2) ** 2)  # W2 of commuting Gaussians
-  got = evaluate_lib.frechet_distance_from_stats(mu1, np.diag(sd1 ** 2), mu2, np.diag(sd2 ** 2))
+  got = eval_metrics.frechet_distance_from_stats(mu1, np.diag(sd1 ** 2), mu2, np.diag(sd2 ** 2))
   np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
@@ -35,8 +36,8 @@ def test_frechet_distance_of_non_commuting_covariances():
   cov1, cov2 = a @ a.T + 0.1 * np.eye(4), b @ b.T + 0.1 * np.eye(4)
   mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
   reference = np.sum((mu1 - mu2) ** 2) + np.trace(cov1 + cov2 - 2 * np.real(scipy.linalg.sqrtm(cov1 @ cov2)))
-  np.testing.assert_allclose(evaluate_lib.frechet_distance_from_stats(mu1, cov1, mu2, cov2), reference, rtol=1e-8)
-  assert evaluate_lib.frechet_distance_from_stats(mu1, cov1, mu1, cov1) < 1e-9
+  np.testing.assert_allclose(eval_metrics.frechet_distance_from_stats(mu1, cov1, mu2, cov2), reference, rtol=1e-8)
+  assert eval_metrics.frechet_distance_from_stats(mu1, cov1, mu1, cov1) < 1e-9
 
 
 def test_frechet_distance_of_samples_approaches_the_gaussians():
@@ -44,9 +45,9 @@ def test_frechet_distance_of_samples_approaches_the_gaussians():
   a = rng.normal([0.0, 0.0], [1.0, 1.0], size=(20000, 2))
   b = rng.normal([2.0, 0.0], [1.0, 3.0], size=(20000, 2))
   expected = 4.0 + (3.0 - 1.0) ** 2
-  np.testing.assert_allclose(evaluate_lib.frechet_distance(a, b), expected, rtol=0.03)
-  assert evaluate_lib.frechet_distance(a, a) < 1e-9
-  assert evaluate_lib.frechet_distance(a, rng.normal(size=(20000, 2))) < 0.01
+  np.testing.assert_allclose(eval_metrics.frechet_distance(a, b), expected, rtol=0.03)
+  assert eval_metrics.frechet_distance(a, a) < 1e-9
+  assert eval_metrics.frechet_distance(a, rng.normal(size=(20000, 2))) < 0.01
 
 
 # --------------------------------------------------------------------------- KID
@@ -67,23 +68,23 @@ def test_mmd_of_one_dimensional_gaussians_is_the_closed_form():
   draws = [(np.random.default_rng(seed).normal(p, sd, size=(2000, 1)),
             np.random.default_rng(100 + seed).normal(q, sd, size=(2000, 1))) for seed in range(4)]
   # Unbiased: the mean of independent estimates converges to the closed form.
-  np.testing.assert_allclose(np.mean([evaluate_lib.mmd2_unbiased(a, b) for a, b in draws]), expected, rtol=0.04)
-  kid, kid_std = evaluate_lib.kernel_inception_distance(*draws[0], num_subsets=20, subset_size=1000, seed=0)
+  np.testing.assert_allclose(np.mean([eval_metrics.mmd2_unbiased(a, b) for a, b in draws]), expected, rtol=0.04)
+  kid, kid_std = eval_metrics.kernel_inception_distance(*draws[0], num_subsets=20, subset_size=1000, seed=0)
   np.testing.assert_allclose(kid, expected, rtol=0.08)
   assert kid_std > 0
-  same = evaluate_lib.mmd2_unbiased(draws[0][0], draws[1][0])
+  same = eval_metrics.mmd2_unbiased(draws[0][0], draws[1][0])
   assert abs(same) < 0.02 * expected
 
 
 def test_kid_of_one_distribution_is_about_zero_and_seeded():
   rng = np.random.default_rng(3)
   a, b = rng.normal(size=(500, 8)), rng.normal(size=(500, 8))
-  kid, _ = evaluate_lib.kernel_inception_distance(a, b, num_subsets=20, subset_size=200, seed=0)
-  far, _ = evaluate_lib.kernel_inception_distance(a, b + 1.0, num_subsets=20, subset_size=200, seed=0)
+  kid, _ = eval_metrics.kernel_inception_distance(a, b, num_subsets=20, subset_size=200, seed=0)
+  far, _ = eval_metrics.kernel_inception_distance(a, b + 1.0, num_subsets=20, subset_size=200, seed=0)
   assert abs(kid) < 0.02 < far
-  assert evaluate_lib.kernel_inception_distance(a, b, num_subsets=5, subset_size=100, seed=7) == \
-      evaluate_lib.kernel_inception_distance(a, b, num_subsets=5, subset_size=100, seed=7)
-  identical = evaluate_lib.mmd2_unbiased(a, a)  # only the diagonal terms differ: O(1/n)
+  assert eval_metrics.kernel_inception_distance(a, b, num_subsets=5, subset_size=100, seed=7) == \
+      eval_metrics.kernel_inception_distance(a, b, num_subsets=5, subset_size=100, seed=7)
+  identical = eval_metrics.mmd2_unbiased(a, a)  # only the diagonal terms differ: O(1/n)
   assert abs(identical) < 0.05
 
 
@@ -102,20 +103,20 @@ def _moving_square(dx, dy, frames=9, size=40, side=6):
 @pytest.mark.parametrize("dx, dy, direction", [(2.0, 0.0, "right"), (-1.5, 0.0, "left"), (0.0, -1.0, "up"),
                                                (1.0, 1.0, "down-right"), (0.0, 0.0, "still")])
 def test_motion_direction_of_a_moving_square(dx, dy, direction):
-  got_dx, got_dy = evaluate_lib.motion_direction(_moving_square(dx, dy))
+  got_dx, got_dy = eval_metrics.motion_direction(_moving_square(dx, dy))
   np.testing.assert_allclose([got_dx, got_dy], [dx, dy], atol=0.1)
-  assert evaluate_lib.direction_agrees(direction, got_dx, got_dy)
+  assert eval_metrics.direction_agrees(direction, got_dx, got_dy)
   others = [d for d in ("right", "left", "up", "down", "down-right", "up-left", "still") if d != direction]
-  assert not any(evaluate_lib.direction_agrees(d, got_dx, got_dy) for d in others)
+  assert not any(eval_metrics.direction_agrees(d, got_dx, got_dy) for d in others)
 
 
 def test_motion_direction_without_foreground_and_bad_direction():
   blank = np.zeros((5, 8, 8, 3), np.uint8)
-  dx, dy = evaluate_lib.motion_direction(blank)
+  dx, dy = eval_metrics.motion_direction(blank)
   assert np.isnan(dx) and np.isnan(dy)
-  assert not evaluate_lib.direction_agrees("still", dx, dy)
+  assert not eval_metrics.direction_agrees("still", dx, dy)
   with pytest.raises(ValueError, match="unknown direction 'sideways'"):
-    evaluate_lib.direction_agrees("sideways", 1.0, 0.0)
+    eval_metrics.direction_agrees("sideways", 1.0, 0.0)
 
 
 def test_video_samples_become_gifs(tmp_path):
@@ -236,7 +237,7 @@ def test_vae_ceiling_and_clip_classification(smoke_vae, exports):
   f = vae.spatial_factor
   for clip, out in zip(clips, recon):
     assert out.dtype == np.uint8 and out.shape == (5, clip.shape[1] // f * f, clip.shape[2] // f * f, 3)
-  rates, counts = evaluate_lib.attribute_rates(recon, [evaluate_lib.clip_truth(ex) for ex in examples])
+  rates, counts = eval_metrics.attribute_rates(recon, [eval_metrics.clip_truth(ex) for ex in examples])
   assert counts["background"] == 2 and np.isfinite(rates["seam"])
   classifier = export_lib.load_export(exports[1])
   for clip in clips:

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import patches
 from diffusion_jax.data import packing
 
 
 def test_patchify_round_trip_positions_and_grid():
   rng = np.random.default_rng(0)
   video = rng.normal(size=(4, 6, 8, 3)).astype(np.float32)
-  tokens, positions, grid = packing.patchify(video, (2, 3, 2))
+  tokens, positions, grid = patches.patchify(video, (2, 3, 2))
   assert grid == (2, 2, 4)
   assert tokens.shape == (16, 2 * 3 * 2 * 3)
   assert positions.dtype == np.int32 and positions.shape == (16, 3)
@@ -23,20 +24,20 @@ def test_patchify_round_trip_positions_and_grid():
     expected = video[2 * t:2 * t + 2, 3 * h:3 * h + 3, 2 * w:2 * w + 2, :].reshape(-1)
     np.testing.assert_array_equal(tokens[i], expected)
   np.testing.assert_array_equal(positions[:5], [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 1, 0]])
-  np.testing.assert_array_equal(packing.unpatchify(tokens, grid, (2, 3, 2), 3), video)
+  np.testing.assert_array_equal(patches.unpatchify(tokens, grid, (2, 3, 2), 3), video)
   # Same code on jax arrays.
-  back = packing.unpatchify(jnp.asarray(tokens), grid, (2, 3, 2), 3)
+  back = patches.unpatchify(jnp.asarray(tokens), grid, (2, 3, 2), 3)
   assert isinstance(back, jax.Array)
   np.testing.assert_array_equal(np.asarray(back), video)
 
 
 def test_patchify_rejects_non_dividing_patch_and_bad_tokens():
   with pytest.raises(ValueError, match="does not divide.*W=8 is not a multiple of 3"):
-    packing.patchify(np.zeros((1, 4, 8, 3)), (1, 2, 3))
+    patches.patchify(np.zeros((1, 4, 8, 3)), (1, 2, 3))
   with pytest.raises(ValueError, match=r"expected a video \[T, H, W, C\]"):
-    packing.patchify(np.zeros((4, 8, 3)), (1, 2, 2))
+    patches.patchify(np.zeros((4, 8, 3)), (1, 2, 2))
   with pytest.raises(ValueError, match="do not match grid"):
-    packing.unpatchify(np.zeros((5, 12)), (1, 2, 2), (1, 2, 2), 3)
+    patches.unpatchify(np.zeros((5, 12)), (1, 2, 2), (1, 2, 2), 3)
 
 
 def _random_examples(num, rng, min_tokens=5, max_tokens=40, patch_dim=6):

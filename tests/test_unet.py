@@ -10,9 +10,9 @@ import optax
 import pytest
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import patches
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import packing
 from diffusion_jax.models import unet
 from diffusion_jax.train import dit_task
 
@@ -34,7 +34,7 @@ def _batch(videos, patch=(1, 2, 2), t=10.0, label=3):
   """Packed rows of one video each: (x, t, labels, segment_ids, positions)."""
   tokens, positions = [], None
   for video in videos:
-    tok, positions, _ = packing.patchify(video, patch)
+    tok, positions, _ = patches.patchify(video, patch)
     tokens.append(tok)
   x = jnp.asarray(np.stack(tokens))
   rows, length = x.shape[:2]
@@ -79,7 +79,7 @@ def test_output_shape_and_layout_do_not_depend_on_the_patch():
     p = math.prod(patch) * 3
     assert out.shape == (2, 256 // math.prod(patch), 2 * p) and out.dtype == jnp.float32
     assert np.all(np.isfinite(out))
-    outputs[patch] = [jax.vmap(lambda tok: packing.unpatchify(tok, model.grid, patch, 3))(h)
+    outputs[patch] = [jax.vmap(lambda tok: patches.unpatchify(tok, model.grid, patch, 3))(h)
                       for h in (out[..., :p], out[..., p:])]
   for a, b in zip(outputs[(1, 2, 2)], outputs[(1, 1, 1)]):
     assert a.shape == (2, 1, 16, 16, 3)
@@ -97,7 +97,7 @@ def test_video_frames_run_as_independent_images():
   changed = videos.copy()
   changed[:, 1] = -changed[:, 1]
   out2 = _apply(model)(params, *_batch(changed, (2, 2, 2)))
-  frames = lambda o: packing.unpatchify(o[0, :, :24], model.grid, (2, 2, 2), 3)  # the prediction half
+  frames = lambda o: patches.unpatchify(o[0, :, :24], model.grid, (2, 2, 2), 3)  # the prediction half
   np.testing.assert_allclose(frames(out)[0], frames(out2)[0], atol=1e-6)  # frame 0 untouched
   assert np.max(np.abs(frames(out)[1] - frames(out2)[1])) > 1e-3
 

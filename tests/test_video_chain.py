@@ -241,7 +241,7 @@ def test_the_readme_commands_fit_together():
       if data in encoded:
         channels, factor, builder = encoded[data]
         assert config.data.channels == channels, f"{argv}: channels {config.data.channels}, the VAE's {channels}"
-        if "image_size" in config.data:  # a fixed-size latent model: image side / VAE factor
+        if config.data.fixed_size:  # a fixed-size latent model: image side / VAE factor
           assert config.data.image_size * factor == builder["image_size"], argv
       elif data.startswith("/"):
         raise AssertionError(f"{argv} trains on {data}, which no command before encodes")

@@ -5,7 +5,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffusion_jax import inference
+from diffusion_jax import config_defaults, inference
+from diffusion_jax import patches
 from diffusion_jax import sample as sample_lib
 from diffusion_jax.data import packing
 from diffusion_jax.models import dit
@@ -29,7 +30,7 @@ def _perturbed(params, scale=0.05):
 
 def _example(rng, grid, n_text, index):
   tokens = int(np.prod(grid))
-  return dict(patches=rng.normal(size=(tokens, 12)).astype(np.float32), positions=packing.grid_positions(grid),
+  return dict(patches=rng.normal(size=(tokens, 12)).astype(np.float32), positions=patches.grid_positions(grid),
               grid=np.asarray(grid, np.int32), id=index, label=0, caption=f"example {index}",
               text=rng.normal(size=(n_text, TEXT_DIM)).astype(np.float32))
 
@@ -71,11 +72,10 @@ def test_a_packed_row_gives_each_example_what_it_gets_alone():
 
 
 def _config(**diffusion):
-  c = ml_collections.ConfigDict()
-  c.data = dict(patch=(1, 2, 2), channels=3, tokens_per_row=40, examples_per_row=4, text_tokens_per_row=16)
-  c.model = dict(variant="smoke", num_classes=0, text_dim=TEXT_DIM, learn_sigma=False)
-  c.diffusion = dict(kind="flow", shift_base_tokens=16, logit_mean=0.0, logit_std=1.0, cond={}, **diffusion)
-  return c
+  return config_defaults.recipe(
+      "dit", data=dict(patch=(1, 2, 2), channels=3, tokens_per_row=40, examples_per_row=4, text_tokens_per_row=16),
+      model=dict(variant="smoke", num_classes=0, text_dim=TEXT_DIM, learn_sigma=False),
+      diffusion=dict(kind="flow", shift_base_tokens=16, logit_mean=0.0, logit_std=1.0, cond={}, **diffusion))
 
 
 def test_frame_cond_mask_modes():

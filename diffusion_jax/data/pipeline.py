@@ -55,11 +55,13 @@ import math
 import os
 from typing import Any
 
+from absl import flags
 import grain
 import jax
 import numpy as np
 
-from diffusion_jax.data import packing, sources
+from diffusion_jax import patches
+from diffusion_jax.data import encoded, packing, sources
 
 FRAME_STEP = 4  # clips are cut to 1 + 4k frames: what a causal video VAE with 4x time compression takes
 
@@ -70,7 +72,7 @@ def builder_kwargs(data_config) -> dict[str, Any]:
     return {}
   if data_config.name == "digits_canvas":
     return {"image_size": int(data_config.image_size)}
-  return dict(data_config.get("builder", None) or {})
+  return dict(data_config.builder)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -203,7 +205,7 @@ class PrepareExample(grain.transforms.RandomMap):
     z = mean[window] + np.exp(0.5 * logvar[window]) * rng.standard_normal(mean[window].shape).astype(np.float32)
     if self.latent_mean:
       z = (z - np.asarray(self.latent_mean, np.float32)) / np.asarray(self.latent_std, np.float32)
-    tokens, positions, grid = packing.patchify(z, self.patch)
+    tokens, positions, grid = patches.patchify(z, self.patch)
     return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32),
                 id=int(element["id"]), label=int(element["label"]), caption=element.get("caption", b""))
 
@@ -240,7 +242,7 @@ class PrepareExample(grain.transforms.RandomMap):
     else:
       pixels = sources.resize_frames(pixels, out_h, out_w)
     pixels = np.clip(pixels, -1.0, 1.0)
-    tokens, positions, grid = packing.patchify(pixels, self.patch)
+    tokens, positions, grid = patches.patchify(pixels, self.patch)
     return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32),
                 id=int(element["id"]), label=int(element["label"]), caption=element.get("caption", b""))
 
@@ -277,29 +279,30 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   tokens_per_row, examples_per_row = int(data.tokens_per_row), int(data.examples_per_row)
 
   source = sources.open_source(data.name, split, data.data_dir, **builder_kwargs(data))
-  stats = latent_stats(data)
+  stats = encoded.latent_stats(data)
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} examples, fewer than {process_count} processes")
   # A convolutional backbone takes one grid only; the DiT takes any size, image_size or not.
-  fixed_side = int(data.image_size) if config.model.get("family", "dit") == "unet" else 0
+  fixed_side = int(data.image_size) if config.model.family == "unet" else 0
   if fixed_side:
     _check_fixed_side(source[0], fixed_side, data.name)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   prepare = PrepareExample(
       patch=patch, channels=int(data.channels), tokens_per_row=tokens_per_row,
-      max_area=int(data.get("max_area", 0)), max_frames=int(data.get("max_frames", 0)),
+      max_area=int(data.max_area), max_frames=int(data.max_frames),
+      # data.min_side is optional: its default, 4 patches, depends on data.patch
       min_side=int(data.get("min_side", 4 * max(patch[1:]))),
       latent_mean=tuple(stats["mean"]) if stats else (), latent_std=tuple(stats["std"]) if stats else (),
-      text_tokens_per_row=int(data.get("text_tokens_per_row", 0)), fixed_side=fixed_side)
+      text_tokens_per_row=int(data.text_tokens_per_row), fixed_side=fixed_side)
   ds = ds.random_map(prepare, seed=seed)
   # Grain's default read-ahead of 500 examples costs a scan of that buffer per example (its depth
   # statistic), ~45% of the quickstart's host time; 64 keeps the reader threads as busy.
   ds = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=64))
   ds = packing.pack(ds, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
-                    num_open_rows=int(data.get("pack_open_rows", 8)),
-                    buffer_size=int(data.get("pack_buffer", 32)),
-                    text_tokens_per_row=int(data.get("text_tokens_per_row", 0)))
+                    num_open_rows=int(data.pack_open_rows),
+                    buffer_size=int(data.pack_buffer),
+                    text_tokens_per_row=int(data.text_tokens_per_row))
   if drop_remainder:
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
@@ -320,35 +323,8 @@ def _check_fixed_side(element: dict, side: int, name: str) -> None:
                      f"model needs data.image_size to match them")
 
 
-def latent_stats(data_config) -> dict | None:
-  """The per-channel latent {mean, std} a latent dataset was encoded with, or None for pixels.
-
-  A latent dataset whose channel count differs from data.channels is a
-  config error naming both sides (a VAE of another latent width).
-  """
-  if not os.path.isfile(os.path.join(str(data_config.name), "metadata.json")):
-    return None
-  from diffusion_jax import encode  # pylint: disable=g-import-not-at-top  (only encoded datasets need it)
-
-  meta = encode.encoded_metadata(str(data_config.name))
-  if not meta or meta.get("content") != "latents":
-    return None
-  vae = meta["vae"]
-  if int(vae["latent_channels"]) != int(data_config.channels):
-    raise ValueError(
-        f"data.channels={data_config.channels} but the latent dataset {data_config.name} holds "
-        f"{vae['latent_channels']}-channel latents of the VAE {vae['path']}; set data.channels="
-        f"{vae['latent_channels']}")
-  stats = vae.get("latent_stats") or {}
-  if "mean" not in stats or "std" not in stats:
-    raise ValueError(f"the latent dataset {data_config.name} has no latent_stats (mean, std) in its metadata")
-  return {"mean": [float(x) for x in stats["mean"]], "std": [float(x) for x in stats["std"]]}
-
-
 def _mark_absl_flags_parsed():
   """Grain's worker processes read absl flags; a library caller may never have parsed them."""
-  from absl import flags
-
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 

@@ -25,9 +25,15 @@ native sizes and durations, captioned with the move and the subject.
 caption side files; undecodable files are skipped and listed in the metadata.
 """
 import dataclasses
+import hashlib
 import os
+import re
 
+from absl import logging
+import imageio.v3 as iio
 import numpy as np
+import skimage.data
+from sklearn.datasets import load_digits
 import tensorflow_datasets as tfds
 
 
@@ -161,8 +167,6 @@ class DigitsCanvas(tfds.core.GeneratorBasedBuilder):
 
 
 def _load_digits():
-  from sklearn.datasets import load_digits  # local: sklearn is slow to import
-
   digits = load_digits()
   return digits.images.astype(np.float64) / 16.0, digits.target.astype(np.int64)
 
@@ -376,8 +380,6 @@ def expand_caption(prompt: str, frames: int = 9) -> str:
   (white, black background, moving steadily to the right); a one-frame request gets no motion.
   A generator caption expands to itself. A prompt without a digit is an error.
   """
-  import re  # pylint: disable=g-import-not-at-top  (as caption_attributes)
-
   text = " " + prompt.lower().replace("grey", "gray").strip() + " "
   backgrounds = "|".join(sorted(BACKGROUND_COLOURS, key=len, reverse=True))
   background = EXPAND_DEFAULTS["background"]
@@ -442,8 +444,6 @@ def caption_attributes(caption: str) -> dict | None:
   bounces; None when the caption names no motion, as for one frame), its speed a SPEEDS key
   (None when still or without motion). None for a caption that is not of this form.
   """
-  import re  # pylint: disable=g-import-not-at-top
-
   colours = "|".join(sorted(DIGIT_COLOURS, key=len, reverse=True))
   backgrounds = "|".join(sorted(BACKGROUND_COLOURS, key=len, reverse=True))
   tail = re.search(rf" on an? ({backgrounds}) background$", caption.strip())
@@ -612,8 +612,6 @@ class ImagePans(tfds.core.GeneratorBasedBuilder):
             "validation": self._generate_examples(cfg.validation_examples, 1)}
 
   def _generate_examples(self, count, split_code):
-    import skimage.data  # local: only this builder needs it
-
     photos = []
     for name, _ in PHOTOS:
       image = np.asarray(getattr(skimage.data, name)(), np.float32)
@@ -689,8 +687,6 @@ class VideoFolderConfig(tfds.core.BuilderConfig):
 
 
 def _video_folder_config(folder: str, max_frames: int = 129, max_side: int = 512) -> VideoFolderConfig:
-  import hashlib
-
   if not folder or not os.path.isdir(folder):
     raise ValueError(f"video_folder needs folder= an existing directory, got {folder!r}")
   if max_frames < 1 or max_side < 8:
@@ -708,8 +704,6 @@ def read_video(path: str, max_frames: int, max_side: int) -> np.ndarray:
   shrunk. mp4/webm need imageio's pyav or ffmpeg plugin; GIF needs only Pillow.
   Raises on anything it cannot decode.
   """
-  import imageio.v3 as iio  # local: only this builder needs it
-
   frames = []
   for frame in iio.imiter(path):
     frame = np.asarray(frame)
@@ -761,8 +755,6 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
-    from absl import logging
-
     cfg = self.builder_config
     paths = sorted(
         os.path.join(root, name) for root, _, names in os.walk(cfg.folder) for name in names

@@ -69,7 +69,7 @@ def data_stats(config, *, num_batches: int, split: str | None = None) -> dict:
   data = config.data
   sources.ensure_dataset(data.name, data.data_dir, **pipeline.builder_kwargs(data))
   patch = np.asarray(tuple(data.patch), np.int64)
-  dataset = pipeline.make_dataset(config, split=split or data.split, seed=int(data.get("shuffle_seed", 0)))
+  dataset = pipeline.make_dataset(config, split=split or data.split, seed=int(data.shuffle_seed))
   skipped = SkipCounter()
   grids, ids, per_row, captions = [], [], [], []
   real = total = 0

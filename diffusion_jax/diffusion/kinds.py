@@ -30,7 +30,7 @@ KINDS = ("ddpm", "flow")
 
 
 def kind_of(config) -> str:
-  return config.diffusion.get("kind", "ddpm")
+  return config.diffusion.kind
 
 
 def validate(config) -> None:
@@ -38,7 +38,7 @@ def validate(config) -> None:
   kind = kind_of(config)
   if kind not in KINDS:
     raise ConfigError(f"unknown diffusion.kind {kind!r}; use one of {KINDS}")
-  if kind == "flow" and config.model.get("learn_sigma", False):
+  if kind == "flow" and config.model.learn_sigma:
     raise ConfigError("diffusion.kind='flow' predicts a velocity: set model.learn_sigma=False")
   if kind == "ddpm" and config.diffusion.prediction not in objectives.PREDICTIONS:
     raise ConfigError(f"unknown diffusion.prediction {config.diffusion.prediction!r}; use eps, v or x0")
@@ -48,12 +48,12 @@ def make_objective(config):
   """The objective of config.diffusion.kind."""
   if kind_of(config) == "flow":
     flow = config.diffusion
-    return FlowObjective(logit_mean=float(flow.get("logit_mean", 0.0)), logit_std=float(flow.get("logit_std", 1.0)),
-                         shift_base_tokens=float(flow.get("shift_base_tokens", 0)))
-  latent = config.get("latent", {}) or {}
+    return FlowObjective(logit_mean=float(flow.logit_mean), logit_std=float(flow.logit_std),
+                         shift_base_tokens=float(flow.shift_base_tokens))
+  latent = config.get("latent", {}) or {}  # only a model trained on an encoded dataset has one
   return DdpmObjective(
       schedule=schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_steps),
-      prediction=config.diffusion.prediction, learn_sigma=bool(config.model.get("learn_sigma", False)),
+      prediction=config.diffusion.prediction, learn_sigma=bool(config.model.learn_sigma),
       # Pixels live in [-1, 1]: DiT clips the predicted x0 there. Normalised latents have no such bound.
       clip_x0=None if latent.get("vae", "") else (-1.0, 1.0))
 

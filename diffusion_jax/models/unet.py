@@ -38,7 +38,7 @@ Packed-batch interface (docs/design.md): the U-Net takes the DiT's call signatur
 x [B, L, P] packed patches, t [B, L], labels [B, K], segment_ids, positions.
 A convolutional net needs a fixed grid, so each row must hold exactly ONE
 example that fills it: segment_ids all 1, L = T' H' W' of `grid`, tokens in
-packing.patchify's (t, h, w) order. Values cannot be checked at trace time;
+patches.patchify's (t, h, w) order. Values cannot be checked at trace time;
 dit_task.validate enforces examples_per_row == 1 and tokens_per_row == the
 grid's tokens, which the packer then guarantees. The row is unpatchified to a
 video [T' pt, H' ph, W' pw, C], every frame runs through the U-Net as an image
@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.data import packing
+from diffusion_jax import patches
 from diffusion_jax.models import layers
 
 Dtype = Any
@@ -300,7 +300,7 @@ class UNet(nn.Module):
     rows = x.shape[0]
     frames, height, width = self.image_shape
     grid, patch = tuple(self.grid), tuple(self.patch)
-    video = jax.vmap(lambda tokens: packing.unpatchify(tokens, grid, patch, self.channels))(x)
+    video = jax.vmap(lambda tokens: patches.unpatchify(tokens, grid, patch, self.channels))(x)
     h = video.reshape(rows * frames, height, width, self.channels).astype(self.dtype)  # frames run as images
 
     # Time (+ class) embedding, one per row, repeated for its frames.
@@ -373,7 +373,7 @@ class UNet(nn.Module):
 
     # Patchify back; with learn_sigma the prediction and the variance values are
     # patchified separately so each keeps the input's (pt, ph, pw, C) order.
-    to_tokens = jax.vmap(lambda v: packing.patchify(v, patch)[0])
+    to_tokens = jax.vmap(lambda v: patches.patchify(v, patch)[0])
     parts = [to_tokens(h[..., i * self.channels:(i + 1) * self.channels])
              for i in range(out_channels // self.channels)]
     out = jnp.concatenate(parts, axis=-1)

@@ -128,7 +128,7 @@ def build_model(config) -> DigitClassifier:
   return DigitClassifier(
       num_classes=int(config.model.num_classes), input_size=int(config.model.input_size),
       widths=tuple(int(w) for w in config.model.widths), features=int(config.model.features),
-      locate=bool(config.model.get("locate", False)), dtype=jnp.dtype(config.train.compute_dtype))
+      locate=bool(config.model.locate), dtype=jnp.dtype(config.train.compute_dtype))
 
 
 def init_params(model, config, rng):
@@ -217,6 +217,6 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   if data.name == "moving_digits":
     ds = ds.filter(_single_digit)
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
-  pad_square = bool(config.model.get("locate", False))  # the net finds the digit: keep its aspect
+  pad_square = bool(config.model.locate)  # the net finds the digit: keep its aspect
   ds = ds.random_map(SingleDigitFrame(size=int(data.image_size), pad_square=pad_square), seed=seed)
   return ds.to_iter_dataset().batch(global_batch // process_count, drop_remainder=True)

@@ -25,7 +25,7 @@ from diffusion_jax import metrics
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import kinds, objectives, samplers
-from diffusion_jax.models import dit
+from diffusion_jax.models import dit, layers, unet
 
 
 def patch_dim(config) -> int:
@@ -44,7 +44,7 @@ MODEL_FAMILIES = ("dit", "unet")
 
 
 def _model_family(config) -> str:
-  family = config.model.get("family", "dit")
+  family = config.model.family
   if family not in MODEL_FAMILIES:
     raise ConfigError(f"unknown model.family {family!r}; known: {MODEL_FAMILIES}")
   return family
@@ -54,31 +54,34 @@ COND_MODES = ("i2v", "extend", "interpolate", "random")
 
 
 def uses_text(config) -> bool:
-  return int(config.model.get("text_dim", 0)) > 0
+  return int(config.model.text_dim) > 0
 
 
 def samples_from_prompts(config) -> bool:
   """Text-conditional or latent models sample from prompts (sample.py); class-conditional pixel
   image models sample class grids."""
-  return uses_text(config) or bool(config.get("latent", {}).get("vae", "")) or "image_size" not in config.data
+  # config.latent exists only for a model trained on an encoded dataset (config_defaults)
+  return uses_text(config) or bool(config.get("latent", {}).get("vae", "")) or not config.data.fixed_size
 
 
 def validate(config) -> None:
   kinds.validate(config)
-  unknown = set(config.diffusion.get("cond", {}) or {}) - set(COND_MODES)
+  unknown = set(config.diffusion.cond) - set(COND_MODES)
   if unknown:
     raise ConfigError(f"unknown diffusion.cond modes {sorted(unknown)}; known: {COND_MODES}")
-  if sum((config.diffusion.get("cond", {}) or {}).values()) > 1:
+  if sum(config.diffusion.cond.values()) > 1:
     raise ConfigError(f"diffusion.cond probabilities {dict(config.diffusion.cond)} sum to more than 1")
-  if uses_text(config) and int(config.data.get("text_tokens_per_row", 0)) < 1:
+  if uses_text(config) and int(config.data.text_tokens_per_row) < 1:
     raise ConfigError(f"model.text_dim={config.model.text_dim} needs data.text_tokens_per_row >= 1 "
                       "(the packed caption budget of a row)")
-  from diffusion_jax.models import layers  # pylint: disable=g-import-not-at-top
-
-  backend = config.model.get("attention_backend", "xla")
+  backend = config.model.attention_backend
   if backend not in layers.ATTENTION_BACKENDS:
     raise ConfigError(f"unknown model.attention_backend {backend!r}; known: {layers.ATTENTION_BACKENDS}")
-  if "image_size" not in config.data:  # native-size video data: the pipeline fits each example to L
+  if config.data.fixed_size and int(config.data.image_size) < 1:
+    raise ConfigError(f"data.fixed_size needs data.image_size >= 1, got {config.data.image_size}")
+  if not config.data.fixed_size:  # native-size video data: the pipeline fits each example to L
+    if config.model.family == "unet":
+      raise ConfigError("model.family='unet' needs data.fixed_size=True (a convolutional net takes one grid)")
     if config.model.variant not in dit.VARIANTS:
       raise ConfigError(f"unknown model.variant {config.model.variant!r}; known: {sorted(dit.VARIANTS)}")
     if dit.VARIANTS[config.model.variant]["patch"] != config.data.patch[1]:
@@ -87,7 +90,6 @@ def validate(config) -> None:
     return
   family = _model_family(config)
   if family == "unet":
-    from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
     variants = unet.VARIANTS
   else:
     variants = dit.VARIANTS
@@ -126,7 +128,6 @@ def build_model(config):
   """The backbone of `model.family`: 'dit' (models/dit.py, default) or 'unet' (models/unet.py)."""
   dtype = jnp.dtype(config.train.compute_dtype)
   if _model_family(config) == "unet":
-    from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
     return unet.build_unet(config.model, patch_dim=patch_dim(config), grid=example_grid(config),
                            patch=tuple(config.data.patch), channels=config.data.channels, dtype=dtype)
   return dit.build_dit(config.model, patch_dim=patch_dim(config), dtype=dtype)
@@ -146,20 +147,20 @@ def model_flops(config, batch) -> float | None:
   segment_ids = np.asarray(batch["segment_ids"])
   lengths = per_example(segment_ids)
   present = lengths > 0
-  text_dim = int(config.model.get("text_dim", 0))
+  text_dim = int(config.model.text_dim)
   text_lengths = None
   if text_dim and "text_segment_ids" in batch:
     text_lengths = [row[p] for row, p in zip(per_example(batch["text_segment_ids"]), present)]
   with_cond = 0
   if "cond_mask" in batch:
     with_cond = int(np.sum(per_example(segment_ids * np.asarray(batch["cond_mask"])) > 0))
-  learn_sigma = bool(config.model.get("learn_sigma", True))
+  learn_sigma = bool(config.model.learn_sigma)
   return metrics.dit_train_flops(
       width=size["width"], depth=size["depth"], patch_dim=patch_dim(config),
-      out_dim=(2 if learn_sigma else 1) * patch_dim(config), mlp_ratio=float(config.model.get("mlp_ratio", 4.0)),
+      out_dim=(2 if learn_sigma else 1) * patch_dim(config), mlp_ratio=float(config.model.mlp_ratio),
       segment_lengths=[row[p] for row, p in zip(lengths, present)], text_dim=text_dim, text_lengths=text_lengths,
-      clocks=int(present.sum()) + with_cond, adaln=config.model.get("adaln", "zero"),
-      pooled_text=bool(config.model.get("pooled_text", False)))
+      clocks=int(present.sum()) + with_cond, adaln=config.model.adaln,
+      pooled_text=bool(config.model.pooled_text))
 
 
 def make_objective(config):
@@ -247,7 +248,7 @@ def loss_fn(params, model, objective, batch, rng, config, *, train=True):
   segment_ids = batch["segment_ids"]
   k = batch["labels"].shape[1]
   cond_mask = batch["cond_mask"]
-  cond_probs = dict(config.diffusion.get("cond", {}) or {})
+  cond_probs = dict(config.diffusion.cond)
   if train and any(cond_probs.values()):
     cond_mask = cond_mask | frame_cond_mask(cond_rng, batch, cond_probs)
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
@@ -367,7 +368,7 @@ def generate(model, params, config, rows: dict, rng, *, sampler="euler", steps=3
     def apply_both(x, t_model, labels):  # guided_model_fn's batch: the rows, then the same rows unconditional
       return apply_model(model, params, x, t_model, both, labels=labels, text_null=both_text_null)
 
-    null_labels = jnp.full_like(rows["labels"], int(config.model.get("num_classes", 0)))
+    null_labels = jnp.full_like(rows["labels"], int(config.model.num_classes))
     model_fn = samplers.guided_model_fn(apply_both, rows["labels"], null_labels, cfg_scale, objective.learn_sigma)
   return objective.sample(model_fn, given, noise, sample_rng, segment_ids=segment_ids, cond_mask=rows["cond_mask"],
                           strength=strength, sampler=sampler, steps=steps, eta=eta)

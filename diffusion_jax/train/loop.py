@@ -67,6 +67,22 @@ TASKS = {"dit": dit_task, "classifier": classifier_task, "vae": vae_task}
 TEST_SIGNAL_ENV = "DIFFUSION_JAX_TEST_SIGNAL_AT"
 
 
+def validate(config, *, num_devices: int, process_count: int = 1) -> None:
+  """Checks everything that can be checked before compiling: the task, the mesh against the devices and
+  the batch, then the task's own fields (TASKS[task].validate); raises ConfigError."""
+  if config.task not in TASKS:
+    raise ConfigError(f"unknown task {config.task!r}; known: {sorted(TASKS)}")
+  shape = config_lib.resolve_mesh_shape(config.mesh.shape, num_devices)
+  axes = dict(zip(config.mesh.axes, shape))
+  data_parallel = axes.get("data", 1) * axes.get("fsdp", 1)
+  batch = config.train.global_batch
+  if batch % data_parallel:
+    raise ConfigError(f"train.global_batch={batch} is not divisible by the data-parallel size {data_parallel} (mesh data x fsdp)")
+  if batch % process_count:
+    raise ConfigError(f"train.global_batch={batch} is not divisible by the {process_count} processes")
+  TASKS[config.task].validate(config)
+
+
 class TrainingDiverged(FloatingPointError):
   """Too many consecutive non-finite updates: the run stopped without saving."""
 
@@ -163,7 +179,7 @@ def make_train_step(config, model, optimizer):
   task = TASKS[config.task]
   objective = task.make_objective(config)
   lr_fn = state_lib.learning_rate_schedule(config.train)
-  accum = int(config.train.get("grad_accum_steps", 1))
+  accum = int(config.train.grad_accum_steps)
   value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
 
   def loss_and_grads(params, batch, rng, step):
@@ -219,17 +235,17 @@ def make_train_step(config, model, optimizer):
 
 def _validate_resilience(config, data_parallel: int) -> None:
   train_config = config.train
-  accum = train_config.get("grad_accum_steps", 1)
+  accum = train_config.grad_accum_steps
   if not isinstance(accum, int) or accum < 1:
     raise ConfigError(f"train.grad_accum_steps={accum!r} must be an int >= 1")
   if train_config.global_batch % (accum * data_parallel):
     raise ConfigError(
         f"train.global_batch={train_config.global_batch} must divide into train.grad_accum_steps={accum} "
         f"micro-batches that split over the {data_parallel} data-parallel devices")
-  profile = tuple(train_config.get("profile_steps", (0, 0)))
+  profile = tuple(train_config.profile_steps)
   if len(profile) != 2 or not all(isinstance(x, int) for x in profile) or not 0 <= profile[0] <= profile[1]:
     raise ConfigError(f"train.profile_steps={profile!r} must be (start, stop) with 0 <= start <= stop")
-  max_skips = train_config.get("max_consecutive_skips", 0)
+  max_skips = train_config.max_consecutive_skips
   if not isinstance(max_skips, int) or max_skips < 0:
     raise ConfigError(f"train.max_consecutive_skips={max_skips!r} must be an int >= 0 (0 = never stop)")
 
@@ -272,7 +288,7 @@ def _count_examples_and_tokens(local_batch) -> tuple[int, int]:
 
 
 def _validate_eval(train_config) -> None:
-  every, batches = train_config.get("eval_every", 0), train_config.get("eval_batches", 1)
+  every, batches = train_config.eval_every, train_config.eval_batches
   if not isinstance(every, int) or every < 0:
     raise ConfigError(f"train.eval_every={every!r} must be an int >= 0 (0 = no evaluation)")
   if every and (not isinstance(batches, int) or batches < 1):
@@ -370,7 +386,7 @@ def train(config, workdir: str):
   """
   # ------------------------------------------------------------------ setup
   task = TASKS.get(config.task)
-  config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   _validate_resilience(config, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
@@ -411,7 +427,7 @@ def train(config, workdir: str):
   # ------------------------------------------------------------------- eval
   # Held-out loss per timestep bucket with the EMA params, every eval_every steps.
   # A task's checkpoint_extras also needs the eval scores of each saved step.
-  eval_every = int(config.train.get("eval_every", 0))
+  eval_every = int(config.train.eval_every)
   extras_fn = getattr(task, "checkpoint_extras", None)
   evaluate = None
   if eval_every or extras_fn is not None:
@@ -435,8 +451,8 @@ def train(config, workdir: str):
     return checkpoint.save(manager, step, state, _IteratorSnapshot(data_iter), config, force=force, extras=extras)
 
   preemption = _Preemption(step, config.train.log_every)
-  skips = _SkipGuard(int(config.train.get("max_consecutive_skips", 0)), workdir, manager)
-  profile_start, profile_stop = tuple(config.train.get("profile_steps", (0, 0)))
+  skips = _SkipGuard(int(config.train.max_consecutive_skips), workdir, manager)
+  profile_start, profile_stop = tuple(config.train.profile_steps)
   profiling = False
   try:
     window_start, window_steps, window_examples, window_tokens, window_flops = time.time(), 0, 0, 0, 0.0

@@ -29,7 +29,7 @@ class TrainState:
 def learning_rate_schedule(train_config) -> optax.Schedule:
   """Linear warmup to `lr`, then constant or cosine decay (train.lr_schedule)."""
   warmup = max(int(train_config.warmup_steps), 1)
-  decay = train_config.get("lr_schedule", "constant")
+  decay = train_config.lr_schedule
   if decay == "constant":
     return optax.join_schedules(
         [optax.linear_schedule(0.0, train_config.lr, warmup), optax.constant_schedule(train_config.lr)], [warmup])

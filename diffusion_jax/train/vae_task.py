@@ -79,8 +79,8 @@ class PatchDiscriminator3D(nn.Module):
 
 def validate(config) -> None:
   data, model, loss = config.data, config.model, config.loss
-  if model.get("variant") not in vae_lib.VARIANTS:
-    raise ConfigError(f"model.variant={model.get('variant')!r} is not a VAE variant; valid: "
+  if model.variant not in vae_lib.VARIANTS:
+    raise ConfigError(f"model.variant={model.variant!r} is not a VAE variant; valid: "
                       f"{sorted(vae_lib.VARIANTS)}")
   if int(data.channels) != 3:
     raise ConfigError(f"data.channels={data.channels}: the VAE task reads RGB frames (3 channels)")
@@ -93,17 +93,17 @@ def validate(config) -> None:
     if int(data[name]) < vae.spatial_factor or int(data[name]) % vae.spatial_factor:
       raise ConfigError(f"data.{name}={data[name]} must be a positive multiple of the spatial factor "
                         f"{vae.spatial_factor} of variant {model.variant!r}")
-  if data.get("spatial", "resize_crop") not in ("resize_crop", "crop"):
-    raise ConfigError(f"data.spatial={data.get('spatial')!r} must be 'resize_crop' or 'crop'")
+  if data.spatial not in ("resize_crop", "crop"):
+    raise ConfigError(f"data.spatial={data.spatial!r} must be 'resize_crop' or 'crop'")
   for name in ("l1_weight", "l2_weight", "kl_weight", "gan_weight"):
     if float(loss[name]) < 0:
       raise ConfigError(f"loss.{name}={loss[name]} must be >= 0")
-  if not model.get("variational", True) and float(loss.kl_weight) > 0:
+  if not model.variational and float(loss.kl_weight) > 0:
     raise ConfigError(f"loss.kl_weight={loss.kl_weight}: a deterministic autoencoder (model.variational=False) "
                       "has no posterior; set kl_weight=0")
   if float(loss.gan_weight) > 0 and (int(data.height) < 8 or int(data.width) < 8):
     raise ConfigError("the GAN's patch discriminator needs frames of at least 8x8 px")
-  if int(loss.get("gan_start", 0)) < 0:
+  if int(loss.gan_start) < 0:
     raise ConfigError(f"loss.gan_start={loss.gan_start} must be >= 0")
 
 
@@ -112,11 +112,11 @@ def build_model(config) -> vae_lib.VideoVAE:
 
 
 def _discriminator(config) -> PatchDiscriminator3D:
-  return PatchDiscriminator3D(widths=tuple(int(w) for w in config.loss.get("disc_widths", (32, 64))))
+  return PatchDiscriminator3D(widths=tuple(int(w) for w in config.loss.disc_widths))
 
 
 def _uses_gan(config) -> bool:
-  return float(config.loss.get("gan_weight", 0.0)) > 0
+  return float(config.loss.gan_weight) > 0
 
 
 def init_params(model, config, rng):
@@ -225,7 +225,7 @@ def loss_fn(params, model, objective, batch, rng, config, *, train=True, step=No
     logits_fake = jnp.mean(disc.apply({"params": params["disc"]}, jax.lax.stop_gradient(fake)), axis=(2, 3))
     d_loss = 0.5 * (_masked_mean(jax.nn.relu(1.0 - logits_real), mask)
                     + _masked_mean(jax.nn.relu(1.0 + logits_fake), mask))
-    on = (step >= int(loss_config.get("gan_start", 0))).astype(jnp.float32)
+    on = (step >= int(loss_config.gan_start)).astype(jnp.float32)
     loss = loss + on * (float(loss_config.gan_weight) * adaptive * g_loss + d_loss)
     aux.update(g_loss=g_loss, d_loss=d_loss, adaptive_weight=adaptive, gan_on=on)
 
@@ -364,7 +364,7 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.random_map(CropClip(frames=int(data.frames), height=int(data.height), width=int(data.width),
-                              temporal_factor=model.temporal_factor, spatial=str(data.get("spatial", "resize_crop"))),
+                              temporal_factor=model.temporal_factor, spatial=str(data.spatial)),
                      seed=seed)
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
   return ds.to_iter_dataset()

@@ -1,0 +1,1 @@
+"""The recipes: one get_config(arg) file each; installed as diffusion_jax.configs (setup.py)."""
