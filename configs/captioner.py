@@ -10,9 +10,10 @@ Arguments after the colon (comma separated):
   quickstart   a shorter run of the same recipe (600 steps instead of 1500)
 The data is moving_digits at the quickstart's clip sizes (one digit, 24-40 px sides, 1/5/9 frames,
 digits 50-70% of the shorter side), with more training clips (20000) so the run does not overfit;
-validation clips draw on the 200 digit images train never sees. The encoder reads pixels on a
-40 x 40 canvas (the largest side, so no clip is resized and a speed in px per frame is kept) and
-all 9 frames.
+validation clips draw on the 200 digit images train never sees. The encoder reads all 9 frames
+of a clip on a 40 x 40 canvas (the largest side, so no clip is resized and a speed in px per frame
+is kept), as one token per frame: a crop around the frame's foreground and its geometry
+(models/captioner.py).
 """
 import ml_collections
 
@@ -46,10 +47,11 @@ def get_config(arg: str = ""):
       max_length=24,  # BOS + caption + EOS; the longest moving_digits caption of one digit has 19
       frames=9,  # the first 9 frames are read (the build's longest clip)
       canvas=40,  # clips are centred on a 40 x 40 canvas (scaled down only when larger)
-      stem_widths=(32, 64),  # two stride-2 3x3 convs, then a 2x2 patch: 40 px -> 5 x 5 tokens per frame
+      crop=24,  # each frame's foreground window, resampled to 24 x 24 (the digit classifier's input size)
+      crop_widths=(16, 32, 64),  # 3x3 conv + 2x2 max pool each: 24 -> 3 px
       width=128,
       heads=4,
-      encoder_layers=2,  # over all 9 x 25 video tokens
+      encoder_layers=2,  # over the 9 frame tokens (crop features + geometry)
       unimodal_layers=1,  # text only, gives the contrastive text embedding ([CLS] slot)
       multimodal_layers=2,  # text with cross-attention to the video tokens
       embed_dim=128,  # contrastive embedding width
@@ -87,7 +89,7 @@ def get_config(arg: str = ""):
 
   if arg.smoke:
     c.data.builder.update(min_side=16, max_side=16, train_examples=64, validation_examples=16)
-    c.model.update(frames=5, canvas=16, stem_widths=(8,), width=32, heads=2, encoder_layers=1,
+    c.model.update(frames=5, canvas=16, crop=8, crop_widths=(8,), width=32, heads=2, encoder_layers=1,
                    multimodal_layers=1, embed_dim=32)
     c.train.update(global_batch=16, steps=30, warmup_steps=2, lr=3e-3, log_every=10, ckpt_every=30,
                    eval_every=30, eval_batches=1)

@@ -61,12 +61,29 @@ def test_prepare_clip_keeps_scale_and_marks_real_pixels():
   pixels, mask = captioner_lib.prepare_clip(video, canvas=24, frames=5)
   assert pixels.shape == (5, 24, 24, 3) and mask.shape == (5, 24, 24)
   assert mask[:3].sum() == 3 * 10 * 20 and mask[3:].sum() == 0  # no upscaling; missing frames are empty
-  assert (pixels[mask == 1] == 200).all() and (pixels[mask == 0] == 0).all()
+  assert (pixels[:3] == 200).all() and (pixels[3:] == 0).all()  # padded with the background colour
   big = np.full((12, 48, 96, 3), 7, np.uint8)  # scaled down to fit, aspect kept, first 5 frames
   pixels, mask = captioner_lib.prepare_clip(big, canvas=24, frames=5)
   assert mask.sum() == 5 * 12 * 24
   with pytest.raises(ValueError, match="uint8"):
     captioner_lib.prepare_clip(big.astype(np.float32), canvas=24, frames=5)
+
+
+def test_clip_inputs_find_the_digit_and_its_move():
+  """A 4 x 4 white square moving 2 px right per frame on a 12 x 20 canvas (shorter side 12)."""
+  video = np.zeros((3, 12, 20, 3), np.uint8)
+  for t in range(3):
+    video[t, 4:8, 2 + 2 * t:6 + 2 * t] = 255
+  pixels, mask = captioner_lib.prepare_clip(video, canvas=24, frames=5)
+  crops, geometry = captioner_task.clip_inputs(pixels[None], mask[None], 8)
+  assert crops.shape == (1, 5, 8, 8, 3) and geometry.shape == (1, 5, captioner_task.GEOMETRY_FEATURES)
+  g = np.asarray(geometry[0])
+  np.testing.assert_allclose(g[:3, 0], 6 / 12, atol=1e-5)  # centroid y: row 6 of 12
+  np.testing.assert_allclose(g[:3, 1], np.array([4, 6, 8]) / 12, atol=1e-5)  # centroid x moves 2 px a frame
+  np.testing.assert_allclose(g[:3, 5:7], [[1, 20 / 12]] * 3, atol=1e-5)  # canvas height, width
+  np.testing.assert_allclose(g[:3, 8], [0, captioner_task.MOVE_SCALE * 2 / 12, captioner_task.MOVE_SCALE * 2 / 12],
+                             atol=1e-5)
+  assert (g[:3, 9] == 1).all() and (g[3:] == 0).all() and (np.asarray(crops[0, 3:]) == 0).all()
 
 
 def test_greedy_and_beam_decoding_are_well_formed():
@@ -75,8 +92,8 @@ def test_greedy_and_beam_decoding_are_well_formed():
   params = captioner_task.init_params(model, config, jax.random.PRNGKey(1))
   m = config.model
   pixels = jax.random.randint(jax.random.PRNGKey(2), (3, m.frames, m.canvas, m.canvas, 3), 0, 255).astype(jnp.uint8)
-  tokens = model.apply({"params": params}, pixels, jnp.ones(pixels.shape[:-1], jnp.uint8),
-                       method=captioner_lib.Captioner.encode_video)
+  crops, geometry = captioner_task.clip_inputs(pixels, jnp.ones(pixels.shape[:-1], jnp.uint8), m.crop)
+  tokens = model.apply({"params": params}, crops, geometry, method=captioner_lib.Captioner.encode_video)
   greedy = np.asarray(jax.jit(lambda p, t: captioner_lib.greedy_decode(model, p, t, m.max_length))(params, tokens))
   beams = [np.asarray(jax.jit(lambda p, t, k=k: captioner_lib.beam_decode(model, p, t, m.max_length, k))(params, tokens))
            for k in (1, 3)]

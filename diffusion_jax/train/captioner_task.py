@@ -33,19 +33,22 @@ import optax
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline, sources
 from diffusion_jax.models import captioner as captioner_lib
+from diffusion_jax.train import classifier_task
 
 ATTRIBUTES = {"digit": "digits", "colour": "colours", "background": "background", "direction": "directions",
               "speed": "speeds", "bouncing": "bounced"}  # metric name -> caption_attributes key
 MOTION_ATTRIBUTES = ("direction", "speed", "bouncing")
+GEOMETRY_FEATURES = 11  # per frame, see clip_inputs
+MOVE_SCALE = 10.0  # the centroid's move per frame is ~0.02-0.09 canvas sides: scaled up to ~unit size
 
 
 def validate(config) -> None:
   model = config.model
-  if int(model.canvas) % 2 ** (len(model.stem_widths) + 1):
-    raise ConfigError(f"model.canvas={model.canvas} must be divisible by 2^{len(model.stem_widths) + 1} "
-                      f"(one 2x stride per entry of model.stem_widths={tuple(model.stem_widths)}, and a 2x2 patch)")
-  if int(model.frames) < 1:
-    raise ConfigError(f"model.frames={model.frames} must be >= 1")
+  if int(model.crop) < 8 or int(model.crop) % 2 ** len(model.crop_widths):
+    raise ConfigError(f"model.crop={model.crop} must be >= 8 and divisible by 2^{len(model.crop_widths)} "
+                      f"(one 2x pooling per entry of model.crop_widths={tuple(model.crop_widths)})")
+  if int(model.frames) < 1 or int(model.canvas) < 8:
+    raise ConfigError(f"model.frames={model.frames} must be >= 1 and model.canvas={model.canvas} >= 8")
   if int(model.max_length) < 3:
     raise ConfigError(f"model.max_length={model.max_length} must be >= 3 (BOS, one token, EOS)")
   if int(model.width) % int(model.heads):
@@ -58,18 +61,60 @@ def validate(config) -> None:
 def build_model(config) -> captioner_lib.Captioner:
   m = config.model
   return captioner_lib.Captioner(
-      vocab_size=len(m.token_ids), max_length=int(m.max_length), frames=int(m.frames), canvas=int(m.canvas),
-      width=int(m.width), heads=int(m.heads), encoder_layers=int(m.encoder_layers),
-      unimodal_layers=int(m.unimodal_layers), multimodal_layers=int(m.multimodal_layers),
-      stem_widths=tuple(int(w) for w in m.stem_widths), embed_dim=int(m.embed_dim),
+      vocab_size=len(m.token_ids), max_length=int(m.max_length), frames=int(m.frames), crop=int(m.crop),
+      crop_widths=tuple(int(w) for w in m.crop_widths), width=int(m.width), heads=int(m.heads),
+      encoder_layers=int(m.encoder_layers), unimodal_layers=int(m.unimodal_layers),
+      multimodal_layers=int(m.multimodal_layers), embed_dim=int(m.embed_dim),
       dtype=jnp.dtype(config.train.compute_dtype))
 
 
 def init_params(model, config, rng):
   m = config.model
-  pixels = jnp.zeros((1, m.frames, m.canvas, m.canvas, 3), jnp.uint8)
-  return model.init(rng, pixels, jnp.zeros(pixels.shape[:-1], jnp.uint8),
+  crops = jnp.zeros((1, m.frames, m.crop, m.crop, 3), jnp.float32)
+  return model.init(rng, crops, jnp.zeros((1, m.frames, GEOMETRY_FEATURES), jnp.float32),
                     jnp.zeros((1, m.max_length - 1), jnp.int32))["params"]
+
+
+def clip_inputs(pixels, mask, crop: int):
+  """The encoder's inputs from prepared clips (models.captioner.prepare_clip): pixels uint8
+  [B, F, S, S, 3], mask [B, F, S, S] -> (crops float [B, F, crop, crop, 3] in [-1, 1], geometry float
+  [B, F, GEOMETRY_FEATURES]). Fixed, not learned: each frame's foreground window (classifier_task.
+  digit_window) is resampled to crop x crop on its background; the geometry is, in units of the
+  canvas's shorter side: the foreground's centroid (y, x) from the canvas's top-left and its distance
+  to the bottom and right walls, the window's side, the canvas's height and width, the centroid's move
+  since the previous frame (x MOVE_SCALE; 0 at the first frame), and whether the frame is real.
+  Missing frames are all zero."""
+  b, f, s = pixels.shape[:3]
+  x = pixels.reshape((b * f, s, s, 3)).astype(jnp.float32) / 127.5 - 1.0
+  foreground, background, top, left, side, weights = classifier_task.digit_window(x)
+  crops = classifier_task.resample_window(foreground, top, left, side, crop) + background[:, None, None, :]
+  m = mask.reshape((b * f, s, s)) > 0
+  real = m.any(axis=(1, 2))
+
+  def extent(any_along):  # [N, S] -> (first, one past the last) index
+    first = jnp.argmax(any_along, axis=1)
+    return first.astype(jnp.float32), (s - jnp.argmax(any_along[:, ::-1], axis=1)).astype(jnp.float32)
+
+  canvas_top, canvas_bottom = extent(m.any(axis=2))
+  canvas_left, canvas_right = extent(m.any(axis=1))
+  height, width = canvas_bottom - canvas_top, canvas_right - canvas_left
+  short = jnp.maximum(jnp.minimum(height, width), 1.0)
+  total = weights.sum(axis=(1, 2))
+  coords = jnp.arange(s, dtype=jnp.float32) + 0.5
+  cy = jnp.where(total > 0, (weights.sum(2) * coords).sum(1) / jnp.maximum(total, 1e-6), (canvas_top + canvas_bottom) / 2)
+  cx = jnp.where(total > 0, (weights.sum(1) * coords).sum(1) / jnp.maximum(total, 1e-6), (canvas_left + canvas_right) / 2)
+  y, xx = (cy - canvas_top) / short, (cx - canvas_left) / short
+  geometry = jnp.stack([y, xx, (canvas_bottom - cy) / short, (canvas_right - cx) / short, side / short,
+                        height / short, width / short], axis=-1).reshape((b, f, 7))
+  real = real.reshape((b, f))
+  position = geometry[..., :2]
+  both = (real[:, 1:] & real[:, :-1])[..., None]
+  move = jnp.concatenate([jnp.zeros((b, 1, 2)), jnp.where(both, position[:, 1:] - position[:, :-1], 0.0)], axis=1)
+  geometry = jnp.concatenate([geometry, MOVE_SCALE * move, real[..., None].astype(jnp.float32),
+                              jnp.ones((b, f, 1)) * (real.sum(1, keepdims=True)[..., None] > 1)], axis=-1)
+  geometry = jnp.where(real[..., None], geometry, 0.0)
+  crops = jnp.where(real.reshape((b * f, 1, 1, 1)), crops, 0.0).reshape((b, f, crop, crop, 3))
+  return crops, geometry
 
 
 def make_objective(config):
@@ -84,8 +129,9 @@ def vocabulary(config) -> captioner_lib.CaptionVocabulary:
 def _losses(params, model, batch):
   """(per-example caption loss [B], contrastive logits [B, B], positives [B, B], argmax tokens [B, L-1])."""
   text = batch["text"]
+  crops, geometry = clip_inputs(batch["pixels"], batch["mask"], model.crop)
   logits, video_embedding, text_embedding, log_inverse_temperature = model.apply(
-      {"params": params}, batch["pixels"], batch["mask"], text[:, :-1])
+      {"params": params}, crops, geometry, text[:, :-1])
   targets = text[:, 1:]
   weights = (targets != captioner_lib.PAD).astype(jnp.float32)
   token_losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -120,7 +166,7 @@ def eval_fn(params, model, objective, batch, index, config) -> dict:
   del objective, index
   caption, similarity, positives, _ = _losses(params, model, batch)
   contrastive = _contrastive(similarity, positives)
-  video_tokens = model.apply({"params": params}, batch["pixels"], batch["mask"],
+  video_tokens = model.apply({"params": params}, *clip_inputs(batch["pixels"], batch["mask"], model.crop),
                              method=captioner_lib.Captioner.encode_video)
   generated = captioner_lib.greedy_decode(model, params, video_tokens, int(config.model.max_length))
   hit_v2t = jnp.take_along_axis(positives, jnp.argmax(similarity, 1)[:, None], 1)[:, 0]
@@ -236,7 +282,8 @@ class LoadedCaptioner:
     self._generate = jax.jit(self._generate_impl, static_argnames=("beams",))
 
   def _generate_impl(self, params, pixels, mask, *, beams):
-    video_tokens = self.model.apply({"params": params}, pixels, mask, method=captioner_lib.Captioner.encode_video)
+    video_tokens = self.model.apply({"params": params}, *clip_inputs(pixels, mask, self.model.crop),
+                                    method=captioner_lib.Captioner.encode_video)
     if beams <= 1:
       return captioner_lib.greedy_decode(self.model, params, video_tokens, self.max_length)
     return captioner_lib.beam_decode(self.model, params, video_tokens, self.max_length, beams)
