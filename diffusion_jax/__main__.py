@@ -1,9 +1,10 @@
-"""python -m diffusion_jax <command>: quickstart, train, encode, sample, export, evaluate, data-stats.
+"""python -m diffusion_jax <command>: quickstart, train, encode, recaption, sample, export, evaluate, data-stats.
 
   python -m diffusion_jax quickstart
   python -m diffusion_jax train --config=configs/dit_image.py:variant=S/2 --workdir=/tmp/run --config.train.steps=100
   python -m diffusion_jax sample --workdir=/tmp/run --sampler=ddim --steps-sample=50 --cfg-scale=4
   python -m diffusion_jax encode --source=moving_digits --vae=/tmp/vae --out=/tmp/latents
+  python -m diffusion_jax recaption --captioner=/tmp/captioner --source=/data/my_videos_dataset --out=/tmp/recaptioned
   python -m diffusion_jax sample --workdir=/tmp/vdit --prompt="a red 3 moving quickly to the right" --size=32,32 --frames=9
 
 Mistakes in what the user gave (a config, an override, a workdir, a dataset)
@@ -19,6 +20,7 @@ import time
 import jax
 
 from diffusion_jax import checkpoint, distributed, encode, evaluate, export as export_lib, inference, quickstart
+from diffusion_jax import recaption
 from diffusion_jax import config as config_lib
 from diffusion_jax import sample as sample_lib
 from diffusion_jax.data import encoded, pipeline, sources, stats
@@ -74,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
   encode.add_argument("--crop-multiple", type=int, default=0,
                       help="crop sides to multiples of this (and the VAE factor): fewer shapes to compile")
   encode.add_argument("--out", required=True)
+
+  recaption = sub.add_parser("recaption", help="write a dataset with a trained captioner's captions (the "
+                                                "originals kept as original_caption)")
+  recaption.add_argument("--captioner", required=True, help="a captioner's workdir or export (configs/captioner.py)")
+  recaption.add_argument("--source", required=True, help="built-in dataset name or a tfds dataset directory")
+  recaption.add_argument("--builder", default="{}", help="built-in builder arguments as JSON")
+  recaption.add_argument("--data-dir", default="", help="where built-in datasets live (default ~/.cache/diffusion_jax/data)")
+  recaption.add_argument("--splits", default="train,validation")
+  recaption.add_argument("--beams", type=int, default=1, help="1 = greedy decoding, else beam search width")
+  recaption.add_argument("--batch-size", type=int, default=32)
+  recaption.add_argument("--out", required=True)
 
   stats = sub.add_parser("data-stats", help="print JSON statistics of a config's input pipeline",
                          epilog="Override any config field with --config.section.field=value.")
@@ -162,6 +175,23 @@ def run_encode(args) -> str:
   return args.out
 
 
+def run_recaption(args) -> str:
+  try:
+    builder = json.loads(args.builder)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--builder is not JSON: {e}") from e
+  distributed.initialize()
+  distributed.process_zero_first(sources.ensure_dataset, args.source, args.data_dir, **builder)
+  captioner = inference.load_captioner(args.captioner)
+  for split in [s for s in args.splits.split(",") if s]:
+    start = time.time()
+    recaption.recaption_dataset(args.source, split, args.data_dir, args.out, captioner=captioner, beams=args.beams,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                builder_kwargs=builder, batch_size=args.batch_size)
+    print(f"recaptioned {args.source}/{split} in {time.time() - start:.0f}s -> {args.out}", flush=True)
+  return args.out
+
+
 def run_sample(args) -> str:
   """Class grids of a class-conditional pixel image model, else videos (or images) from prompts."""
   gen = inference.load_generator(args.workdir)
@@ -202,6 +232,8 @@ def main(argv=None) -> int:
       run_sample(args)
     elif args.command == "encode":
       run_encode(args)
+    elif args.command == "recaption":
+      run_recaption(args)
     elif args.command == "data-stats":
       result = stats.data_stats(_load(args.config, overrides), num_batches=args.num_batches, split=args.split)
       print(json.dumps(result, indent=1))

@@ -178,21 +178,17 @@ def _encode_examples(examples, encoder, text_max_length, vae, crop_multiple=0, p
   return out
 
 
-def _write_shard(path, source, indices, features, encoder, text_max_length, vae, batch_size, crop_multiple=0,
-                 pad_frames=0) -> int:
-  """Encodes source[indices] into one ArrayRecord file at `path` (via a temporary name); its size in bytes."""
+def write_records(path: str, features, rows) -> int:
+  """Writes the feature dicts `rows` (any iterable) into one ArrayRecord file at `path`, via a
+  temporary name in the progress folder renamed at the end; returns its size in bytes. An
+  exception (or a kill) midway leaves no file at `path`."""
   serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
   # the temporary file lives in the progress folder, so a killed run leaves nothing shard-like behind
   tmp = os.path.join(os.path.dirname(path), PROGRESS_DIR, f"{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")  # tfds' own option: random access
-  encoder = CaptionMemo(encoder)
   try:
-    for start in range(0, len(indices), batch_size):
-      chunk = indices[start:start + batch_size]
-      for row in _encode_examples(source.__getitems__(chunk), encoder, text_max_length, vae, crop_multiple,
-                                  pad_frames):
-        writer.write(serializer.serialize_example(features.encode_example(row)))
-      logging.info("encode: %s: %d / %d examples", os.path.basename(path), start + len(chunk), len(indices))
+    for row in rows:
+      writer.write(serializer.serialize_example(features.encode_example(row)))
     writer.close()
   except BaseException:
     writer.close()
@@ -200,6 +196,21 @@ def _write_shard(path, source, indices, features, encoder, text_max_length, vae,
     raise
   os.replace(tmp, path)
   return os.path.getsize(path)
+
+
+def _write_shard(path, source, indices, features, encoder, text_max_length, vae, batch_size, crop_multiple=0,
+                 pad_frames=0) -> int:
+  """Encodes source[indices] into one ArrayRecord file at `path` (via a temporary name); its size in bytes."""
+  encoder = CaptionMemo(encoder)
+
+  def rows():
+    for start in range(0, len(indices), batch_size):
+      chunk = indices[start:start + batch_size]
+      yield from _encode_examples(source.__getitems__(chunk), encoder, text_max_length, vae, crop_multiple,
+                                  pad_frames)
+      logging.info("encode: %s: %d / %d examples", os.path.basename(path), start + len(chunk), len(indices))
+
+  return write_records(path, features, rows())
 
 
 def _finished_splits(progress_dir: str) -> dict:
@@ -218,12 +229,11 @@ def _finished_splits(progress_dir: str) -> dict:
   return {split: value[1:] for split, value in finished.items()}
 
 
-def _finalize(out_dir: str, settings: dict, features) -> list[str]:
+def _finalize(out_dir: str, settings: dict, features, name: str, description: str) -> list[str]:
   """(Re)writes the tfds metadata for every split whose shards are all done; returns those splits.
 
   Idempotent, and written file by file with atomic renames, dataset_info.json last.
   """
-  name = _dataset_name(settings)
   progress_dir = os.path.join(out_dir, PROGRESS_DIR)
   finished = _finished_splits(progress_dir)
   if not finished:
@@ -244,8 +254,7 @@ def _finalize(out_dir: str, settings: dict, features) -> list[str]:
       name=name, version=tfds.core.Version(encoded.FORMAT_VERSION), data_dir=out_dir, module_name="")
   info = dataset_info.DatasetInfo(
       builder=identity, features=features, metadata=tfds.core.MetadataDict(metadata),
-      description=f"{settings['content']} and {settings['text_encoder']['name']} caption embeddings of "
-                  f"{settings['source']['name']} (diffusion_jax encode)")
+      description=description)
   info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
   info.set_splits(split_lib.SplitDict(split_infos))
   staging = os.path.join(progress_dir, f"metadata-{uuid.uuid4().hex}")
@@ -301,6 +310,19 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
   settings = _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, vae_path, vae)
   features = encoded.features(encoder.dim, None if vae is None else int(vae.latent_channels))
 
+  name = _dataset_name(settings)
+  description = (f"{settings['content']} and {settings['text_encoder']['name']} caption embeddings of "
+                 f"{settings['source']['name']} (diffusion_jax encode)")
+  write_split(out_dir, settings, features, split, process_index, process_count, len(source), name=name,
+              description=description,
+              write=lambda path, indices: _write_shard(path, source, indices, features, encoder, text_max_length,
+                                                       vae, batch_size, crop_multiple, pad_frames))
+  return out_dir
+
+
+def claim_output(out_dir: str, settings: dict) -> None:
+  """Creates out_dir's progress folder and records `settings` there, or checks that a previous
+  run (an interrupted one, or another split) used the same; raises ValueError naming what differs."""
   progress_dir = os.path.join(out_dir, PROGRESS_DIR)
   os.makedirs(progress_dir, exist_ok=True)
   settings_path = os.path.join(progress_dir, "settings.json")
@@ -309,32 +331,37 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
   stored = encoded.read_json(settings_path)
   if stored != json.loads(json.dumps(settings)):
     changed = sorted(k for k in settings if stored.get(k) != json.loads(json.dumps(settings[k])))
-    raise ValueError(f"{out_dir} holds a dataset encoded with other settings ({', '.join(changed)} differ); "
+    raise ValueError(f"{out_dir} holds a dataset written with other settings ({', '.join(changed)} differ); "
                      "use another out_dir or delete this one")
 
+
+def write_split(out_dir: str, settings: dict, features, split: str, process_index: int, process_count: int,
+                num_source_examples: int, *, name: str, description: str, write) -> None:
+  """Process process_index's shard of `split` (examples process_index::process_count), then the
+  split's metadata once every shard is done (see the module docstring). write(path, indices) -> bytes
+  writes the shard (write_records). A complete split, or a shard with its done marker, is skipped."""
+  claim_output(out_dir, settings)
   if split in encoded.complete_splits(out_dir):
-    logging.info("encode: split %s of %s is complete; nothing to do", split, out_dir)
-    return out_dir
-  name = _dataset_name(settings)
+    logging.info("%s: split %s is complete; nothing to do", out_dir, split)
+    return
+  progress_dir = os.path.join(out_dir, PROGRESS_DIR)
   marker = os.path.join(progress_dir, _marker_file(split, process_index, process_count))
   if os.path.isfile(marker):
-    logging.info("encode: shard %d of %d of split %s is done; skipping it", process_index, process_count, split)
+    logging.info("%s: shard %d of %d of split %s is done; skipping it", out_dir, process_index, process_count, split)
   else:
-    indices = list(range(process_index, len(source), process_count))
+    indices = list(range(process_index, num_source_examples, process_count))
     shard = os.path.join(out_dir, _shard_file(name, split, process_index, process_count))
-    num_bytes = _write_shard(shard, source, indices, features, encoder, text_max_length, vae, batch_size,
-                             crop_multiple, pad_frames)
+    num_bytes = write(shard, indices)
     _write_json_atomic(marker, {"split": split, "source_split": split, "shard": process_index,
                                 "process_count": process_count, "num_examples": len(indices),
                                 "num_bytes": num_bytes})
   if split in _finished_splits(progress_dir):
     _remove_other_shardings(out_dir, name, split, process_count)
-    _finalize(out_dir, settings, features)
-    logging.info("encode: split %s of %s is complete", split, out_dir)
+    _finalize(out_dir, settings, features, name, description)
+    logging.info("%s: split %s is complete", out_dir, split)
   else:
-    logging.info("encode: shard %d of %d of split %s written; the split is readable once every shard is",
-                 process_index, process_count, split)
-  return out_dir
+    logging.info("%s: shard %d of %d of split %s written; the split is readable once every shard is",
+                 out_dir, process_index, process_count, split)
 
 
 def _remove_other_shardings(out_dir: str, name: str, split: str, process_count: int) -> None:

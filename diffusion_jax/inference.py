@@ -19,7 +19,7 @@ from diffusion_jax import export as export_lib
 from diffusion_jax import sharding
 from diffusion_jax.models import text
 from diffusion_jax.models import vae as vae_lib
-from diffusion_jax.train import classifier_task, dit_task, vae_task
+from diffusion_jax.train import captioner_task, classifier_task, dit_task, vae_task
 
 
 # --------------------------------------------------------------------------- VAE
@@ -155,3 +155,9 @@ def classify(export, frames, *, batch_size: int = 256):
   if not logits:
     return np.zeros((0, int(export.config.model.num_classes)), np.float32), np.zeros((0, 0), np.float32)
   return np.concatenate(logits), np.concatenate(features)
+
+
+def load_captioner(path: str, step: int | None = None) -> captioner_task.LoadedCaptioner:
+  """The captioner of a training workdir or an export (its EMA params, export.restore_ema_params)."""
+  config, step, params = export_lib.restore_ema_params(path, step)
+  return captioner_task.LoadedCaptioner(config, params, step)

@@ -17,7 +17,7 @@ LAYERS = (
     ("data", ("data",)),
     ("models and diffusion", ("models", "diffusion")),
     ("train", ("train",)),
-    ("commands", ("export", "inference", "encode", "sample", "eval_metrics", "evaluate", "quickstart", "__main__")),
+    ("commands", ("export", "inference", "encode", "recaption", "sample", "eval_metrics", "evaluate", "quickstart", "__main__")),
 )
 SIBLINGS_APART = ("models", "diffusion")
 # Function-local imports allowed, each to keep an optional heavy dependency off the import path.

@@ -25,21 +25,21 @@ from diffusion_jax.config import ConfigError
 from diffusion_jax.data import pipeline, sources
 
 
-def locate_digit(x, input_size: int, *, threshold: float = 0.5, margin: float = 1.25):
-  """A square window around each frame's foreground, resampled to input_size x input_size.
+def digit_window(x, *, threshold: float = 0.5, margin: float = 1.25):
+  """Where each frame's foreground is: (x - background, background [N, 3], top [N], left [N], side [N],
+  weights [N, H, W]).
 
   x: float frames [N, H, W, 3]. The background is the median colour of the
   frame's border pixels; the foreground is where the colour distance from it
-  exceeds `threshold` x the frame's largest distance; the window is the
-  foreground's bounding box, squared on its longer side and widened by
-  `margin`, centred on the box. Returns x - background resampled over the
-  window (antialiased bilinear; outside the frame is background, 0). A frame
-  with no foreground keeps its whole extent (a square around its centre).
-  So a digit reads the same at any canvas size, aspect and position.
+  exceeds `threshold` x the frame's largest distance (`weights` is that
+  distance there, 0 elsewhere); the window is the foreground's bounding box,
+  squared on its longer side and widened by `margin`, centred on the box. A
+  frame with no foreground keeps its whole extent (a square around its centre).
   """
   n, h, w, _ = x.shape
   border = jnp.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # [N, 2W + 2H, 3]
-  x = x - jnp.median(border, axis=1)[:, None, None, :]
+  background = jnp.median(border, axis=1)
+  x = x - background[:, None, None, :]
   distance = jnp.sqrt(jnp.sum(x * x, axis=-1))  # [N, H, W]
   peak = distance.max(axis=(1, 2), keepdims=True)
   mask = (distance > threshold * peak) & (peak > 1e-3)
@@ -53,14 +53,30 @@ def locate_digit(x, input_size: int, *, threshold: float = 0.5, margin: float = 
   y0, y1 = extent(mask.any(axis=2), h)
   x0, x1 = extent(mask.any(axis=1), w)
   side = jnp.maximum(jnp.maximum(y1 - y0, x1 - x0) * margin, 4.0)
-  scale = input_size / side
   top, left = (y0 + y1) / 2 - side / 2, (x0 + x1) / 2 - side / 2
+  return x, background, top, left, side, jnp.where(mask, distance, 0.0)
+
+
+def resample_window(x, top, left, side, size: int):
+  """The square windows (top, left, side) of frames x [N, H, W, C], resampled to size x size
+  (antialiased bilinear; outside the frame is 0)."""
+  scale = size / side
 
   def resample(frame, s, t, l):
-    return jax.image.scale_and_translate(frame, (input_size, input_size, 3), (0, 1), jnp.stack([s, s]),
+    return jax.image.scale_and_translate(frame, (size, size, frame.shape[-1]), (0, 1), jnp.stack([s, s]),
                                          jnp.stack([-t * s, -l * s]), "linear", antialias=True)
 
   return jax.vmap(resample)(x, scale, top, left)
+
+
+def locate_digit(x, input_size: int, *, threshold: float = 0.5, margin: float = 1.25):
+  """A square window around each frame's foreground (digit_window), resampled to input_size x input_size.
+
+  Returns x - background resampled over the window (outside the frame is
+  background, 0). So a digit reads the same at any canvas size, aspect and position.
+  """
+  x, _, top, left, side, _ = digit_window(x, threshold=threshold, margin=margin)
+  return resample_window(x, top, left, side, input_size)
 
 
 class DigitClassifier(nn.Module):

@@ -44,7 +44,7 @@ from diffusion_jax import metrics
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import packing, pipeline
-from diffusion_jax.train import classifier_task, dit_task, vae_task
+from diffusion_jax.train import captioner_task, classifier_task, dit_task, vae_task
 from diffusion_jax.train import state as state_lib
 
 # The small table of tasks. Each module offers:
@@ -62,7 +62,7 @@ from diffusion_jax.train import state as state_lib
 #                                            numerator); without it, XLA's count of the compiled step
 #   checkpoint_extras(scores, config) -> dict  JSON saved with each checkpoint, from the eval
 #                                            scores of that step's EMA params (evaluated at every save)
-TASKS = {"dit": dit_task, "classifier": classifier_task, "vae": vae_task}
+TASKS = {"dit": dit_task, "classifier": classifier_task, "vae": vae_task, "captioner": captioner_task}
 
 TEST_SIGNAL_ENV = "DIFFUSION_JAX_TEST_SIGNAL_AT"
 
