@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
+from diffusion_jax import distributed
 from diffusion_jax import metrics
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
@@ -398,8 +399,12 @@ def train(config, workdir: str):
     state = init_fn(jax.random.PRNGKey(config.train.seed))
   else:
     target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-    state = checkpoint.restore(manager, start_step, target, data_iter)
-    print(f"resumed from step {start_step} in {workdir}", flush=True)
+    state = checkpoint.restore(manager, start_step, target)  # onto this run's mesh, whatever it was saved on
+    # The iterator states are per process: exact with the same process count, else a deterministic skip.
+    how = distributed.resume_data_iterator(manager, start_step, data_iter)
+    if jax.process_index() == 0:
+      print(f"resumed from step {start_step} in {workdir} on {jax.process_count()} processes "
+            f"(data iterator {how})", flush=True)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_state.params))
 
   # ------------------------------------------------------------- train step
