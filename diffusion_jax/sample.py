@@ -43,8 +43,8 @@ every class, one example per label packed into the config's rows, the whole grid
 one compiled call; --out gets grid.png (a row per class), class_<c>.png and
 samples.jsonl.
 
-Outputs of prompts in --out (media.save_sample): sample_<i>.gif (and .mp4 when imageio
-has an ffmpeg plugin; .png for a one-frame sample), sample_<i>.npz (uint8
+Outputs of prompts in --out (media.save_sample): sample_<i>.gif and .mp4 (.png for a
+one-frame sample), sample_<i>.npz (uint8
 frames [T, H, W, C]) and samples.jsonl.
 """
 import dataclasses
