@@ -39,7 +39,7 @@ setuptools.setup(
         # libtpu (through jax[tpu], pinned to the jax the tests run) lets
         # tests/test_compile_check.py compile the train step for a TPU slice on
         # a CPU-only machine; it idles elsewhere (JAX_PLATFORMS=cpu in tests).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "jax[tpu]==0.10.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "jax[tpu]==0.10.2", "pyyaml>=6"],  # pyyaml: the JobSet test
     },
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.__main__:main"]},
 )
