@@ -71,6 +71,7 @@ def get_config(arg: str = ""):
       grad_accum_steps=1,
       max_consecutive_skips=20,
       eval_every=500,
+      eval_media=True,  # at eval steps, samples of fixed classes / sample.prompts into TensorBoard
       eval_batches=4,
       profile_steps=(0, 0),
   )

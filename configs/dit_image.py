@@ -68,6 +68,7 @@ def get_config(arg: str = ""):
       grad_accum_steps=1,  # micro-batches per step (a lax.scan); the update is the global batch's
       max_consecutive_skips=20,  # stop after this many non-finite updates in a row (0 = never)
       eval_every=500,  # held-out loss per timestep bucket (EMA params) every this many steps; 0 = off
+      eval_media=True,  # at eval steps, samples of fixed classes / sample.prompts into TensorBoard
       eval_batches=4,  # the fixed eval set: this many batches of data.eval_split
       profile_steps=(0, 0),  # (start, stop): trace steps start+1..stop into WORKDIR/profile; equal = off
   )

@@ -32,10 +32,10 @@ def save_image(image, path: str) -> str:
   return path
 
 
-def save_grid(images, path: str, *, columns: int, pad: int = 2) -> str:
-  """uint8 images [N, H, W, C] as one PNG, `columns` a row, with a dark gutter; small grids are
+def grid(images, *, columns: int, pad: int = 2) -> np.ndarray:
+  """uint8 images [N, H, W, C] as one picture, `columns` a row, with a dark gutter; small grids are
   scaled up (nearest) towards 256 px so they can be seen."""
-  images = _check_uint8(images, 4, "save_grid")
+  images = _check_uint8(images, 4, "grid")
   n, h, w, c = images.shape
   rows = -(-n // columns)
   canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), GUTTER, np.uint8)
@@ -44,7 +44,12 @@ def save_grid(images, path: str, *, columns: int, pad: int = 2) -> str:
     y, x = pad + i * (h + pad), pad + j * (w + pad)
     canvas[y:y + h, x:x + w] = images[index]
   scale = max(1, 256 // max(canvas.shape[:2]))
-  return save_image(canvas.repeat(scale, axis=0).repeat(scale, axis=1), path)
+  return canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(images, path: str, *, columns: int, pad: int = 2) -> str:
+  """media.grid of uint8 images [N, H, W, C] as one PNG."""
+  return save_image(grid(images, columns=columns, pad=pad), path)
 
 
 def save_clip_rows(videos, path: str, *, scale: int = 2, pad: int = 2) -> str:
@@ -70,10 +75,16 @@ def save_clip_rows(videos, path: str, *, scale: int = 2, pad: int = 2) -> str:
   return save_image(canvas.repeat(scale, axis=0).repeat(scale, axis=1), path)
 
 
+def encode_gif(video, *, fps: int = 8) -> bytes:
+  """A uint8 video [T, H, W, C] as the bytes of a looping GIF (also what TensorBoard animates)."""
+  video = _check_uint8(video, 4, "encode_gif")
+  return iio.imwrite("<bytes>", _plain(video), extension=".gif", duration=1000 / fps, loop=0)
+
+
 def save_gif(video, path: str, *, fps: int = 8) -> str:
   """A uint8 video [T, H, W, C] as a looping GIF."""
-  video = _check_uint8(video, 4, "save_gif")
-  iio.imwrite(path, _plain(video), duration=1000 / fps, loop=0)
+  with open(path, "wb") as f:
+    f.write(encode_gif(video, fps=fps))
   return path
 
 

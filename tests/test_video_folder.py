@@ -211,10 +211,12 @@ def test_a_vae_trains_on_a_folder_of_mp4s_and_evaluates_its_validation_split(tmp
                "-c:v", "libx264", "-pix_fmt", "yuv420p")
     (folder / f"clip_{i}.txt").write_text(f"clip {i}")
   config = config_lib.load_config(os.path.join(REPO, "configs", "vae_video.py") + ":smoke")
-  with config.unlocked():
-    config.data.update(name="video_folder", data_dir=str(tmp_path / "data"))
-    config.data.builder = dict(folder=str(folder), max_frames=9, max_side=32)  # replaces moving_digits' arguments
-    config.train.update(steps=2, ckpt_every=2, log_every=1)
+  # As the README's command line gives them: the builder section as JSON replaces moving_digits' arguments.
+  config_lib.apply_overrides(config, ["data.name=video_folder", f"data.data_dir={tmp_path / 'data'}",
+                                      f'data.builder={{"folder": "{folder}", "max_frames": 9, "max_side": 32}}',
+                                      "train.steps=2", "train.ckpt_every=2", "train.log_every=1"])
+  with pytest.raises(config_lib.ConfigError, match="cannot read data.builder="):
+    config_lib.apply_overrides(config, ["data.builder=[1, 2]"])
   sources.ensure_dataset(config.data.name, config.data.data_dir, **pipeline.builder_kwargs(config.data))
   state, metrics = loop.train(config, str(tmp_path / "run"))
   assert int(state.step) == 2 and np.isfinite(metrics["loss"])

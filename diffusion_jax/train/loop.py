@@ -42,6 +42,7 @@ from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
 from diffusion_jax import distributed
 from diffusion_jax import metrics
+from diffusion_jax import sample as sample_lib
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
 from diffusion_jax.data import packing, pipeline
@@ -421,6 +422,13 @@ def train(config, workdir: str):
   evaluate = None
   if eval_every or extras_fn is not None:
     evaluate = make_evaluator(config, model, mesh, rules, state_shardings.ema_params, config.data.eval_split)
+  # With the held-out scores, TensorBoard gets samples of a few fixed prompts or classes (train.eval_media).
+  media_fn = None
+  if eval_every and config.train.get("eval_media", True):
+    if jax.process_count() == 1:
+      media_fn = sample_lib.media_sampler(config, model)
+    elif jax.process_index() == 0:
+      print("train.eval_media: TensorBoard samples are written by single-process runs only", flush=True)
 
   # ------------------------------------------------------------------- loop
   step = int(jax.device_get(state.step))
@@ -496,6 +504,9 @@ def train(config, workdir: str):
         last.update(scores)  # the caller's last metrics include the newest held-out scores
         writer.write(step, scores)
         writer.progress(step, {"eval/loss": scores["eval/loss"]})
+        if media_fn is not None:
+          with sharding.activate(mesh, rules):
+            writer.write_media(step, media_fn(state.ema_params, step))
         window_start += time.time() - eval_start  # the throughput rates leave out evaluation
 
       if step % config.train.ckpt_every == 0 or step == total:
