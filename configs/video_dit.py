@@ -70,7 +70,8 @@ def get_config(arg: str = ""):
     # The checks keep rising with steps (prompted digit 0.10 at 1200 steps, 0.40 at 2000: BENCHMARKS.md);
     # 1600 is what the quickstart's 15 minutes leave for this stage.
     c.train.update(global_batch=20, steps=1600, lr=1e-3, warmup_steps=50, ema_decay=0.99,
-                   compute_dtype="float32", log_every=50, ckpt_every=1600, eval_every=1600, eval_batches=2)
+                   compute_dtype="float32", log_every=50, ckpt_every=1600, eval_every=1600, eval_batches=2,
+                   eval_media=False)  # the quickstart's evaluate stage writes its samples
     # The clips are 9-75 tokens: with the 256-token base they would train at s = 0.2-0.5, i.e. mostly
     # at low noise, where motion and layout are already decided. A base of 8 gives s = 1.1-3.1, like
     # the big recipes' clips get: motion direction 0.11 at s = 1, 0.42 at base 8 (1200 steps each).

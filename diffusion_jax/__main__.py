@@ -155,7 +155,7 @@ def run_train(config, workdir: str):
   # Several processes on one host share the data directory: process 0 builds it first.
   distributed.process_zero_first(sources.ensure_dataset, config.data.name, config.data.data_dir,
                                  **pipeline.builder_kwargs(config.data))
-  return loop.train(config, workdir)
+  return loop.train(config, workdir, media_sampler=sample_lib.media_sampler)
 
 
 def run_encode(args) -> str:

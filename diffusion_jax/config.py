@@ -53,6 +53,12 @@ def _convert(text: str, like, name: str):
       return int(text)
     if isinstance(like, float):
       return float(text)
+    if isinstance(like, ml_collections.ConfigDict):
+      # A whole section as JSON, e.g. data.builder='{"folder": "/data/clips"}': replaced, not merged.
+      value = json.loads(text)
+      if not isinstance(value, dict):
+        raise ValueError(text)
+      return ml_collections.ConfigDict(value)
     if isinstance(like, (tuple, list)):
       # literal_eval parses literals only (numbers, strings, tuples): no code runs.
       value = ast.literal_eval(text)
@@ -61,7 +67,7 @@ def _convert(text: str, like, name: str):
       return type(like)(value)
     if like is None:
       return ast.literal_eval(text) if text[:1] in "0123456789-([" else text
-  except (ValueError, SyntaxError):
+  except (ValueError, SyntaxError):  # json.JSONDecodeError is a ValueError
     raise ConfigError(f"cannot read {name}={text!r} as {type(like).__name__}") from None
   return text
 

@@ -75,6 +75,7 @@ TRAIN = dict(
     max_consecutive_skips=20,  # stop after this many non-finite updates in a row (0 = never)
     eval_every=0,  # held-out metrics of the EMA params every this many steps; 0 = off
     eval_batches=4,  # the fixed eval set: this many batches of data.eval_split
+    eval_media=True,  # diffusion models: at eval steps, samples of sample.prompts / fixed classes into TensorBoard
     profile_steps=(0, 0),  # (start, stop): trace steps start+1..stop into WORKDIR/profile; equal = off
 )
 

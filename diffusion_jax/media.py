@@ -2,14 +2,13 @@
 
 The one writer behind `sample`, `evaluate` and the quickstart report. Every
 function takes uint8 arrays with a channel axis (1 or 3 channels) and returns
-what it wrote. MP4 needs an ffmpeg-capable imageio plugin (PyAV or
-imageio-ffmpeg); without one, save_mp4 writes nothing and says so by
-returning None.
+what it wrote. MP4s are encoded by the ffmpeg binary that the imageio-ffmpeg
+wheel ships (a dependency), so they are written everywhere.
 """
-import importlib.util
 import os
 
 import imageio.v3 as iio
+import imageio_ffmpeg
 import numpy as np
 
 GUTTER = 40  # the dark grey between pictures
@@ -33,10 +32,10 @@ def save_image(image, path: str) -> str:
   return path
 
 
-def save_grid(images, path: str, *, columns: int, pad: int = 2) -> str:
-  """uint8 images [N, H, W, C] as one PNG, `columns` a row, with a dark gutter; small grids are
+def grid(images, *, columns: int, pad: int = 2) -> np.ndarray:
+  """uint8 images [N, H, W, C] as one picture, `columns` a row, with a dark gutter; small grids are
   scaled up (nearest) towards 256 px so they can be seen."""
-  images = _check_uint8(images, 4, "save_grid")
+  images = _check_uint8(images, 4, "grid")
   n, h, w, c = images.shape
   rows = -(-n // columns)
   canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), GUTTER, np.uint8)
@@ -45,7 +44,12 @@ def save_grid(images, path: str, *, columns: int, pad: int = 2) -> str:
     y, x = pad + i * (h + pad), pad + j * (w + pad)
     canvas[y:y + h, x:x + w] = images[index]
   scale = max(1, 256 // max(canvas.shape[:2]))
-  return save_image(canvas.repeat(scale, axis=0).repeat(scale, axis=1), path)
+  return canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(images, path: str, *, columns: int, pad: int = 2) -> str:
+  """media.grid of uint8 images [N, H, W, C] as one PNG."""
+  return save_image(grid(images, columns=columns, pad=pad), path)
 
 
 def save_clip_rows(videos, path: str, *, scale: int = 2, pad: int = 2) -> str:
@@ -71,37 +75,43 @@ def save_clip_rows(videos, path: str, *, scale: int = 2, pad: int = 2) -> str:
   return save_image(canvas.repeat(scale, axis=0).repeat(scale, axis=1), path)
 
 
+def encode_gif(video, *, fps: int = 8) -> bytes:
+  """A uint8 video [T, H, W, C] as the bytes of a looping GIF (also what TensorBoard animates)."""
+  video = _check_uint8(video, 4, "encode_gif")
+  return iio.imwrite("<bytes>", _plain(video), extension=".gif", duration=1000 / fps, loop=0)
+
+
 def save_gif(video, path: str, *, fps: int = 8) -> str:
   """A uint8 video [T, H, W, C] as a looping GIF."""
-  video = _check_uint8(video, 4, "save_gif")
-  iio.imwrite(path, _plain(video), duration=1000 / fps, loop=0)
+  with open(path, "wb") as f:
+    f.write(encode_gif(video, fps=fps))
   return path
 
 
-def mp4_plugin() -> str | None:
-  """The imageio plugin that can write MP4 here ('pyav' or 'FFMPEG'), or None."""
-  if importlib.util.find_spec("av") is not None:
-    return "pyav"
-  if importlib.util.find_spec("imageio_ffmpeg") is not None:
-    return "FFMPEG"
-  return None
-
-
-def save_mp4(video, path: str, *, fps: int = 8) -> str | None:
-  """A uint8 video [T, H, W, C] as H.264 MP4; None, with no file left behind, when no plugin
-  can write it (none installed, or the encoder refuses the frame size)."""
+def save_mp4(video, path: str, *, fps: int = 8) -> str:
+  """A uint8 video [T, H, W, C] as an H.264 MP4 (yuv420p, what browsers and TensorBoard play), by the
+  ffmpeg that imageio-ffmpeg ships. Odd sides are padded by repeating the last row or column
+  (4:2:0 needs even sides). Written under a temporary name and renamed, so a failed encode
+  leaves nothing behind; ffmpeg's complaint is raised as a RuntimeError."""
   video = _check_uint8(video, 4, "save_mp4")
-  plugin = mp4_plugin()
-  if plugin is None:
-    return None
   frames = np.repeat(video, 3, axis=-1) if video.shape[-1] == 1 else video
-  codec = dict(codec="libx264") if plugin == "pyav" else {}
+  _, h, w, _ = frames.shape
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+  partial = f"{path}.partial.mp4"
+  writer = imageio_ffmpeg.write_frames(
+      partial, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+      macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", "18"])
   try:
-    iio.imwrite(path, frames, plugin=plugin, fps=fps, **codec)
-  except Exception:  # encoders raise many types (odd sizes, missing codecs): the GIF stands in
-    if os.path.exists(path):
-      os.remove(path)
-    return None
+    writer.send(None)  # starts ffmpeg
+    for frame in frames:
+      writer.send(np.ascontiguousarray(frame))
+    writer.close()
+  except BaseException:
+    writer.close()
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise
+  os.replace(partial, path)
   return path
 
 
@@ -113,13 +123,13 @@ def save_npz(video, path: str) -> str:
 
 def save_sample(video, out_dir: str, stem: str) -> list[str]:
   """One generated sample as files in out_dir: STEM.png (one frame) or STEM.gif, STEM.npz, and
-  STEM.mp4 when it can be written. Returns the file names, in that order."""
+  STEM.mp4 for a video. Returns the file names, in that order."""
   video = _check_uint8(video, 4, "save_sample")
   if len(video) == 1:
     files = [os.path.basename(save_image(video[0], os.path.join(out_dir, f"{stem}.png")))]
   else:
     files = [os.path.basename(save_gif(video, os.path.join(out_dir, f"{stem}.gif")))]
   files.append(os.path.basename(save_npz(video, os.path.join(out_dir, f"{stem}.npz"))))
-  if len(video) > 1 and save_mp4(video, os.path.join(out_dir, f"{stem}.mp4")) is not None:
-    files.append(f"{stem}.mp4")
+  if len(video) > 1:
+    files.append(os.path.basename(save_mp4(video, os.path.join(out_dir, f"{stem}.mp4"))))
   return files

@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter  # pure Python, no TensorFlow
+from tensorboardX.proto.summary_pb2 import Summary
+
+from diffusion_jax import media
 
 # Dense bf16 peak FLOP/s per chip (vendor figures), matched against
 # jax.Device.device_kind in order: the first key found in the lowercase kind wins.
@@ -53,6 +56,23 @@ class MetricWriter:
       self._tb.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
     self._jsonl.flush()
+
+  def write_media(self, step: int, pictures: dict, *, fps: int = 8) -> None:
+    """uint8 [T, H, W, C] per tag into TensorBoard's images tab: one frame as a PNG, a clip as an
+    animated GIF (an image summary holding GIF bytes, which TensorBoard plays; tensorboardX's own
+    add_video needs moviepy)."""
+    if not self.enabled:
+      return
+    for tag, video in pictures.items():
+      video = np.asarray(video)
+      if len(video) == 1:
+        self._tb.add_image(tag, video[0], step, dataformats="HWC")
+        continue
+      _, height, width, channels = video.shape
+      image = Summary.Image(height=height, width=width, colorspace=channels,
+                            encoded_image_string=media.encode_gif(video, fps=fps))
+      self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    self._tb.flush()
 
   def progress(self, step: int, scalars: dict, *, eta_s=None) -> None:
     """One console line: a bar, the step, the scalars given, and the time left."""

@@ -56,8 +56,8 @@ every class, one example per label packed into the config's rows, the whole grid
 one compiled call; --out gets grid.png (a row per class), class_<c>.png and
 samples.jsonl.
 
-Outputs of prompts in --out (media.save_sample): sample_<i>.gif (and .mp4 when imageio
-has an ffmpeg plugin; .png for a one-frame sample), sample_<i>.npz (uint8
+Outputs of prompts in --out (media.save_sample): sample_<i>.gif and .mp4 (.png for a
+one-frame sample), sample_<i>.npz (uint8
 frames [T, H, W, C]) and samples.jsonl.
 """
 import dataclasses
@@ -638,6 +638,51 @@ def run_class_grid(gen: inference.Generator, out: str, *, sampler: str = "", ste
       f.write(json.dumps(r) + "\n")
   print(f"sampled {len(labels)} images in {seconds:.1f}s -> {grid_path} (one row per class)", flush=True)
   return grid_path
+
+
+# --------------------------------------------------------------------------- training media
+
+MEDIA_PROMPTS = 4  # TensorBoard samples of a prompt model: its first sample.prompts
+MEDIA_CLASSES = 10  # of a class-conditional model: one image of each of its first classes
+
+
+def media_sampler(config, model):
+  """What the training loop shows in TensorBoard at eval steps: sample(params, step) ->
+  {tag: uint8 [T, H, W, C]} of a few fixed requests, or None for a model that does not sample
+  (tasks other than dit, a prompt model without sample.prompts, an unconditional pixel model).
+
+  Prompt models: the first MEDIA_PROMPTS of sample.prompts at sample.size / sample.frames, one
+  tag each; class-conditional pixel models: one image of each of the first MEDIA_CLASSES classes
+  as one grid. Sampler, steps, guidance and seed are the config's `sample` section and fixed, so
+  the pictures of successive evaluations differ only by the params. The VAE and the text
+  encoder are loaded once, here; call it under the run's mesh (sharding.activate).
+  """
+  if config.task != "dit" or "sample" not in config:
+    return None
+  cfg = config.sample
+  settings = dict(sampler=cfg.sampler, steps=int(cfg.steps), cfg_scale=float(cfg.cfg_scale), seed=int(cfg.get("seed", 0)))
+  gen = inference.with_conditioners(config, model, None)
+  if dit_task.samples_from_prompts(config):
+    prompts = list(cfg.get("prompts", ()))[:MEDIA_PROMPTS]
+    if not prompts:
+      return None
+    requests = [Request(prompt=p, size=tuple(int(x) for x in cfg.size), frames=int(cfg.frames)) for p in prompts]
+
+    def sample_prompts(params, step):
+      videos, _ = sample_requests(dataclasses.replace(gen, params=params, step=step), requests,
+                                  rows_per_call=int(cfg.get("rows_per_call", 4)), **settings)
+      return {f"samples/{i}: {request.prompt}": video for i, (request, video) in enumerate(zip(requests, videos))}
+
+    return sample_prompts
+  classes = list(range(min(int(config.model.get("num_classes", 0)), MEDIA_CLASSES)))
+  if not classes:
+    return None
+
+  def sample_class_grid(params, step):
+    images = sample_classes(dataclasses.replace(gen, params=params, step=step), classes, **settings)
+    return {"samples/classes": media.grid(images, columns=len(classes))[None]}
+
+  return sample_class_grid
 
 
 # --------------------------------------------------------------------------- outputs

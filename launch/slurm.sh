@@ -4,6 +4,7 @@
 #   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh CONFIG WORKDIR [--config.a.b=value ...]
 #   PER=node sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh CONFIG WORKDIR [...]
 #   GPUS_PER_NODE=4 PYTHON=/path/to/venv/bin/python sbatch ... launch/slurm.sh ...
+#   bash launch/slurm.sh --dry-run CONFIG WORKDIR [...]   # print the srun command, run nothing
 #
 # srun starts the processes; diffusion_jax.distributed.initialize() reads the SLURM
 # environment through JAX (coordinator = first node of the step, port from the job id;
@@ -11,15 +12,31 @@
 # DIFFUSION_JAX_LOCAL_DEVICE_IDS, since JAX would otherwise give it only GPU SLURM_LOCALID.
 # WORKDIR must be on a filesystem all nodes share. Run from the repository root, with
 # diffusion_jax installed (pip install -e .) in the Python that PYTHON names.
+# Preemption and time limits: --signal=TERM@300 has SLURM send SIGTERM to every task 300 s
+# before the time limit, and the training loop answers SIGTERM by saving the step it is at and
+# exiting 0; --requeue puts the job back in the queue when it is preempted or its node fails,
+# and the requeued job resumes from the newest checkpoint in WORKDIR (the log is appended to).
+# A run longer than one time limit: submit it again (or with --dependency=afterany:<job id>).
 #SBATCH --job-name=diffusion_jax
 #SBATCH --exclusive
 #SBATCH --output=diffusion_jax-%j.log
+#SBATCH --open-mode=append
+#SBATCH --signal=TERM@300
+#SBATCH --requeue
 set -euo pipefail
 
-run() { printf '+'; printf ' %q' "$@"; printf '\n'; "$@"; }
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  dry_run=1
+  shift
+fi
+run() {
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  if [[ $dry_run == 0 ]]; then "$@"; fi
+}
 
 if [[ $# -lt 2 ]]; then
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 config="$1"; workdir="$2"; shift 2

@@ -297,35 +297,3 @@ def test_image_pans_moves_as_captioned(tmp_path):
     expected = {"pan to the right": left > 0, "pan to the left": left < 0, "pan down": top > 0,
                 "pan up": top < 0, "zoom in": height < 0, "zoom out": height > 0}
     assert [move for move, ok in expected.items() if move in caption and ok], caption
-
-
-# --------------------------------------------------------------------------- video_folder
-
-def test_video_folder_reads_clips_captions_and_counts_undecodable_files(tmp_path):
-  import imageio.v3 as iio
-  import tensorflow_datasets as tfds
-
-  folder = tmp_path / "videos"
-  (folder / "sub").mkdir(parents=True)
-  clip = np.zeros((5, 20, 30, 3), np.uint8)
-  for t in range(5):
-    clip[t, 5:10, 3 * t:3 * t + 6] = 255
-  iio.imwrite(folder / "a.gif", clip, duration=100, loop=0)
-  (folder / "a.txt").write_text("a white square moving right\n")
-  iio.imwrite(folder / "sub" / "b.gif", np.full((1, 10, 12), 90, np.uint8))  # grey, one frame
-  (folder / "broken.mp4").write_bytes(b"not a video" * 10)
-  (folder / "empty.gif").write_bytes(b"")
-  (folder / "notes.md").write_text("not a video: ignored")
-  data_dir = str(tmp_path / "data")
-  sources.ensure_dataset("video_folder", data_dir, folder=str(folder))
-  source = sources.open_source("video_folder", "train", data_dir, folder=str(folder))
-  examples = {ex["caption"].decode(): ex for ex in _all(source)}
-  assert len(examples) == 2
-  np.testing.assert_array_equal(examples["a white square moving right"]["video"], clip)
-  grey = examples[""]["video"]
-  assert grey.shape == (1, 10, 12, 3) and (grey == 90).all()
-  builder_dir = sources.VideoFolder(data_dir=data_dir, folder=str(folder)).data_dir
-  skipped = tfds.builder_from_directory(str(builder_dir)).info.metadata["skipped_files"]
-  assert sorted(skipped) == ["broken.mp4", "empty.gif"]
-  with pytest.raises(ValueError, match="needs folder= an existing directory"):
-    sources.ensure_dataset("video_folder", data_dir, folder=str(tmp_path / "missing"))

@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
+from diffusion_jax import distributed
 from diffusion_jax import metrics
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
@@ -377,8 +378,12 @@ class _SkipGuard:
           f"{self.workdir} is step {self.manager.latest_step()}")
 
 
-def train(config, workdir: str):
+def train(config, workdir: str, *, media_sampler=None):
   """Trains until config.train.steps, resuming from the newest checkpoint.
+
+  media_sampler(config, model) -> sample(params, step) -> {tag: uint8 frames} (or None): what
+  TensorBoard shows at eval steps when train.eval_media is on; the train command passes
+  sample.media_sampler (sampling sits a layer above the loop, so the loop takes it as an argument).
 
   Returns (final state, the last logged metrics with the newest held-out scores). On a preemption notice it saves
   the state of the step it stopped at and returns early (the CLI exits 0);
@@ -414,8 +419,12 @@ def train(config, workdir: str):
     state = init_fn(jax.random.PRNGKey(config.train.seed))
   else:
     target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-    state = checkpoint.restore(manager, start_step, target, data_iter)
-    print(f"resumed from step {start_step} in {workdir}", flush=True)
+    state = checkpoint.restore(manager, start_step, target)  # onto this run's mesh, whatever it was saved on
+    # The iterator states are per process: exact with the same process count, else a deterministic skip.
+    how = distributed.resume_data_iterator(manager, start_step, data_iter)
+    if jax.process_index() == 0:
+      print(f"resumed from step {start_step} in {workdir} on {jax.process_count()} processes "
+            f"(data iterator {how})", flush=True)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_state.params))
 
   # ------------------------------------------------------------- train step
@@ -432,6 +441,13 @@ def train(config, workdir: str):
   evaluate = None
   if eval_every or extras_fn is not None:
     evaluate = make_evaluator(config, model, mesh, rules, state_shardings.ema_params, config.data.eval_split)
+  # With the held-out scores, TensorBoard gets samples of a few fixed prompts or classes (train.eval_media).
+  media_fn = None
+  if eval_every and media_sampler is not None and config.train.eval_media:
+    if jax.process_count() == 1:
+      media_fn = media_sampler(config, model)
+    elif jax.process_index() == 0:
+      print("train.eval_media: TensorBoard samples are written by single-process runs only", flush=True)
 
   # ------------------------------------------------------------------- loop
   step = int(jax.device_get(state.step))
@@ -507,6 +523,9 @@ def train(config, workdir: str):
         last.update(scores)  # the caller's last metrics include the newest held-out scores
         writer.write(step, scores)
         writer.progress(step, {"eval/loss": scores["eval/loss"]})
+        if media_fn is not None:
+          with sharding.activate(mesh, rules):
+            writer.write_media(step, media_fn(state.ema_params, step))
         window_start += time.time() - eval_start  # the throughput rates leave out evaluation
 
       if step % config.train.ckpt_every == 0 or step == total:
