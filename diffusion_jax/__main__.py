@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog="Override any config field with --config.section.field=value.")
   train.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   train.add_argument("--workdir", required=True)
+  train.add_argument("--allow-change", default="",
+                     help="resume although these config fields changed, comma-separated (e.g. train.lr,data.name)")
 
   sample = sub.add_parser("sample", help="sample from a run's newest checkpoint (EMA params): class grids for "
                                          "a class-conditional pixel model, videos (or images) from prompts for "
@@ -128,7 +130,7 @@ def _load(spec: str, overrides):
   return config
 
 
-def run_train(config, workdir: str):
+def run_train(config, workdir: str, allow_changes=()):
   """Trains in this process; with DIFFUSION_JAX_COORDINATOR etc. set, as one of several (see distributed.py)."""
   from diffusion_jax import distributed
   from diffusion_jax.data import pipeline, sources
@@ -140,7 +142,7 @@ def run_train(config, workdir: str):
   # Several processes on one host share the data directory: process 0 builds it first.
   distributed.process_zero_first(sources.ensure_dataset, config.data.name, config.data.data_dir,
                                  **pipeline.builder_kwargs(config.data))
-  return loop.train(config, workdir)
+  return loop.train(config, workdir, allow_changes)
 
 
 def record_conditioners(config) -> None:
@@ -155,7 +157,9 @@ def record_conditioners(config) -> None:
   from diffusion_jax.data import pipeline
 
   stats = pipeline.latent_stats(config.data)
-  if stats is None and not os.path.isfile(os.path.join(str(config.data.name), "metadata.json")):
+  from diffusion_jax import paths
+
+  if stats is None and not paths.isfile(paths.join(str(config.data.name), "metadata.json")):
     return
   meta = encode.encoded_metadata(str(config.data.name))
   text = meta.get("text_encoder") or {}
@@ -197,7 +201,9 @@ def run_sample(args) -> str:
   from diffusion_jax.train import dit_task
 
   gen = inference.load_generator(args.workdir)
-  out = args.out or os.path.join(args.workdir, "samples")
+  from diffusion_jax import paths
+
+  out = args.out or paths.join(args.workdir, "samples")
   if not dit_task.samples_from_prompts(gen.config):
     return sample_lib.run_class_grid(gen, out, sampler=args.sampler, steps=args.sample_steps,
                                      cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
@@ -233,7 +239,7 @@ def main(argv=None) -> int:
                  loop.TrainingDiverged, FileNotFoundError, ValueError)
   try:
     if args.command == "train":
-      run_train(_load(args.config, overrides), args.workdir)
+      run_train(_load(args.config, overrides), args.workdir, [f for f in args.allow_change.split(",") if f])
     elif args.command == "sample":
       run_sample(args)
     elif args.command == "encode":

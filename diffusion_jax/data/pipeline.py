@@ -59,6 +59,7 @@ import grain
 import jax
 import numpy as np
 
+from diffusion_jax import paths
 from diffusion_jax.data import packing, sources
 
 FRAME_STEP = 4  # clips are cut to 1 + 4k frames: what a causal video VAE with 4x time compression takes
@@ -326,7 +327,7 @@ def latent_stats(data_config) -> dict | None:
   A latent dataset whose channel count differs from data.channels is a
   config error naming both sides (a VAE of another latent width).
   """
-  if not os.path.isfile(os.path.join(str(data_config.name), "metadata.json")):
+  if not paths.isfile(paths.join(str(data_config.name), "metadata.json")):
     return None
   from diffusion_jax import encode  # pylint: disable=g-import-not-at-top  (only encoded datasets need it)
 

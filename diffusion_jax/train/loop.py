@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint
+from diffusion_jax import checkpoint, paths
 from diffusion_jax import config as config_lib
 from diffusion_jax import metrics
 from diffusion_jax import sharding
@@ -361,12 +361,13 @@ class _SkipGuard:
           f"{self.workdir} is step {self.manager.latest_step()}")
 
 
-def train(config, workdir: str):
+def train(config, workdir: str, allow_changes=()):
   """Trains until config.train.steps, resuming from the newest checkpoint.
 
   Returns (final state, the last logged metrics with the newest held-out scores). On a preemption notice it saves
   the state of the step it stopped at and returns early (the CLI exits 0);
-  `state.step` tells where it stopped.
+  `state.step` tells where it stopped. allow_changes: names from
+  checkpoint.RUN_DEFINING_FIELDS that may differ from the saved run's config.
   """
   # ------------------------------------------------------------------ setup
   task = TASKS.get(config.task)
@@ -379,9 +380,9 @@ def train(config, workdir: str):
 
   # ------------------------------------------- refuse another model's workdir
   manager = checkpoint.make_manager(workdir, keep=config.train.keep_ckpts)
-  saved = checkpoint.saved_config(manager)
+  saved = checkpoint.newest_config(manager)
   if saved is not None:
-    checkpoint.check_same_model(saved, config, workdir)
+    checkpoint.check_same_model(saved, config, workdir, allow_changes)
   writer = metrics.for_process(workdir, config.train.steps)
 
   # ------------------------------------------------------------------- data
@@ -393,12 +394,11 @@ def train(config, workdir: str):
 
   # ------------------------------------------------------ model and state
   model, optimizer, init_fn, abstract_state, state_shardings = build_state(config, mesh, rules)
-  start_step = manager.latest_step()
+  target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
+  start_step, state = checkpoint.restore_newest_good(manager, target, data_iter)
   if start_step is None:
     state = init_fn(jax.random.PRNGKey(config.train.seed))
   else:
-    target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-    state = checkpoint.restore(manager, start_step, target, data_iter)
     print(f"resumed from step {start_step} in {workdir}", flush=True)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_state.params))
 
@@ -443,7 +443,7 @@ def train(config, workdir: str):
     model_flops_fn = getattr(task, "model_flops", None)
     while step < total:
       if step == profile_start < profile_stop:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))  # TensorBoard's profile tab reads it
+        jax.profiler.start_trace(paths.join(workdir, "profile"))  # TensorBoard's profile tab reads it
         profiling = True
       local = next(data_iter)
       batch = pipeline.make_global_batch(local, batch_sharding)
@@ -514,6 +514,7 @@ def train(config, workdir: str):
       jax.profiler.stop_trace()
     preemption.close()
     manager.wait_until_finished()
+    checkpoint.seal(manager)
     manager.close()
     writer.close()
   return state, {k: float(v) for k, v in last.items()}
