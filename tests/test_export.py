@@ -142,7 +142,7 @@ def test_bfloat16_export(run, tmp_path):
   _tree_allclose(loaded.params, jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), state.ema_params),
                  rtol=0, atol=0)
   fp32_bytes = sum(x.size * 4 for x in jax.tree_util.tree_leaves(state.ema_params))
-  params_bytes = sum(size for name, size in loaded.info["files"].items() if name.startswith("params/"))
+  params_bytes = sum(r["size"] for name, r in loaded.info["files"].items() if name.startswith("params/"))
   assert params_bytes < fp32_bytes  # stored as 2-byte values
   with pytest.raises(ValueError, match="float16"):
     export_lib.export(workdir, str(tmp_path / "f16"), dtype="float16")

@@ -35,12 +35,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def bucket():
+def bucket(tmp_path_factory):
   """A function returning a fresh gs://bucket per call (the emulator ignores listing offsets, so
-  runs must not share one) on an emulator that lives for this module."""
+  runs must not share one) on an emulator that lives for this module (its log: emulator.log)."""
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, EMULATOR, str(port)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
+  proc = subprocess.Popen([sys.executable, EMULATOR, str(port)], stdout=log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"
   # All five together: with one missing, a library reaches for the real endpoint or the GCE
   # metadata server and hangs. google-auth compares NO_GCE_CHECK with "true" (lowercase).
@@ -82,6 +82,7 @@ def bucket():
   gcsfs.GCSFileSystem.clear_instance_cache()
   proc.terminate()
   proc.wait(timeout=30)
+  log.close()
 
 
 def test_gcs_workdir_kill_resume_export_and_sample(data_dir, bucket, tmp_path):
