@@ -3,8 +3,9 @@
 One fix on top of the emulator: its media downloads carry no
 `x-goog-generation` header, so TensorStore (Orbax's array writer) reads
 generation 0 and then refuses its own conditional write of the OCDBT manifest
-("Malformed StorageGeneration"). Real GCS always sends the header; here every
-download handler is wrapped to send it too.
+("Malformed StorageGeneration"). Real GCS always sends the header; here the
+download handler (routed directly, and called by `get` for ?alt=media) is
+wrapped to send it too.
 """
 import sys
 import time
@@ -26,6 +27,7 @@ def download_with_generation(request, response, storage, *args, **kwargs):
 
 
 def main(port: int) -> None:
+  objects.download = download_with_generation  # objects.get calls it for ?alt=media reads
   for _, methods in server.HANDLERS:
     for method, handler in list(methods.items()):
       if handler is _download:
