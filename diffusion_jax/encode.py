@@ -387,7 +387,8 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
     return _encode_via_local_copy(source_name, split, data_dir, out_dir, vae_path=vae_path,
                                   text_encoder_dir=text_encoder_dir, text_max_length=text_max_length,
                                   process_index=process_index, process_count=process_count,
-                                  builder_kwargs=builder_kwargs, batch_size=batch_size, crop_multiple=crop_multiple)
+                                  builder_kwargs=builder_kwargs, batch_size=batch_size, crop_multiple=crop_multiple,
+                                  pad_frames=pad_frames)
   out_dir = os.path.abspath(out_dir)
   source = sources.open_source(source_name, split, data_dir, **builder_kwargs)
   encoder = text_lib.load_text_encoder(text_encoder_dir)
