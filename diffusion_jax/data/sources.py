@@ -38,6 +38,8 @@ import skimage.data
 from sklearn.datasets import load_digits
 import tensorflow_datasets as tfds
 
+from diffusion_jax import paths
+
 
 def default_data_dir() -> str:
   """$DIFFUSION_JAX_DATA, else ~/.cache/diffusion_jax/data."""
@@ -905,7 +907,7 @@ def ensure_dataset(name: str, data_dir: str = "", **builder_kwargs) -> None:
   max_side, fps, validation_fraction). data_dir "" means default_data_dir(). Offline: the built-in datasets download nothing.
   A `name` that is a prepared tfds dataset directory is left as it is.
   """
-  if name not in BUILDERS and os.path.isfile(os.path.join(name, "dataset_info.json")):
+  if name not in BUILDERS and paths.isfile(paths.join(name, "dataset_info.json")):
     return
   builder = _builder(name, _resolve_data_dir(data_dir), builder_kwargs)
   builder.download_and_prepare(
@@ -924,13 +926,13 @@ def open_source(name: str, split: str, data_dir: str = "", **builder_kwargs):
   """
   if name in BUILDERS:
     builder_dir = os.fspath(_builder(name, _resolve_data_dir(data_dir), builder_kwargs).data_dir)
-  elif os.path.isdir(name):
+  elif paths.isdir(name):
     builder_dir = name
   else:
     raise ValueError(
         f"dataset {name!r} is neither a built-in dataset ({sorted(BUILDERS)}) "
         "nor a directory holding a prepared tfds dataset")
-  if not os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
+  if not paths.isfile(paths.join(builder_dir, "dataset_info.json")):
     raise ValueError(
         f"{builder_dir} is not a prepared tfds dataset directory (no dataset_info.json); "
         + (f"build it with ensure_dataset({name!r}, ...)" if name in BUILDERS else

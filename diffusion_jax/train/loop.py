@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint
+from diffusion_jax import checkpoint, paths
 from diffusion_jax import config as config_lib
 from diffusion_jax import distributed
 from diffusion_jax import metrics
@@ -378,7 +378,7 @@ class _SkipGuard:
           f"{self.workdir} is step {self.manager.latest_step()}")
 
 
-def train(config, workdir: str, *, media_sampler=None):
+def train(config, workdir: str, allow_changes=(), *, media_sampler=None):
   """Trains until config.train.steps, resuming from the newest checkpoint.
 
   media_sampler(config, model) -> sample(params, step) -> {tag: uint8 frames} (or None): what
@@ -387,7 +387,8 @@ def train(config, workdir: str, *, media_sampler=None):
 
   Returns (final state, the last logged metrics with the newest held-out scores). On a preemption notice it saves
   the state of the step it stopped at and returns early (the CLI exits 0);
-  `state.step` tells where it stopped.
+  `state.step` tells where it stopped. allow_changes: names from
+  checkpoint.RUN_DEFINING_FIELDS that may differ from the saved run's config.
   """
   # ------------------------------------------------------------------ setup
   task = TASKS.get(config.task)
@@ -400,9 +401,9 @@ def train(config, workdir: str, *, media_sampler=None):
 
   # ------------------------------------------- refuse another model's workdir
   manager = checkpoint.make_manager(workdir, keep=config.train.keep_ckpts)
-  saved = checkpoint.saved_config(manager)
+  saved = checkpoint.newest_config(manager)
   if saved is not None:
-    checkpoint.check_same_model(saved, config, workdir)
+    checkpoint.check_same_model(saved, config, workdir, allow_changes)
   writer = metrics.for_process(workdir, config.train.steps)
 
   # ------------------------------------------------------------------- data
@@ -414,12 +415,11 @@ def train(config, workdir: str, *, media_sampler=None):
 
   # ------------------------------------------------------ model and state
   model, optimizer, init_fn, abstract_state, state_shardings = build_state(config, mesh, rules)
-  start_step = manager.latest_step()
+  target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
+  start_step, state = checkpoint.restore_newest_good(manager, target)  # onto this run's mesh, whatever it was saved on
   if start_step is None:
     state = init_fn(jax.random.PRNGKey(config.train.seed))
   else:
-    target = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-    state = checkpoint.restore(manager, start_step, target)  # onto this run's mesh, whatever it was saved on
     # The iterator states are per process: exact with the same process count, else a deterministic skip.
     how = distributed.resume_data_iterator(manager, start_step, data_iter)
     if jax.process_index() == 0:
@@ -475,7 +475,7 @@ def train(config, workdir: str, *, media_sampler=None):
     model_flops_fn = getattr(task, "model_flops", None)
     while step < total:
       if step == profile_start < profile_stop:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))  # TensorBoard's profile tab reads it
+        jax.profiler.start_trace(paths.join(workdir, "profile"))  # TensorBoard's profile tab reads it
         profiling = True
       local = next(data_iter)
       batch = pipeline.make_global_batch(local, batch_sharding)
@@ -549,6 +549,7 @@ def train(config, workdir: str, *, media_sampler=None):
       jax.profiler.stop_trace()
     preemption.close()
     manager.wait_until_finished()
+    checkpoint.seal(manager)
     manager.close()
     writer.close()
   return state, {k: float(v) for k, v in last.items()}
