@@ -119,7 +119,7 @@ class _FakeEncoder:
 
 def _generator(kind="flow", text=True):
   c = ml_collections.ConfigDict()
-  c.data = dict(patch=(1, 2, 2), channels=3, tokens_per_row=48, examples_per_row=4,
+  c.data = dict(fixed_size=False, patch=(1, 2, 2), channels=3, tokens_per_row=48, examples_per_row=4,
                 text_tokens_per_row=64 if text else 0)
   c.model = dict(variant="smoke", num_classes=0, text_dim=TEXT_DIM if text else 0, learn_sigma=False)
   c.diffusion = dict(kind=kind, shift_base_tokens=16, logit_mean=0.0, logit_std=1.0, cond={}, schedule="linear",

@@ -263,7 +263,7 @@ def test_the_readme_commands_fit_together():
       assert args.export in exports and (not args.classifier or args.classifier in exports), argv
   assert {"vae_video.py", "video_dit.py", "ldm_digits.py"} <= {os.path.basename(a.split(":")[0].split("=")[1])
                                                                for c in commands for a in c if a.startswith("--config=")}
-  assert len(encoded) == 2 and len(exports) == 2
+  assert len(encoded) == 3 and len(exports) == 2  # latents, digit latents, re-captioned latents
 
 
 def _write_tmp(text):
