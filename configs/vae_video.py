@@ -64,12 +64,12 @@ def get_config(arg: str = ""):
     # L2 beside L1 learns colours and backgrounds sooner (20.6 vs 19.6 dB PSNR at step 600). Batch 8 at
     # lr 1e-3 is what keeps the digits' colours: over 60 held-out clips the reconstructions show the
     # caption's digit colour in 33% (batch 4, lr 2e-3, 3200 steps), 45% (batch 4, lr 1e-3), 87% (batch 8,
-    # lr 1e-3, 2400 steps), 88% (the same, 3200 steps; BENCHMARKS.md). 2200 steps is what the
+    # lr 1e-3, 2400 steps), 88% (the same, 3200 steps; BENCHMARKS.md). 1800 steps is what the
     # quickstart's 15 minutes leave.
     c.model.latent_channels = arg.latent_channels or 8
-    c.loss.update(gan_start=2200, l2_weight=1.0)
-    c.train.update(global_batch=8, steps=2200, lr=1e-3, warmup_steps=20, ema_decay=0.99, log_every=100,
-                   ckpt_every=2200, keep_ckpts=1, eval_every=2200, eval_batches=8)
+    c.loss.update(gan_start=1800, l2_weight=1.0)
+    c.train.update(global_batch=8, steps=1800, lr=1e-3, warmup_steps=20, ema_decay=0.99, log_every=100,
+                   ckpt_every=1800, keep_ckpts=1, eval_every=1800, eval_batches=8)
 
   if arg.smoke:
     c.data.builder = dict(min_side=16, max_side=24, max_digits=1, durations=(1, 5, 6), train_examples=32,
