@@ -160,13 +160,20 @@ def run_train(config, workdir: str, allow_changes=()):
   return loop.train(config, workdir, allow_changes, media_sampler=sample_lib.media_sampler)
 
 
-def run_encode(args) -> str:
+def _prepare_source(args) -> dict:
+  """encode's and recaption's start: --builder parsed, processes started, the source dataset built
+  (process 0 first); returns the builder arguments."""
   try:
     builder = json.loads(args.builder)
   except json.JSONDecodeError as e:
     raise ValueError(f"--builder is not JSON: {e}") from e
   distributed.initialize()
   distributed.process_zero_first(sources.ensure_dataset, args.source, args.data_dir, **builder)
+  return builder
+
+
+def run_encode(args) -> str:
+  builder = _prepare_source(args)
   for split in [s for s in args.splits.split(",") if s]:
     start = time.time()
     encode.encode_dataset(args.source, split, args.data_dir, args.out, vae_path=args.vae,
@@ -178,12 +185,7 @@ def run_encode(args) -> str:
 
 
 def run_recaption(args) -> str:
-  try:
-    builder = json.loads(args.builder)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"--builder is not JSON: {e}") from e
-  distributed.initialize()
-  distributed.process_zero_first(sources.ensure_dataset, args.source, args.data_dir, **builder)
+  builder = _prepare_source(args)
   captioner = inference.load_captioner(args.captioner)
   for split in [s for s in args.splits.split(",") if s]:
     start = time.time()

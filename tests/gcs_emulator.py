@@ -28,10 +28,16 @@ def download_with_generation(request, response, storage, *args, **kwargs):
 
 def main(port: int) -> None:
   objects.download = download_with_generation  # objects.get calls it for ?alt=media reads
+  patched = 0
   for _, methods in server.HANDLERS:
     for method, handler in list(methods.items()):
       if handler is _download:
         methods[method] = download_with_generation
+        patched += 1
+  # Without the patch TensorStore's checkpoint writes fail later with an obscure generation error.
+  if not patched:
+    raise SystemExit("gcs_emulator: found no download handler in gcp_storage_emulator.server.HANDLERS to "
+                     "patch; this emulator version is not supported (see setup.py's dev extra)")
   emulator = server.create_server("127.0.0.1", port, in_memory=True)
   emulator.start()
   try:
