@@ -294,6 +294,9 @@ def _validate_eval(train_config) -> None:
     raise ConfigError(f"train.eval_every={every!r} must be an int >= 0 (0 = no evaluation)")
   if every and (not isinstance(batches, int) or batches < 1):
     raise ConfigError(f"train.eval_batches={batches!r} must be an int >= 1")
+  ckpt_every = train_config.ckpt_every
+  if not isinstance(ckpt_every, int) or ckpt_every < 0:
+    raise ConfigError(f"train.ckpt_every={ckpt_every!r} must be an int >= 0 (0 = only at the last step)")
 
 
 def _test_signal_hook():
@@ -528,7 +531,7 @@ def train(config, workdir: str, allow_changes=(), *, media_sampler=None):
             writer.write_media(step, media_fn(state.ema_params, step))
         window_start += time.time() - eval_start  # the throughput rates leave out evaluation
 
-      if step % config.train.ckpt_every == 0 or step == total:
+      if step == total or (config.train.ckpt_every and step % config.train.ckpt_every == 0):
         skips.settle()  # never save a run that has just diverged
         saved_now = save()
 
