@@ -82,23 +82,61 @@ def _zero_keyless_queries(out, has_key):
 
 
 def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
-  mask = _segment_mask(q_segment_ids, kv_segment_ids)
   # Scale q ([B, L, H, D]) rather than the logits ([B, H, L, L]): one pass less over the big array.
   q = (q.astype(jnp.float32) / math.sqrt(q.shape[-1])).astype(q.dtype)
   # Heads first ([B, H, L, D]): batched matmuls with leading batch dims, which XLA's CPU
   # matmul kernels take without a relayout.
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  out = _masked_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  return jnp.swapaxes(out, 1, 2)
+
+
+def _attention_exps(q, k, q_segment_ids, kv_segment_ids):
+  """exp(logits - row max) [B, H, Lq, Lk] (exactly 0 where masked) and the row sums [B, H, Lq, 1]."""
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   # A finite fill (not -inf) keeps fully masked rows (padding queries, examples
   # without text) NaN-free in both passes; the caller zeroes their output.
-  # jax.nn.softmax's own derivative rule is the cheap y * (g - sum(g y)).
-  weights = jax.nn.softmax(jnp.where(mask, logits, jnp.float32(-1e30)), axis=-1)
-  # The weights are stored for the backward pass anyway; the barrier keeps XLA's CPU compiler
-  # from fusing the softmax's reductions into the next matmul, which recomputes them per tile
-  # (the forward pass ran 3-6x slower that way).
-  weights = jax.lax.optimization_barrier(weights)
-  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
-  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+  logits = jnp.where(_segment_mask(q_segment_ids, kv_segment_ids), logits, jnp.float32(-1e30))
+  exps = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  # The barrier keeps XLA's CPU compiler from fusing the exp and the reductions into
+  # the next matmul, which recomputes them per tile (the forward pass ran 3-6x slower).
+  return jax.lax.optimization_barrier((exps, jnp.sum(exps, axis=-1, keepdims=True)))
+
+
+# The softmax is normalised after the AV matmul, as flash attention does, and the
+# backward pass is written out: dividing the [B, H, Lq, D] output (and, backward,
+# scaling dO) instead of the [B, H, Lq, Lk] weights, and the softmax derivative as
+# one fused pass, exps * (dO V^T - rowsum(dO * O)) / sum, save passes over the
+# biggest arrays (BENCHMARKS.md). Masked logits have exps of exactly 0, so their
+# gradient is 0 without a select.
+@jax.custom_vjp
+def _masked_attention(q, k, v, q_segment_ids, kv_segment_ids):
+  """[B, H, Lq, D] softmax(q k^T, masked) v for heads-first q, k, v (q pre-scaled)."""
+  return _masked_attention_fwd(q, k, v, q_segment_ids, kv_segment_ids)[0]
+
+
+def _masked_attention_fwd(q, k, v, q_segment_ids, kv_segment_ids):
+  exps, total = _attention_exps(q, k, q_segment_ids, kv_segment_ids)
+  out = jnp.einsum("bhqk,bhkd->bhqd", exps.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+  out = out.astype(q.dtype)
+  return out, (q, k, v, exps, total, out)
+
+
+def _masked_attention_bwd(residuals, d_out):
+  q, k, v, exps, total, out = residuals
+  d_out = d_out.astype(jnp.float32)
+  scaled_d_out = d_out / total  # dO / sum: the normalisation moved onto [Lq, D]
+  d_v = jnp.einsum("bhqk,bhqd->bhkd", exps.astype(v.dtype), scaled_d_out.astype(v.dtype),
+                   preferred_element_type=jnp.float32)
+  d_weights = jnp.einsum("bhqd,bhkd->bhqk", scaled_d_out.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  row_dot = jnp.sum(scaled_d_out * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = (exps * (d_weights - row_dot)).astype(q.dtype)
+  d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k, preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q, preferred_element_type=jnp.float32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
 def gpu_implementation():
