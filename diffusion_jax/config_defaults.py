@@ -61,6 +61,7 @@ PACKED_DATA = dict(
     max_area=0,  # pixels; 0 = no limit
     pack_buffer=32,  # examples the best-fit packer looks ahead over
     pack_open_rows=8,
+    cache_examples=False,  # keep every decoded record of this process's shard in memory (small datasets)
 )
 
 TRAIN = dict(

@@ -27,6 +27,7 @@ config.data keys read here (the optional ones with their defaults):
   pack_open_rows = 8          BestFitPacker's open rows
   pack_buffer = 32            BestFitPacker's buffer of waiting examples
   text_tokens_per_row = 0     Lt: packed caption-token budget of a row (0 = no text in the batch)
+  cache_examples = False      decode each record of this process's shard once and keep it in memory
 
 Encoded datasets (diffusion_jax/encode.py; data.name is their directory)
 carry each caption's text-encoder tokens (`text`, packed into `text` /
@@ -286,6 +287,8 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   fixed_side = int(data.image_size) if config.model.family == "unet" else 0
   if fixed_side:
     _check_fixed_side(source[0], fixed_side, data.name)
+  if data.get("cache_examples", False):  # optional: only the packed-row recipes have the field
+    source = _DecodedOnce(source)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   prepare = PrepareExample(
@@ -311,6 +314,31 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.num_workers)))
   return ds
+
+
+class _DecodedOnce:
+  """A random-access source that keeps each record after its first read.
+
+  Reading a record (ArrayRecord + tfds's zlib decode) costs more host time
+  than preparing it, and on a small machine that time is taken from the train
+  step; a dataset of a few hundred MB read once per epoch for hours is better
+  kept. It holds every record this process reads, i.e. its whole shard: opt
+  in for small datasets only (data.cache_examples). Grain reads with threads;
+  two threads filling one slot at once store the same record, which is harmless.
+  """
+
+  def __init__(self, source):
+    self._source = source
+    self._records = [None] * len(source)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int):
+    record = self._records[index]
+    if record is None:
+      record = self._records[index] = self._source[index]
+    return record
 
 
 def _check_fixed_side(element: dict, side: int, name: str) -> None:
