@@ -66,11 +66,12 @@ def get_config(arg: str = ""):
     # Latent clips of the quickstart data are 9-75 tokens. Attention is dense over a row (masked by
     # segment), so its cost grows with L^2 per row: 20 rows of 96 tokens (~3 clips, 64 caption
     # tokens) do the work of 8 rows of 256 at 1.65x the real tokens/s on this CPU (BENCHMARKS.md).
-    c.data.update(tokens_per_row=96, examples_per_row=6, text_tokens_per_row=64 if text else 0, pack_buffer=32)
+    c.data.update(tokens_per_row=96, examples_per_row=6, text_tokens_per_row=64 if text else 0, pack_buffer=32,
+                  cache_examples=True)  # a few MB of latents: read and decoded once, not every epoch
     # The checks keep rising with steps (prompted digit 0.10 at 1200 steps, 0.40 at 2000: BENCHMARKS.md);
-    # 1600 is what the quickstart's 15 minutes leave for this stage.
-    c.train.update(global_batch=20, steps=1600, lr=1e-3, warmup_steps=50, ema_decay=0.99,
-                   compute_dtype="float32", log_every=50, ckpt_every=1600, eval_every=1600, eval_batches=2,
+    # 1800 is what the quickstart's 15 minutes leave for this stage.
+    c.train.update(global_batch=20, steps=1800, lr=1e-3, warmup_steps=50, ema_decay=0.99,
+                   compute_dtype="float32", log_every=50, ckpt_every=1800, eval_every=1800, eval_batches=2,
                    eval_media=False)  # the quickstart's evaluate stage writes its samples
     # The clips are 9-75 tokens: with the 256-token base they would train at s = 0.2-0.5, i.e. mostly
     # at low noise, where motion and layout are already decided. A base of 8 gives s = 1.1-3.1, like

@@ -215,3 +215,33 @@ def test_worker_processes_give_the_same_batches(data_dir):
     _assert_same_batches(expected[1:], [next(resumed) for _ in range(2)])
   finally:
     resumed.close()
+
+
+def test_cached_examples_give_the_same_batches_and_read_each_record_once(data_dir, monkeypatch):
+  config = _config(data_dir, tokens_per_row=192, examples_per_row=3)
+  reads = []
+
+  class CountingSource:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, index):
+      reads.append(index)
+      return self.source[index]
+
+  open_source = sources.open_source
+  monkeypatch.setattr(sources, "open_source", lambda *a, **k: CountingSource(open_source(*a, **k)))
+  batches = {}
+  for cache in (False, True):
+    config.data.cache_examples = cache
+    reads.clear()
+    dataset = pipeline.make_dataset(config, split="validation", process_index=1, process_count=2, seed=0,
+                                    num_epochs=2, drop_remainder=False)
+    batches[cache] = list(dataset)
+    counts = np.bincount(reads, minlength=1000)
+    assert set(np.nonzero(counts)[0]) == set(range(1, 1000, 2))  # this process's shard only
+    assert set(counts[1::2]) == ({1} if cache else {2})  # two epochs: read once when cached
+  _assert_same_batches(batches[False], batches[True])
