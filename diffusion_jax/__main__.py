@@ -23,7 +23,7 @@ from diffusion_jax import checkpoint, distributed, encode, evaluate, export as e
 from diffusion_jax import paths, recaption
 from diffusion_jax import config as config_lib
 from diffusion_jax import sample as sample_lib
-from diffusion_jax.data import encoded, pipeline, sources, stats
+from diffusion_jax.data import encoded, moving_digits, pipeline, sources, stats
 from diffusion_jax.train import dit_task, loop
 
 try:  # JAX's own TPU / GPU presence checks (private; a JAX without them probes as usual)
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
   sample.add_argument("--overlap", type=int, default=0, help="long: latent frames windows share (default: half)")
   sample.add_argument("--window", type=int, default=0, help="long: frames per window (default: the config's)")
   sample.add_argument("--expand", action="store_true",
-                      help="expand each prompt to the dense moving_digits caption style (sources.expand_caption)")
+                      help="expand each prompt to the dense moving_digits caption style (moving_digits.expand_caption)")
 
   encode = sub.add_parser("encode", help="write a dataset of VAE latents (or pixels) and caption embeddings")
   encode.add_argument("--source", required=True, help="built-in dataset name or a tfds dataset directory")
