@@ -23,7 +23,7 @@ from diffusion_jax import checkpoint, distributed, encode, evaluate, export as e
 from diffusion_jax import paths, recaption
 from diffusion_jax import config as config_lib
 from diffusion_jax import sample as sample_lib
-from diffusion_jax.data import encoded, moving_digits, pipeline, sources, stats
+from diffusion_jax.data import encoded, pipeline, sources, stats
 from diffusion_jax.train import dit_task, loop
 
 try:  # JAX's own TPU / GPU presence checks (private; a JAX without them probes as usual)
