@@ -17,7 +17,7 @@ Arguments after the colon (comma separated):
 """
 from diffusion_jax import config_defaults
 
-# The moving_digits build the classifier trains on (sources.MovingDigits arguments): one digit per
+# The moving_digits build the classifier trains on (moving_digits.MovingDigits arguments): one digit per
 # clip, so a clip's label is its only digit; seed 0 holds out the same 200 digit images as every
 # other seed-0 moving_digits build (the quickstart's included), so evaluation's real clips are unseen.
 # Digits from 30% to 80% of the canvas side cover the default build and the quickstart's larger digits.

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
   sample.add_argument("--overlap", type=int, default=0, help="long: latent frames windows share (default: half)")
   sample.add_argument("--window", type=int, default=0, help="long: frames per window (default: the config's)")
   sample.add_argument("--expand", action="store_true",
-                      help="expand each prompt to the dense moving_digits caption style (sources.expand_caption)")
+                      help="expand each prompt to the dense moving_digits caption style (moving_digits.expand_caption)")
 
   encode = sub.add_parser("encode", help="write a dataset of VAE latents (or pixels) and caption embeddings")
   encode.add_argument("--source", required=True, help="built-in dataset name or a tfds dataset directory")

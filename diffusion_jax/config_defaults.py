@@ -47,7 +47,7 @@ DATA = dict(
     data_dir="",  # "" = $DIFFUSION_JAX_DATA or ~/.cache/diffusion_jax/data
     split="train",
     eval_split="validation",
-    builder={},  # built-in builder arguments (diffusion_jax/data/sources.py); {} = its defaults
+    builder={},  # built-in builder arguments (the builder modules of diffusion_jax/data/); {} = its defaults
     shuffle_seed=0,
     num_workers=0,  # Grain worker processes (0 = in the main process)
 )

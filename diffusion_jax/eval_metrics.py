@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from diffusion_jax.data import encoded, sources
+from diffusion_jax.data import digits_canvas, encoded, moving_digits
 
 # --------------------------------------------------------------------------- distances between feature sets
 
@@ -145,8 +145,8 @@ def direction_agrees(prompt_direction: str, dx: float, dy: float, *, min_speed: 
   means "the nearest of the eight named directions is the prompt's". A nan
   motion (nothing visible) agrees with nothing.
   """
-  if prompt_direction not in sources.DIRECTIONS:
-    raise ValueError(f"unknown direction {prompt_direction!r}; known: {sorted(sources.DIRECTIONS)}")
+  if prompt_direction not in moving_digits.DIRECTIONS:
+    raise ValueError(f"unknown direction {prompt_direction!r}; known: {sorted(moving_digits.DIRECTIONS)}")
   if not (math.isfinite(dx) and math.isfinite(dy)):
     return False
   speed = math.hypot(dx, dy)
@@ -154,7 +154,7 @@ def direction_agrees(prompt_direction: str, dx: float, dy: float, *, min_speed: 
     return speed < min_speed
   if speed < min_speed:
     return False
-  uy, ux = sources.DIRECTIONS[prompt_direction]
+  uy, ux = moving_digits.DIRECTIONS[prompt_direction]
   cosine = (dx * ux + dy * uy) / (speed * math.hypot(ux, uy))
   return cosine >= math.cos(math.radians(max_angle_deg)) - 1e-9
 
@@ -179,7 +179,7 @@ def nearest_colour(rgb, palette: dict) -> str:
 def speed_classes(short_side: int) -> dict:
   """{SPEEDS name: px per frame} of a digit on a canvas whose shorter side is short_side px, as
   render_moving_digits moves it (a fraction of the side, at least 0.5 px)."""
-  return {name: max(0.5, fraction * short_side) for name, fraction in sources.SPEEDS.items()}
+  return {name: max(0.5, fraction * short_side) for name, fraction in moving_digits.SPEEDS.items()}
 
 
 def speed_class(speed: float, short_side: int) -> str | None:
@@ -194,22 +194,22 @@ def velocity_direction(dy: float, dx: float) -> str:
   """The DIRECTIONS key of a (dy, dx) velocity: 'still' for zero, else the nearest by angle."""
   if math.hypot(dy, dx) < 1e-6:
     return "still"
-  return max((d for d in sources.DIRECTIONS if d != "still"),
-             key=lambda d: (dy * sources.DIRECTIONS[d][0] + dx * sources.DIRECTIONS[d][1]))
+  return max((d for d in moving_digits.DIRECTIONS if d != "still"),
+             key=lambda d: (dy * moving_digits.DIRECTIONS[d][0] + dx * moving_digits.DIRECTIONS[d][1]))
 
 
 def clip_truth(example) -> dict | None:
   """What a moving_digits example's caption asks for, per digit: {"digits", "colours", "background",
-  "directions", "speeds", "bounced", "count", "short_side"} (see sources.caption_attributes).
+  "directions", "speeds", "bounced", "count", "short_side"} (see moving_digits.caption_attributes).
 
   Digits, their number and directions come from the generator's metadata where the example
   holds it (labels, velocities), colour names, speed names and bounces from the caption, read
-  with the generator's vocabulary (sources.caption_attributes); short_side is the source
+  with the generator's vocabulary (moving_digits.caption_attributes); short_side is the source
   canvas's shorter side (speeds scale with it). None when the caption is not of that form.
   """
   caption = example["caption"]
   caption = caption.decode() if isinstance(caption, bytes) else str(caption)
-  truth = sources.caption_attributes(caption)
+  truth = moving_digits.caption_attributes(caption)
   if truth is None:
     return None
   if "labels" in example:
@@ -238,7 +238,7 @@ def digit_count(video, *, min_alpha: float = 0.7, max_residual: float = 0.15, mi
   digits of a clip different colours, so digits that touch or overlap still count apart).
 
   Each pixel is read as the background (median border colour) blended towards one colour c of
-  sources.DIGIT_COLOURS: alpha = its projection on the line background -> c, residual = its
+  digits_canvas.DIGIT_COLOURS: alpha = its projection on the line background -> c, residual = its
   distance from that line over |c - background|. A pixel counts for the colour of least
   residual among those it reaches with alpha > min_alpha, if that residual is < max_residual
   (so antialiased edges and the mixed pixels where two digits overlap count for none). A
@@ -247,7 +247,7 @@ def digit_count(video, *, min_alpha: float = 0.7, max_residual: float = 0.15, mi
   """
   video = np.asarray(video, np.float64)
   background, _, _ = _foreground(video)
-  towards = np.asarray(list(sources.DIGIT_COLOURS.values()), np.float64) - background  # [K, 3]
+  towards = np.asarray(list(digits_canvas.DIGIT_COLOURS.values()), np.float64) - background  # [K, 3]
   lengths = np.linalg.norm(towards, axis=1)
   offset = video - background  # [T, H, W, 3]
   alpha = np.clip(np.einsum("thwc,kc->thwk", offset, towards) / lengths ** 2, 0.0, 1.0)
@@ -304,16 +304,16 @@ def blended_colour(rgb, background, palette: dict) -> str:
 
 def clip_colours(video, *, threshold: float = 0.7) -> tuple[str, str]:
   """(digit colour name, background colour name) of a clip [T, H, W, 3]: the background is the
-  median border colour, nearest of sources.BACKGROUND_COLOURS; the digit is the mean colour of
+  median border colour, nearest of digits_canvas.BACKGROUND_COLOURS; the digit is the mean colour of
   the pixels farthest from it (distance over `threshold` x the clip's peak, so antialiased edges
-  are left out), read against sources.DIGIT_COLOURS by blended_colour."""
+  are left out), read against digits_canvas.DIGIT_COLOURS by blended_colour."""
   video = np.asarray(video, np.float64)
   background, distance, peak = _foreground(video)
-  background_name = nearest_colour(background, sources.BACKGROUND_COLOURS)
+  background_name = nearest_colour(background, digits_canvas.BACKGROUND_COLOURS)
   if peak <= 0:
     return "", background_name
   digit = video[distance >= threshold * peak].mean(axis=0)
-  return blended_colour(digit, background, sources.DIGIT_COLOURS), background_name
+  return blended_colour(digit, background, digits_canvas.DIGIT_COLOURS), background_name
 
 
 def temporal_seam(video) -> tuple[float, float]:

@@ -44,7 +44,7 @@ from diffusion_jax import export as export_lib
 from diffusion_jax import inference, media, paths
 from diffusion_jax import sample as sample_lib
 from diffusion_jax import sharding
-from diffusion_jax.data import encoded, pipeline, sources
+from diffusion_jax.data import encoded, imaging, pipeline, sources
 from diffusion_jax.train import classifier_task, dit_task, loop, vae_task
 
 # --------------------------------------------------------------------------- pictures
@@ -84,7 +84,7 @@ def real_frames(config, num: int, *, seed: int, data_dir: str = "") -> tuple[np.
     video = np.asarray(example["video"])
     frame = video[0] if video.ndim == 4 else video
     if frame.shape[:2] != (size, size):
-      frame = np.clip(np.round(sources.resize_frames(frame[None].astype(np.float32), size, size)[0]), 0, 255)
+      frame = np.clip(np.round(imaging.resize_frames(frame[None].astype(np.float32), size, size)[0]), 0, 255)
     frames.append(frame.astype(np.uint8))
   return np.stack(frames), np.asarray(labels, np.int64)
 
@@ -255,7 +255,7 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   size = 32  # frames are compared at one size (the classifier resizes anyway)
 
   def frames_at(clips):
-    return np.concatenate([np.clip(np.round(sources.resize_frames(c.astype(np.float32), size, size)), 0, 255)
+    return np.concatenate([np.clip(np.round(imaging.resize_frames(c.astype(np.float32), size, size)), 0, 255)
                            .astype(np.uint8) for c in clips])
 
   generated, real = frames_at(videos), frames_at(real_clips)

@@ -22,7 +22,7 @@ number of frames, a mode and, for the conditioned modes, an input file:
 
 Every request may carry a negative prompt (--negative-prompt: CFG's unconditional branch reads it
 instead of the null caption; text models only) and --expand (the prompt becomes the dense
-moving_digits caption of sources.expand_caption before it is encoded; the manifest records both).
+moving_digits caption of moving_digits.expand_caption before it is encoded; the manifest records both).
 
 A prompts file is JSON lines with the same fields ({"prompt", "size", "frames",
 "mode", "input", "input_b", "strength", "negative", "keep", "overlap", "window",
@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import inference, media, patches, paths, sharding
-from diffusion_jax.data import packing, sources
+from diffusion_jax.data import imaging, moving_digits, packing
 from diffusion_jax.train import dit_task
 
 MODES = ("t2v", "i2v", "extend", "extend-backward", "interpolate", "join", "sdedit", "long")
@@ -93,7 +93,7 @@ class Request:
   keep: int = 0  # extend, extend-backward, join: input frames kept (0: all; join: 1 of each clip)
   overlap: int = 0  # long: latent frames consecutive windows share (0: half a window)
   window: int = 0  # long: frames per window (0: the config's sample.frames)
-  expand: bool = False  # prompt -> the dense moving_digits caption (sources.expand_caption)
+  expand: bool = False  # prompt -> the dense moving_digits caption (moving_digits.expand_caption)
 
 
 _FIELD_TYPES = dict(prompt=str, mode=str, input=str, strength=float, input_b=str, negative=str, keep=int, overlap=int,
@@ -143,7 +143,7 @@ def model_prompt(request: Request) -> str:
   """The text the model is conditioned on: the prompt, or its dense expansion with `expand`."""
   if not request.expand:
     return request.prompt
-  return sources.expand_caption(request.prompt, frames=request.frames)
+  return moving_digits.expand_caption(request.prompt, frames=request.frames)
 
 
 def read_media(path: str, channels: int) -> np.ndarray:
@@ -254,7 +254,7 @@ def _hold_to(frames: np.ndarray, count: int, at_end: bool) -> np.ndarray:
 def _fit_input(frames: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
   """The input resized to (height, width) (bilinear) with its frame count unchanged."""
   t, h, w = shape
-  resized = sources.resize_frames(frames.astype(np.float32), h, w)
+  resized = imaging.resize_frames(frames.astype(np.float32), h, w)
   return np.clip(np.round(resized), 0, 255).astype(np.uint8)
 
 

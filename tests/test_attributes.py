@@ -6,30 +6,30 @@ import numpy as np
 import pytest
 
 from diffusion_jax import eval_metrics
-from diffusion_jax.data import sources
+from diffusion_jax.data import digits_canvas, imaging, moving_digits
 from diffusion_jax.train import classifier_task
 
 
 @pytest.fixture(scope="module")
 def clips():
   """120 generator clips (1-3 digits, 1/5/9 frames, 24-64 px sides) as (examples, truths)."""
-  images, labels = sources._load_digits()  # pylint: disable=protected-access
-  examples = [sources.render_moving_digits(images, labels, np.random.default_rng([7, 1, i]), min_side=24,
-                                           max_side=64, max_digits=3, durations=(1, 5, 9)) for i in range(120)]
+  images, labels = imaging.digit_images()
+  examples = [moving_digits.render_moving_digits(images, labels, np.random.default_rng([7, 1, i]), min_side=24,
+                                                 max_side=64, max_digits=3, durations=(1, 5, 9)) for i in range(120)]
   return examples, [eval_metrics.clip_truth(ex) for ex in examples]
 
 
 def test_caption_attributes_invert_the_generator(clips):
   examples, truths = clips
   for example, truth in zip(examples, truths):
-    parsed = sources.caption_attributes(example["caption"])
+    parsed = moving_digits.caption_attributes(example["caption"])
     assert parsed["digits"] == list(example["labels"]) == truth["digits"], example["caption"]
     for direction, velocity in zip(parsed["directions"], example["velocities"]):
       if direction is not None:  # stated in the caption: the same as the generator's velocity
         assert direction == eval_metrics.velocity_direction(*velocity), example["caption"]
-  assert sources.caption_attributes("a photo of a cat") is None
-  parsed = sources.caption_attributes("an orange 7 moving quickly down and to the left and bouncing while a white 1 "
-                                      "stands still on a dark gray background")
+  assert moving_digits.caption_attributes("a photo of a cat") is None
+  parsed = moving_digits.caption_attributes("an orange 7 moving quickly down and to the left and bouncing while a "
+                                            "white 1 stands still on a dark gray background")
   assert parsed == dict(digits=[7, 1], colours=["orange", "white"], background="dark gray",
                         directions=["down-left", "still"], speeds=["quickly", None], bounced=[True, False])
 
@@ -61,8 +61,8 @@ def test_speed_class_and_count_of_known_clips():
   assert eval_metrics.speed_classes(24)["slowly"] == 0.5  # the generator's floor
   assert eval_metrics.speed_class(1.7, 40) == "steadily" and eval_metrics.speed_class(5.0, 40) == "quickly"
   video = np.zeros((5, 40, 40, 3), np.uint8)  # a red and a blue square on black, overlapping
-  video[:, 5:20, 5:20] = sources.DIGIT_COLOURS["red"]
-  video[:, 12:27, 12:27] = sources.DIGIT_COLOURS["blue"]
+  video[:, 5:20, 5:20] = digits_canvas.DIGIT_COLOURS["red"]
+  video[:, 12:27, 12:27] = digits_canvas.DIGIT_COLOURS["blue"]
   assert eval_metrics.digit_count(video) == 2
   assert eval_metrics.digit_count(np.zeros_like(video)) == 0
   assert eval_metrics.clip_colours(video[:, :, :20])[1] == "black"
@@ -83,12 +83,12 @@ def test_seam_score_sees_a_jump_at_latent_boundaries(clips):
 
 
 def test_the_classifier_window_reads_a_digit_alike_at_any_canvas_size_and_place():
-  images, _ = sources._load_digits()  # pylint: disable=protected-access
+  images, _ = imaging.digit_images()
   windows = []
   for height, width, top, left in ((24, 24, 4, 4), (48, 96, 20, 60), (96, 40, 5, 8)):
     canvas = np.zeros((height, width, 3), np.float32)
-    alpha = np.clip(sources.bilinear_resize(images[0], 16, 16), 0, 1)[..., None]
-    canvas[top:top + 16, left:left + 16] = alpha * np.asarray(sources.DIGIT_COLOURS["green"]) / 127.5
+    alpha = np.clip(imaging.bilinear_resize(images[0], 16, 16), 0, 1)[..., None]
+    canvas[top:top + 16, left:left + 16] = alpha * np.asarray(digits_canvas.DIGIT_COLOURS["green"]) / 127.5
     windows.append(np.asarray(classifier_task.locate_digit(jnp.asarray(canvas[None] - 1.0), 24))[0])
   for window in windows[1:]:
     np.testing.assert_allclose(window, windows[0], atol=1e-4)

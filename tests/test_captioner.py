@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from diffusion_jax import __main__ as cli
 from diffusion_jax import config as config_lib
 from diffusion_jax import encode, inference, recaption
-from diffusion_jax.data import encoded, pipeline, sources
+from diffusion_jax.data import encoded, moving_digits, pipeline, sources
 from diffusion_jax.models import captioner as captioner_lib
 from diffusion_jax.train import captioner_task, loop
 
@@ -45,8 +45,8 @@ def test_vocabulary_covers_the_generator_and_round_trips():
   vocab = captioner_lib.CaptionVocabulary(captioner_lib.caption_token_ids(), 24)
   rng = np.random.default_rng(0)
   images, labels = rng.uniform(size=(10, 8, 8)), np.arange(10)
-  captions = [sources.render_moving_digits(images, labels, np.random.default_rng(i), min_side=24, max_side=40,
-                                           max_digits=1, durations=(1, 5, 9))["caption"] for i in range(50)]
+  captions = [moving_digits.render_moving_digits(images, labels, np.random.default_rng(i), min_side=24, max_side=40,
+                                                 max_digits=1, durations=(1, 5, 9))["caption"] for i in range(50)]
   rows = vocab.encode(captions)
   assert (rows[:, 0] == captioner_lib.BOS).all() and ((rows == captioner_lib.EOS).sum(1) == 1).all()
   assert vocab.decode(rows) == captions
@@ -120,7 +120,7 @@ def test_losses_fall_and_captions_parse(trained):
   for beams in (1, 3):
     captions = captioner.caption(videos, beams=beams, batch_size=8)
     assert len(captions) == len(videos)
-    parsed = [sources.caption_attributes(c) for c in captions]
+    parsed = [moving_digits.caption_attributes(c) for c in captions]
     assert all(p is not None for p in parsed), captions  # the smoke model already writes the grammar
   with pytest.raises(ValueError, match="not a captioner"):
     captioner_task.LoadedCaptioner(ml_collections.ConfigDict({"task": "dit"}), None, 0)

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import patches
-from diffusion_jax.data import packing, pipeline, sources
+from diffusion_jax.data import digits_canvas, imaging, packing, pipeline, sources
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "dit_image.py")
 
@@ -31,7 +31,7 @@ def _ink_signature(ink):
   side = max(h, w)
   square = np.zeros((side, side))
   square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = crop
-  out = sources.bilinear_resize(square, 8, 8)
+  out = imaging.bilinear_resize(square, 8, 8)
   return (out / out.max()).ravel()
 
 
@@ -65,7 +65,7 @@ def test_dataset_splits_features_and_real_digits(data_dir):
     correct += digits.target[nearest] == ex["label"]
     caption = ex["caption"].decode()
     assert caption.startswith("a ") and f" {ex['label']} on a " in caption
-    assert caption.split(" on a ")[1].removesuffix(" background") in sources.BACKGROUND_COLOURS
+    assert caption.split(" on a ")[1].removesuffix(" background") in digits_canvas.BACKGROUND_COLOURS
   assert correct >= 55
 
 
@@ -74,7 +74,7 @@ def test_generation_is_deterministic_for_a_seed(data_dir, tmp_path):
   by_id = {int(stored[i]["id"]): stored[i] for i in range(50)}
 
   def first_examples(seed, n=200):
-    builder = sources.DigitsCanvas(data_dir=str(tmp_path), image_size=16, seed=seed)
+    builder = digits_canvas.DigitsCanvas(data_dir=str(tmp_path), image_size=16, seed=seed)
     generator = builder._split_generators(None)["validation"]
     return [ex for _, ex in zip(range(n), generator)]
 

@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import patches
-from diffusion_jax.data import packing, pipeline, sources, stats
+from diffusion_jax.data import image_pans, imaging, moving_digits, packing, pipeline, sources, stats
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "dit_image.py")
 BUILD = dict(min_side=16, max_side=40, train_examples=40, validation_examples=16)
@@ -41,7 +41,7 @@ def test_moving_digits_is_deterministic_and_varied(video_dir, tmp_path):
   stored = {int(ex["id"]): ex for ex in _all(sources.open_source("moving_digits", "validation", video_dir, **BUILD))}
 
   def generate(seed):
-    builder = sources.MovingDigits(data_dir=str(tmp_path), seed=seed, **BUILD)
+    builder = moving_digits.MovingDigits(data_dir=str(tmp_path), seed=seed, **BUILD)
     return list(builder._split_generators(None)["validation"])
 
   for key, ex in generate(0):
@@ -62,11 +62,11 @@ def test_moving_digits_is_deterministic_and_varied(video_dir, tmp_path):
 
 
 def test_digit_scale_sets_the_digit_size_and_names_the_build():
-  images, labels = sources._load_digits()
+  images, labels = imaging.digit_images()
   for scale in ((0.3, 0.3), (0.7, 0.7)):
     rng = np.random.default_rng(0)
-    ex = sources.render_moving_digits(images, labels, rng, min_side=40, max_side=40, max_digits=1,
-                                      durations=(1,), digit_scale=scale)
+    ex = moving_digits.render_moving_digits(images, labels, rng, min_side=40, max_side=40, max_digits=1,
+                                            durations=(1,), digit_scale=scale)
     # The stored centre is the digit square's centre; the square starts at a whole pixel.
     video = ex["video"][0].astype(np.int64)
     ink = np.abs(video - video[0, 0]).sum(-1) > 0
@@ -74,10 +74,11 @@ def test_digit_scale_sets_the_digit_size_and_names_the_build():
     extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
     side = int(round(scale[0] * 40))
     assert side - 4 <= extent <= side, (scale, extent)
-  assert sources.MovingDigits(data_dir="/nonexistent", digit_scale=(0.5, 0.7)).builder_config.name.endswith("_z0.5-0.7")
-  assert sources.MovingDigits(data_dir="/nonexistent").builder_config.name == "default"
+  scaled = moving_digits.MovingDigits(data_dir="/nonexistent", digit_scale=(0.5, 0.7))
+  assert scaled.builder_config.name.endswith("_z0.5-0.7")
+  assert moving_digits.MovingDigits(data_dir="/nonexistent").builder_config.name == "default"
   with pytest.raises(ValueError, match="digit_scale"):
-    sources.MovingDigits(data_dir="/nonexistent", digit_scale=(0.8, 0.5))
+    moving_digits.MovingDigits(data_dir="/nonexistent", digit_scale=(0.8, 0.5))
 
 
 def _ink_centroid(frame, background):
@@ -283,11 +284,11 @@ def test_image_pans_moves_as_captioned(tmp_path):
   build = dict(min_side=16, max_side=48, durations=(1, 5, 9), train_examples=14, validation_examples=2)
   sources.ensure_dataset("image_pans", str(tmp_path), **build)
   train = _all(sources.open_source("image_pans", "train", str(tmp_path), **build))
-  regenerated = dict(sources.ImagePans(data_dir=str(tmp_path), **build)._split_generators(None)["train"])
+  regenerated = dict(image_pans.ImagePans(data_dir=str(tmp_path), **build)._split_generators(None)["train"])
   for ex in train:
     np.testing.assert_array_equal(ex["video"], regenerated[int(ex["id"])]["video"])  # deterministic
     video, boxes, caption = ex["video"], ex["boxes"], ex["caption"].decode()
-    assert caption.endswith(sources.PHOTOS[ex["label"]][1]) and boxes.shape == (video.shape[0], 4)
+    assert caption.endswith(image_pans.PHOTOS[ex["label"]][1]) and boxes.shape == (video.shape[0], 4)
     np.testing.assert_allclose(boxes[:, 3] / boxes[:, 2], video.shape[2] / video.shape[1], rtol=1e-4)
     top, left, height = boxes[-1, :3] - boxes[0, :3]
     if video.shape[0] == 1:

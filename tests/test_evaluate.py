@@ -225,13 +225,13 @@ def test_vae_ceiling_and_clip_classification(smoke_vae, exports):
   """The plumbing of the video checks' ceilings: VAE reconstructions of real clips come back as
   uint8 clips of the VAE's 1 + 4k frames and crop, the checks run on them, and the classifier
   labels frames of any size, one label per frame."""
-  from diffusion_jax.data import sources
+  from diffusion_jax.data import imaging, moving_digits
 
   _, workdir = smoke_vae
   vae = inference.load_vae(workdir)
-  images, labels = sources._load_digits()  # pylint: disable=protected-access
-  examples = [sources.render_moving_digits(images, labels, np.random.default_rng([3, 0, i]), min_side=20,
-                                           max_side=30, max_digits=1, durations=(7,)) for i in range(2)]
+  images, labels = imaging.digit_images()
+  examples = [moving_digits.render_moving_digits(images, labels, np.random.default_rng([3, 0, i]), min_side=20,
+                                                 max_side=30, max_digits=1, durations=(7,)) for i in range(2)]
   clips = [ex["video"] for ex in examples]
   recon = evaluate_lib.reconstruct(vae, clips)
   f = vae.spatial_factor

@@ -26,18 +26,18 @@ def test_save_sample_writes_gif_mp4_and_npz_or_png(tmp_path):
 
 
 def test_save_mp4_writes_a_real_h264_file_of_any_size(tmp_path):
-  from diffusion_jax.data import sources
+  from diffusion_jax.data import video_folder
 
   t = np.arange(9)[:, None, None]
   y, x = np.mgrid[0:15, 0:21]
   smooth = np.stack([(8 * x + 4 * t) % 256, (10 * y + 0 * t) % 256, np.full_like(x + t, 128)], -1).astype(np.uint8)
   path = media.save_mp4(smooth, str(tmp_path / "odd.mp4"), fps=8)  # 15 x 21: odd sides are padded
   assert open(path, "rb").read(12)[4:8] == b"ftyp" and sorted(os.listdir(tmp_path)) == ["odd.mp4"]
-  back = sources.read_video(path, 100, 512)
+  back = video_folder.read_video(path, 100, 512)
   assert back.shape == (9, 16, 22, 3)
   assert np.abs(back[:, :15, :21].astype(float) - smooth).mean() < 6
   grey = media.save_mp4(smooth[..., :1], str(tmp_path / "grey.mp4"))
-  assert sources.read_video(grey, 100, 512).shape == (9, 16, 22, 3)
+  assert video_folder.read_video(grey, 100, 512).shape == (9, 16, 22, 3)
   with pytest.raises(ValueError, match="save_mp4 wants uint8"):
     media.save_mp4(smooth.astype(np.float32), str(tmp_path / "bad.mp4"))
 

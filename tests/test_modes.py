@@ -9,7 +9,7 @@ import pytest
 
 from diffusion_jax import inference
 from diffusion_jax import sample as sample_lib
-from diffusion_jax.data import sources
+from diffusion_jax.data import imaging, moving_digits
 from diffusion_jax.diffusion import kinds, samplers
 from diffusion_jax.diffusion import schedules as sched
 from diffusion_jax.models import dit
@@ -188,7 +188,7 @@ def test_negative_prompts():
 
 
 def test_expand_caption_fills_defaults_and_keeps_what_is_said():
-  expand = sources.expand_caption
+  expand = moving_digits.expand_caption
   assert expand("a 3") == "a white 3 moving steadily to the right on a black background"
   assert expand("red 7 falling fast on navy") == "a red 7 falling quickly on a navy background"
   assert expand("Seven, still, dark grey background") == "a white 7 standing still on a dark gray background"
@@ -197,7 +197,7 @@ def test_expand_caption_fills_defaults_and_keeps_what_is_said():
   assert expand("a blue 5 going up left", frames=1) == "a blue 5 on a black background"  # an image: no motion
   assert expand("one green 4 moving down and to the left on dark green") == (
       "a green 4 moving steadily down and to the left on a dark green background")  # "one" is no digit here
-  parsed = sources.caption_attributes(expand("a magenta 2 moving quickly up-right"))
+  parsed = moving_digits.caption_attributes(expand("a magenta 2 moving quickly up-right"))
   assert parsed == dict(digits=[2], colours=["magenta"], background="black", directions=["up-right"],
                         speeds=["quickly"], bounced=[False])
   with pytest.raises(ValueError, match="names no digit"):
@@ -205,8 +205,8 @@ def test_expand_caption_fills_defaults_and_keeps_what_is_said():
 
 
 def test_expand_caption_leaves_generator_captions_as_they_are():
-  images, labels = sources._load_digits()  # pylint: disable=protected-access
+  images, labels = imaging.digit_images()
   for i in range(150):
-    example = sources.render_moving_digits(images, labels, np.random.default_rng([9, 2, i]), min_side=24,
-                                           max_side=48, max_digits=3, durations=(1, 5, 9))
-    assert sources.expand_caption(example["caption"], frames=len(example["video"])) == example["caption"]
+    example = moving_digits.render_moving_digits(images, labels, np.random.default_rng([9, 2, i]), min_side=24,
+                                                 max_side=48, max_digits=3, durations=(1, 5, 9))
+    assert moving_digits.expand_caption(example["caption"], frames=len(example["video"])) == example["caption"]

@@ -15,7 +15,7 @@ from diffusion_jax import __main__ as cli
 from diffusion_jax import checkpoint
 from diffusion_jax import export as export_lib
 from diffusion_jax import inference
-from diffusion_jax.data import sources
+from diffusion_jax.data import imaging, sources
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # Clips of 1, 5 and 9 frames at 16-24 px, one digit each (so the classifier's check applies).
@@ -105,7 +105,7 @@ def test_text_to_video_through_the_cli(chain, tmp_path):
 def _through_vae(vae, frames, size):
   """uint8 frames [T, H, W, 3] as sampling gives them back: resized to the size made (as
   sample._fit_input), encoded to the posterior mean and decoded."""
-  frames = np.clip(np.round(sources.resize_frames(frames.astype(np.float32), *size)), 0, 255).astype(np.uint8)
+  frames = np.clip(np.round(imaging.resize_frames(frames.astype(np.float32), *size)), 0, 255).astype(np.uint8)
   mean, _ = vae.encode(frames[None].astype(np.float32) / 127.5 - 1.0)
   return np.clip(np.round((np.asarray(vae.decode(mean))[0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
@@ -302,7 +302,7 @@ def _second_clip(chain, like):
   clip = next(np.asarray(source[i]["video"]) for i in range(len(source))
               if len(source[i]["video"]) == 9 and np.abs(np.asarray(source[i]["video"])[0, 0, 0].astype(int)
                                                          - background).sum() > 60)
-  return np.clip(np.round(sources.resize_frames(clip.astype(np.float32), *like.shape[1:3])), 0, 255).astype(np.uint8)
+  return np.clip(np.round(imaging.resize_frames(clip.astype(np.float32), *like.shape[1:3])), 0, 255).astype(np.uint8)
 
 
 def test_backward_join_long_negative_and_expand_on_the_latent_model(chain, inputs, tmp_path):
@@ -381,7 +381,7 @@ def test_modes_on_a_pixel_model_keep_given_frames_exactly(pixel_run, tmp_path):
   made = [_frames(os.path.join(out, f"sample_{i}.npz")) for i in range(5)]
   assert [m.shape for m in made] == [(7, 8, 8, 3), (6, 8, 8, 3), (40, 8, 8, 3), (4, 8, 12, 3), (3, 8, 12, 3)]
   close = lambda a, b: np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)  # noqa: E731
-  small_b = np.clip(np.round(sources.resize_frames(clip_b.astype(np.float32), 8, 8)), 0, 255)
+  small_b = np.clip(np.round(imaging.resize_frames(clip_b.astype(np.float32), 8, 8)), 0, 255)
   close(made[0][-3:], clip)  # extend-backward: the input at the end
   close(made[1][:2], clip[-2:])  # join: A's last two frames, then a transition, then B's first two
   close(made[1][-2:], small_b[:2])

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from diffusion_jax import checkpoint
 from diffusion_jax import config as config_lib
-from diffusion_jax.data import pipeline, sources
+from diffusion_jax.data import imaging, pipeline, sources, video_folder
 from diffusion_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,30 +98,31 @@ def test_read_video_decodes_every_kind_of_file(clips):
   folder, made = clips
   square = made["h264.mp4"]
   for name in ("h264.mp4", "vp9.webm", "mjpeg.avi", "ten_bit.mp4"):  # lossy codecs: close to the source
-    video = sources.read_video(str(folder / name), 129, 512)
+    video = video_folder.read_video(str(folder / name), 129, 512)
     assert video.shape == square.shape and video.dtype == np.uint8, name
     assert _mean_error(video, square) < 4, name
-  np.testing.assert_array_equal(sources.read_video(str(folder / "sub/rgba.mov"), 129, 512), square)  # alpha dropped
-  np.testing.assert_array_equal(sources.read_video(str(folder / "odd.avi"), 129, 512), made["odd.avi"])
-  grey = sources.read_video(str(folder / "grey.mp4"), 129, 512)
+  rgba = video_folder.read_video(str(folder / "sub/rgba.mov"), 129, 512)
+  np.testing.assert_array_equal(rgba, square)  # alpha dropped
+  np.testing.assert_array_equal(video_folder.read_video(str(folder / "odd.avi"), 129, 512), made["odd.avi"])
+  grey = video_folder.read_video(str(folder / "grey.mp4"), 129, 512)
   assert grey.shape == square.shape and (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
   assert _mean_error(grey[..., :1], made["grey.mp4"]) < 4
-  np.testing.assert_array_equal(sources.read_video(str(folder / "anim.gif"), 129, 512), square[:5])
+  np.testing.assert_array_equal(video_folder.read_video(str(folder / "anim.gif"), 129, 512), square[:5])
 
   # Variable frame rate: every decoded frame once, or resampled to a constant 10 fps over its 1.6 s.
-  vfr = sources.read_video(str(folder / "vfr.mkv"), 129, 512)
+  vfr = video_folder.read_video(str(folder / "vfr.mkv"), 129, 512)
   assert len(vfr) == 9 and _mean_error(vfr, square) < 4
-  even = sources.read_video(str(folder / "vfr.mkv"), 129, 512, fps=10)
+  even = video_folder.read_video(str(folder / "vfr.mkv"), 129, 512, fps=10)
   assert len(even) == 17  # t = 0.0, 0.1, ..., 1.6
   assert _mean_error(even[4], square[4]) < 4 and _mean_error(even[7], square[5]) < 4  # frame 5 sits at 0.7 s
 
   # Long and large: cut to max_frames, shrunk to max_side with the aspect kept.
-  small = sources.read_video(str(folder / "big.mp4"), 6, 64)
+  small = video_folder.read_video(str(folder / "big.mp4"), 6, 64)
   assert small.shape == (6, 48, 64, 3)
-  expected = sources.resize_frames(made["big.mp4"][:6].astype(np.float32), 48, 64)
+  expected = imaging.resize_frames(made["big.mp4"][:6].astype(np.float32), 48, 64)
   assert _mean_error(small, expected) < 6
   # A file cut short mid-stream with its index in front decodes its whole frames before the cut.
-  prefix = sources.read_video(str(folder / "cut_faststart.mp4"), 129, 512)
+  prefix = video_folder.read_video(str(folder / "cut_faststart.mp4"), 129, 512)
   assert 0 < len(prefix) < 40 and _mean_error(prefix, made["cut_faststart.mp4"][:len(prefix)]) < 6
 
 
@@ -131,7 +132,7 @@ def test_read_video_memory_stays_near_the_clip_it_returns(clips):
   path = str(folder / "big.mp4")
   tracemalloc.start()
   try:
-    video = sources.read_video(path, 129, 64)
+    video = video_folder.read_video(path, 129, 64)
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
@@ -149,8 +150,8 @@ def test_read_video_memory_stays_near_the_clip_it_returns(clips):
 ])
 def test_read_video_names_why_a_file_is_unusable(clips, name, reason, says):
   folder, _ = clips
-  with pytest.raises(sources.UnreadableVideo, match=f"^{reason}: .*{says}") as caught:
-    sources.read_video(str(folder / name), 129, 512)
+  with pytest.raises(video_folder.UnreadableVideo, match=f"^{reason}: .*{says}") as caught:
+    video_folder.read_video(str(folder / name), 129, 512)
   assert caught.value.reason == reason
 
 
@@ -163,8 +164,8 @@ def test_video_folder_builds_splits_and_counts_skips_and_captions(clips, tmp_pat
   validation = sources.open_source("video_folder", "validation", data_dir, **build)
 
   names = sorted(os.path.relpath(os.path.join(r, n), folder) for r, _, ns in os.walk(folder) for n in ns
-                 if n.endswith(sources.VIDEO_EXTENSIONS))
-  held_out = sources.validation_files(names, 0.25)
+                 if n.endswith(video_folder.VIDEO_EXTENSIONS))
+  held_out = video_folder.validation_files(names, 0.25)
   decodable = set(made) | {"faststart.mp4"}
   by_split = {}
   for split, source in (("train", train), ("validation", validation)):
@@ -180,7 +181,7 @@ def test_video_folder_builds_splits_and_counts_skips_and_captions(clips, tmp_pat
   assert everything["faststart.mp4"]["video"].shape == (33, 48, 64, 3)
 
   metadata = tfds.builder_from_directory(
-      str(sources.VideoFolder(data_dir=data_dir, **build).data_dir)).info.metadata
+      str(video_folder.VideoFolder(data_dir=data_dir, **build).data_dir)).info.metadata
   assert metadata["skipped"] == {"unreadable": 3, "no_frames": 1, "no_video_stream": 1}
   assert sorted(metadata["skipped_files"]) == ["audio_only.mp4", "cut_header.webm", "cut_moov.mp4",
                                                "empty.avi", "garbage.mov"]
@@ -190,11 +191,12 @@ def test_video_folder_builds_splits_and_counts_skips_and_captions(clips, tmp_pat
 
 def test_validation_files_are_stable_and_never_empty():
   names = [f"clip_{i}.mp4" for i in range(200)]
-  chosen = sources.validation_files(names, 0.1)
+  chosen = video_folder.validation_files(names, 0.1)
   assert 5 < len(chosen) < 40
-  assert sources.validation_files(names[:100], 0.1) == chosen & set(names[:100])  # a file keeps its split
-  assert len(sources.validation_files(names[:2], 0.01)) == 1  # a small folder still gets one
-  assert sources.validation_files(names, 0.0) == set() and sources.validation_files(names[:1], 0.5) <= set(names)
+  assert video_folder.validation_files(names[:100], 0.1) == chosen & set(names[:100])  # a file keeps its split
+  assert len(video_folder.validation_files(names[:2], 0.01)) == 1  # a small folder still gets one
+  assert video_folder.validation_files(names, 0.0) == set()
+  assert video_folder.validation_files(names[:1], 0.5) <= set(names)
   with pytest.raises(ValueError, match="validation_fraction < 1"):
     sources.ensure_dataset("video_folder", "", folder=REPO, validation_fraction=1.0)
   with pytest.raises(ValueError, match="needs folder= an existing directory"):

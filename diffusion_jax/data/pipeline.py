@@ -62,7 +62,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import patches, paths
-from diffusion_jax.data import encoded, packing, sources
+from diffusion_jax.data import encoded, imaging, packing, sources
 
 FRAME_STEP = 4  # clips are cut to 1 + 4k frames: what a causal video VAE with 4x time compression takes
 
@@ -241,7 +241,7 @@ class PrepareExample(grain.transforms.RandomMap):
       top, left = (h - out_h) // 2, (w - out_w) // 2
       pixels = pixels[:, top:top + out_h, left:left + out_w]
     else:
-      pixels = sources.resize_frames(pixels, out_h, out_w)
+      pixels = imaging.resize_frames(pixels, out_h, out_w)
     pixels = np.clip(pixels, -1.0, 1.0)
     tokens, positions, grid = patches.patchify(pixels, self.patch)
     return dict(patches=tokens, positions=positions, grid=np.asarray(grid, np.int32),

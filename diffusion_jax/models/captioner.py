@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer  # the tokenizer alone: the captioner needs no encoder weights
 
-from diffusion_jax.data import sources
+from diffusion_jax.data import digits_canvas, imaging, moving_digits
 from diffusion_jax.models import text as text_lib
 
 PAD, BOS, EOS = 0, 1, 2  # model vocabulary indices of [PAD], [CLS] (begin of caption) and [SEP] (end)
@@ -43,13 +43,13 @@ PAD, BOS, EOS = 0, 1, 2  # model vocabulary indices of [PAD], [CLS] (begin of ca
 # --------------------------------------------------------------------------- vocabulary
 
 def generator_phrases() -> list[str]:
-  """Every word group the caption generators (sources.render_digit, render_moving_digits) write."""
+  """Every word group the caption generators (digits_canvas.render_digit, render_moving_digits) write."""
   nouns = [f"{article} {colour} {digit}" for article, colour, digit in
-           itertools.product(("a", "an"), sources.DIGIT_COLOURS, range(10))]
-  motions = [sources._motion_phrase(direction, speed, bounced, finite)  # pylint: disable=protected-access
+           itertools.product(("a", "an"), digits_canvas.DIGIT_COLOURS, range(10))]
+  motions = [moving_digits.motion_phrase(direction, speed, bounced, finite)
              for direction, speed, bounced, finite in
-             itertools.product(sources.DIRECTIONS, sources.SPEEDS, (False, True), (False, True))]
-  tails = [f"on a {background} background" for background in sources.BACKGROUND_COLOURS]
+             itertools.product(moving_digits.DIRECTIONS, moving_digits.SPEEDS, (False, True), (False, True))]
+  tails = [f"on a {background} background" for background in digits_canvas.BACKGROUND_COLOURS]
   return nouns + motions + tails + ["while", "and"]
 
 
@@ -137,7 +137,7 @@ def prepare_clip(video: np.ndarray, canvas: int, frames: int) -> tuple[np.ndarra
   if max(h, w) > canvas:
     scale = canvas / max(h, w)
     h, w = max(1, round(h * scale)), max(1, round(w * scale))
-    video = np.clip(np.round(sources.resize_frames(video.astype(np.float32), h, w)), 0, 255).astype(np.uint8)
+    video = np.clip(np.round(imaging.resize_frames(video.astype(np.float32), h, w)), 0, 255).astype(np.uint8)
   first = video[0]
   border = np.concatenate([first[0], first[-1], first[:, 0], first[:, -1]])
   top, left = (canvas - h) // 2, (canvas - w) // 2

@@ -12,7 +12,7 @@ uint8 [B, F, S, S] (models.captioner.prepare_clip), text int32 [B, L]
 (model-vocabulary rows: BOS, caption, EOS, PAD).
 
 Held-out evaluation (eval_fn / summarize_eval): the caption loss, greedy
-captions parsed back with sources.caption_attributes and compared with the
+captions parsed back with moving_digits.caption_attributes and compared with the
 true caption's attributes one by one (digit, colour, background, direction,
 speed, bouncing; the motion ones also over moving clips alone, since a one-frame
 clip's caption has no motion), and the contrastive head's top-1 retrieval
@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import pipeline, sources
+from diffusion_jax.data import moving_digits, pipeline, sources
 from diffusion_jax.models import captioner as captioner_lib
 from diffusion_jax.train import classifier_task
 
@@ -186,10 +186,10 @@ def attribute_matches(generated: list[str], true: list[str]) -> dict[str, np.nda
   out = {name: np.zeros(len(true), bool) for name in ATTRIBUTES}
   out["parsed"] = np.zeros(len(true), bool)
   for i, (gen, ref) in enumerate(zip(generated, true)):
-    ref_attributes = sources.caption_attributes(ref)
+    ref_attributes = moving_digits.caption_attributes(ref)
     if ref_attributes is None:
       raise ValueError(f"true caption {ref!r} is not a moving_digits caption: no attributes to compare")
-    gen_attributes = sources.caption_attributes(gen)
+    gen_attributes = moving_digits.caption_attributes(gen)
     if gen_attributes is None:
       continue
     out["parsed"][i] = True

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import pipeline, sources
+from diffusion_jax.data import imaging, pipeline, sources
 
 
 def digit_window(x, *, threshold: float = 0.5, margin: float = 1.25):
@@ -211,7 +211,7 @@ class SingleDigitFrame(grain.transforms.RandomMap):
       square[top:top + height, left:left + width] = frame
       frame = square
     if frame.shape[:2] != (self.size, self.size):
-      resized = sources.resize_frames(frame[None].astype(np.float32), self.size, self.size)[0]
+      resized = imaging.resize_frames(frame[None].astype(np.float32), self.size, self.size)[0]
       frame = np.clip(np.round(resized), 0, 255).astype(np.uint8)
     return {"frames": frame, "labels": np.int32(element["label"])}
 

@@ -51,7 +51,7 @@ import numpy as np
 
 from diffusion_jax import metrics
 from diffusion_jax.config import ConfigError
-from diffusion_jax.data import pipeline, sources
+from diffusion_jax.data import imaging, pipeline, sources
 from diffusion_jax.models import vae as vae_lib
 
 LOSS_TAKES_STEP = True  # the loop passes step= to loss_fn (the GAN switches on at loss.gan_start)
@@ -330,7 +330,7 @@ class CropClip(grain.transforms.RandomMap):
       scale = max(scale, 1.0)
     if scale != 1.0:
       new_h, new_w = max(self.height, round(h0 * scale)), max(self.width, round(w0 * scale))
-      resized = sources.resize_frames(video.astype(np.float32), new_h, new_w)
+      resized = imaging.resize_frames(video.astype(np.float32), new_h, new_w)
       video = np.clip(np.round(resized), 0, 255).astype(np.uint8)
     top = int(rng.integers(0, video.shape[1] - self.height + 1))
     left = int(rng.integers(0, video.shape[2] - self.width + 1))
