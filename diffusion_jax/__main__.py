@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--seed", type=int, default=0)
   evaluate.add_argument("--classifier", default="", help="a classifier export (configs/classifier_digits.py)")
   evaluate.add_argument("--data-dir", default="", help="where the eval split lives (default: the export's)")
+  evaluate.add_argument("--baseline", default="", choices=("frames",),
+                        help="frames: also sample every clip frame by frame with the same model (the naive "
+                             "baseline) and compare temporal consistency (text-to-video models)")
 
   quick = sub.add_parser("quickstart", help="text-to-video on the built-in data: VAE, encode, video DiT, "
                                             "classifier, export, evaluate, report (diffusion_jax/quickstart.py)")
@@ -246,8 +249,10 @@ def main(argv=None) -> int:
       print(f"exported {args.workdir} -> {path}", flush=True)
     elif args.command == "evaluate":
       scores = evaluate.evaluate(args.export, args.out, num_samples=args.num_samples, seed=args.seed,
-                                 classifier=args.classifier, data_dir=args.data_dir)
+                                 classifier=args.classifier, data_dir=args.data_dir, baseline=args.baseline)
       print(json.dumps({k: v for k, v in scores.items() if not isinstance(v, list)}, indent=1), flush=True)
+      if args.baseline:
+        print("\n".join(evaluate.temporal_table(scores)), flush=True)
     elif args.command == "quickstart":
       quickstart.run(args.workdir, scale=args.scale, num_samples=args.num_samples)
   except user_errors as e:

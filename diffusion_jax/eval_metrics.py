@@ -12,6 +12,11 @@ measure_clip(video, truth) checks digit, digit colour, background colour, direct
 and digit count; seam_score(videos) compares frame changes across the causal VAE's latent-frame
 boundaries with those within.
 
+Temporal consistency (what frame-by-frame generation lacks): temporal_consistency(video, classify)
+gives identity (the fraction of frames showing the clip's majority digit), path_roughness (the
+mean second difference of the per-frame ink centre of mass over the frame side) and
+frame_change (mean frame-to-frame change); temporal_rates pools them over clips.
+
 evaluate.py runs them per task on an export's samples.
 """
 import math
@@ -316,12 +321,17 @@ def clip_colours(video, *, threshold: float = 0.7) -> tuple[str, str]:
   return blended_colour(digit, background, digits_canvas.DIGIT_COLOURS), background_name
 
 
+def frame_changes(video) -> np.ndarray:
+  """[T - 1] mean |pixel difference| of each step t -> t+1 of a clip [T, H, W(, C)], in its own units."""
+  video = np.asarray(video, np.float64)
+  return np.abs(np.diff(video, axis=0)).mean(axis=tuple(range(1, video.ndim)))
+
+
 def temporal_seam(video) -> tuple[float, float]:
   """(mean |frame change| across latent-frame boundaries, mean |frame change| within latent frames)
   of a clip [T, H, W, C]: the causal VAE codes frame 0 alone and frames 4k+1..4k+4 together, so
   the boundaries are the steps 4k -> 4k+1. nan where a clip has no step of a kind (T < 3)."""
-  video = np.asarray(video, np.float64)
-  change = np.abs(np.diff(video, axis=0)).mean(axis=tuple(range(1, video.ndim)))  # step t -> t+1
+  change = frame_changes(video)  # step t -> t+1
   boundary = (np.arange(len(change)) % TEMPORAL_FACTOR) == 0
   across = float(change[boundary].mean()) if boundary.any() else float("nan")
   within = float(change[~boundary].mean()) if (~boundary).any() else float("nan")
@@ -380,3 +390,117 @@ def attribute_rates(videos, truths, *, classify=None) -> dict:
     counts[name] = len(values)
   rates["seam"] = seam_score(videos)  # any video, captioned or not
   return rates, counts
+
+
+# --------------------------------------------------------------------------- temporal consistency
+#
+# What an image model run once per frame (the naive baseline of evaluate's --baseline=frames) lacks
+# and a spacetime model should have: the same digit in every frame, a centre of mass that moves
+# along a smooth path, and small changes from frame to frame. Clips are uint8 or float in uint8
+# levels (0..255), [T, H, W, 3].
+
+TEMPORAL = ("identity", "path_roughness", "frame_change")
+INK_THRESHOLD = 0.25  # of a frame's largest distance from its background: antialiased edges count less
+MIN_INK_CONTRAST = 24.0  # uint8 levels (Euclidean RGB): a frame whose pixels all lie closer shows no ink
+
+
+def _levels(video) -> np.ndarray:
+  """float64 [T, H, W, 3] of a uint8 clip or a float one in uint8 levels; a clear error otherwise."""
+  array = np.asarray(video)
+  if array.ndim != 4 or array.shape[-1] != 3:
+    raise ValueError(f"a clip must be [T, H, W, 3], got shape {array.shape}")
+  array = array.astype(np.float64)
+  if array.size and (array.min() < 0 or array.max() > 255):
+    raise ValueError(f"a float clip must be in uint8 levels [0, 255], got values in [{array.min():.3g}, "
+                     f"{array.max():.3g}]")
+  return array
+
+
+def frame_backgrounds(video) -> np.ndarray:
+  """[T, 3] each frame's background colour: the median colour of its border pixels (outermost rows
+  and columns). Per frame, not per clip: a frame-by-frame generation may give each frame its own
+  background, and a digit seldom covers most of a frame's border."""
+  video = _levels(video)
+  border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1)  # [T, 2H+2W, 3]
+  return np.median(border, axis=1)
+
+
+def ink_track(video, *, threshold: float = INK_THRESHOLD, min_contrast: float = MIN_INK_CONTRAST) -> np.ndarray:
+  """[T, 2] (y, x) each frame's ink centre of mass in pixels. A pixel's ink weight is its colour
+  distance from its frame's background (frame_backgrounds), kept where it exceeds both `threshold`
+  x that frame's largest distance and `min_contrast` levels. nan rows for frames without ink."""
+  video = _levels(video)
+  distance = np.linalg.norm(video - frame_backgrounds(video)[:, None, None, :], axis=-1)  # [T, H, W]
+  floor = np.maximum(threshold * distance.max(axis=(1, 2)), min_contrast)[:, None, None]
+  weight = np.where(distance > floor, distance, 0.0)
+  mass = weight.sum(axis=(1, 2))
+  present = mass > 0
+  track = np.full((len(video), 2), np.nan)
+  ys, xs = np.arange(video.shape[1]), np.arange(video.shape[2])
+  track[present, 0] = (weight.sum(axis=2) @ ys)[present] / mass[present]
+  track[present, 1] = (weight.sum(axis=1) @ xs)[present] / mass[present]
+  return track
+
+
+def identity_consistency(predictions) -> float:
+  """The fraction of frames whose predicted digit is the clip's majority prediction (ties: the
+  smaller digit): 1 when every frame shows the same digit. predictions: int labels [T], T >= 1."""
+  predictions = np.asarray(predictions)
+  if predictions.ndim != 1 or len(predictions) == 0 or not np.issubdtype(predictions.dtype, np.integer):
+    raise ValueError(f"predictions must be integer labels [T >= 1], got {predictions.dtype} {predictions.shape}")
+  if predictions.min() < 0:
+    raise ValueError(f"predictions must be labels >= 0, got {predictions.min()}")
+  majority = np.bincount(predictions).argmax()
+  return float(np.mean(predictions == majority))
+
+
+def path_roughness(video) -> float:
+  """The centre-of-mass path's roughness (lower is smoother): the mean magnitude of the second
+  difference c[t+1] - 2 c[t] + c[t-1] of the ink track (ink_track), over the triples of
+  consecutive frames that all show ink, divided by the frame's shorter side. 0 for a digit at
+  constant velocity; about 0.89 (sqrt(pi / 2) x sqrt(6 / 12), a Rayleigh mean) for positions drawn
+  uniformly over a square frame, less for a digit kept inside it (a bounce off a wall adds one
+  spike). nan when no triple has ink (fewer than 3 frames, or blank frames)."""
+  video = _levels(video)
+  track = ink_track(video)
+  second = track[2:] - 2.0 * track[1:-1] + track[:-2]
+  second = second[np.isfinite(second).all(axis=1)]
+  if len(second) == 0:
+    return float("nan")
+  return float(np.linalg.norm(second, axis=1).mean() / min(video.shape[1], video.shape[2]))
+
+
+def mean_frame_change(video) -> float:
+  """The mean |pixel difference| between consecutive frames as a fraction of the uint8 range
+  (frame_changes / 255): 0 for a still clip, larger for flicker. nan for one frame."""
+  video = _levels(video)
+  return float(frame_changes(video).mean() / 255.0) if len(video) > 1 else float("nan")
+
+
+def temporal_consistency(video, *, classify=None) -> dict:
+  """{"identity", "path_roughness", "frame_change"} of one clip [T, H, W, 3]; "identity" needs
+  `classify` (frames -> predicted digits [T]) and is left out without it."""
+  out = dict(path_roughness=path_roughness(video), frame_change=mean_frame_change(video))
+  if classify is not None:
+    out["identity"] = identity_consistency(np.asarray(classify(np.asarray(video))))
+  return out
+
+
+def temporal_rates(videos, truths, *, classify=None) -> tuple[dict, dict]:
+  """({name: mean over clips (nan when none qualifies)}, {name: clips}) of temporal_consistency over
+  clips of >= 2 frames. identity and path_roughness cover only the clips whose caption does not
+  ask for several digits (truth None or count 1): a single-digit classifier and one centre of
+  mass mean little for two digits. nan values (no ink) are left out of the means."""
+  values = {name: [] for name in TEMPORAL}
+  for video, truth in zip(videos, truths):
+    if len(video) < 2:
+      continue
+    single = truth is None or truth["count"] == 1
+    measured = temporal_consistency(video, classify=classify if single else None)
+    for name, value in measured.items():
+      if name == "path_roughness" and not single:
+        continue
+      if math.isfinite(value):
+        values[name].append(value)
+  rates = {name: float(np.mean(v)) if v else float("nan") for name, v in values.items()}
+  return rates, {name: len(v) for name, v in values.items()}

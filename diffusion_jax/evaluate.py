@@ -16,6 +16,13 @@ video samples, one GIF per sample. By the export's task:
        eval-split batches, reconstructions of the first batch as a grid
        (real | reconstruction, first frames) and side-by-side GIFs.
 
+The naive baseline (baseline="frames", `evaluate --baseline=frames`; text-to-video models): the
+same captions sampled frame by frame, each frame an independent one-frame video of the same model,
+stacked into clips; the temporal consistency of eval_metrics (digit identity across frames,
+centre-of-mass path roughness, frame-to-frame change) of the video model's clips, these and the
+real clips side by side in metrics.json (temporal/<name>/<set>) and temporal_table, and
+baseline_<i>.gif (video model | frame by frame | real).
+
 Feature spaces (the `feature_extractor` callable contract): a function
 frames -> features, taking uint8 numpy frames [N, H, W, 3] (image models; videos
 [N, T, H, W, 3] for video models) of any N and any size, returning a float
@@ -203,7 +210,8 @@ def _evaluate_vae(export, out_dir, *, num_samples, seed, data_dir) -> dict:
   return metrics, files
 
 
-def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, feature_extractor, data_dir) -> dict:
+def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, feature_extractor, data_dir,
+                        baseline="") -> dict:
   """Text-to-video (or -image) on held-out captions: num_samples videos for the
   captions of the eval split's video clips (at each clip's own size,
   sample.frames frames; a pixel model: scaled to fit one row as training
@@ -215,7 +223,11 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   real clips of those captions (check/<name>/real, the checks' own ceiling) and
   on VAE reconstructions of them (check/<name>/vae, the latent model's ceiling;
   latent models only); check/<name>/clips is how many clips each check covers.
-  Then FD/KID between the generated and real frames in the feature space."""
+  The temporal consistency of eval_metrics.temporal_rates (temporal/<name>/<set>, clips counted in
+  temporal/<name>/<set>_clips) on the generated and the real clips; with baseline="frames" also
+  the frame-by-frame baseline (frame_by_frame) as the set "framewise", under both the checks and
+  the temporal metrics, and baseline_<i>.gif (video model | frame by frame | real) for the first
+  BASELINE_GIFS captions. Then FD/KID between the generated and real frames in the feature space."""
   config = _config_with_data_dir(export.config, data_dir)
   gen = inference.with_conditioners(config, dit_task.build_model(config), export.params, int(export.info["step"]))
   source = sources.open_source(config.data.name, config.data.eval_split, config.data.data_dir,
@@ -247,6 +259,11 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
                            cfg_scale=cfg_scale, seed=seed)
   files = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("sample_")]
   metrics = dict(sampler=sampler, sample_steps=steps, cfg_scale=cfg_scale, videos=len(videos))
+  framewise = None
+  if baseline == "frames":
+    framewise = frame_by_frame(gen, requests, videos, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                               rows_per_call=int(config.sample.rows_per_call), seed=seed)
+    metrics["baseline"] = "frames"
 
   originals = _source_examples(config, chosen)
   truths = [eval_metrics.clip_truth(original) for original in originals]
@@ -268,7 +285,7 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
       feature_extractor = _classifier_features(classifier_export)
   # The same checks on generated clips, on VAE reconstructions of the real clips (what the
   # latent model can at best give back) and on the real clips (what the checks can at best score).
-  sets = dict(generated=videos, vae=reconstructions, real=real_clips)
+  sets = dict(generated=videos, framewise=framewise, vae=reconstructions, real=real_clips)
   for which, clips in sets.items():
     if clips is None:
       continue
@@ -277,6 +294,18 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
       metrics[f"check/{name}/{which}"] = rate
     if which == "real":
       metrics.update({f"check/{name}/clips": count for name, count in counts.items()})
+    if which != "vae":  # reconstructions follow the real clips frame by frame: nothing to learn here
+      rates, counts = eval_metrics.temporal_rates(clips, truths, classify=classify)
+      for name in rates:
+        metrics[f"temporal/{name}/{which}"] = rates[name]
+        metrics[f"temporal/{name}/{which}_clips"] = counts[name]
+  if framewise is not None:
+    for i in range(min(BASELINE_GIFS, len(videos))):
+      real = real_clips[i]
+      if real.shape[1:3] != videos[i].shape[1:3]:
+        real = np.clip(np.round(sources.resize_frames(real.astype(np.float32), *videos[i].shape[1:3])), 0, 255)
+      files.append(media.save_gif(media.side_by_side([videos[i], framewise[i], real.astype(np.uint8)]),
+                                  os.path.join(out_dir, f"baseline_{i}.gif")))
   if feature_extractor is not None:
     real_features = np.asarray(feature_extractor(real), np.float64)
     fake_features = np.asarray(feature_extractor(generated), np.float64)
@@ -286,6 +315,51 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
                                                                                 seed=seed)
   metrics.update(held_out_loss(export, data_dir=data_dir))
   return metrics, files
+
+
+def frame_by_frame(gen, requests, videos, *, sampler: str, steps: int, cfg_scale: float, rows_per_call: int,
+                   seed: int) -> list[np.ndarray]:
+  """The naive baseline, an image model run once per frame: for each request as many one-frame
+  videos (images) of its prompt, at the size its video was made, as that video has frames, all
+  through sample.sample_requests in one packed job (the same model, sampler and steps; each frame
+  its own place in the rows, so its own noise), stacked into a clip uint8 [T, H, W, C]."""
+  singles, owners = [], []
+  for index, (request, video) in enumerate(zip(requests, videos)):
+    single = dataclasses.replace(request, mode="t2v", frames=1, size=tuple(int(s) for s in video.shape[1:3]))
+    singles += [single] * len(video)
+    owners += [index] * len(video)
+  images, _ = sample_lib.sample_requests(gen, singles, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                         rows_per_call=rows_per_call, seed=seed)
+  clips = [[] for _ in requests]
+  for owner, image in zip(owners, images):
+    clips[owner].append(image[0])  # a pixel model of temporal patch p makes p frames: the first is its image
+  return [np.stack(clip) for clip in clips]
+
+
+TEMPORAL_TITLES = (
+    ("identity", "digit identity (frames showing the majority digit)"),
+    ("path_roughness", "centre-of-mass path roughness (|2nd difference| / side; 0 = smooth)"),
+    ("frame_change", "mean frame-to-frame change (fraction of 255)"),
+)
+
+
+def temporal_table(metrics: dict) -> list[str]:
+  """Markdown lines: the temporal metrics (temporal/<name>/<set>) of the video model, the
+  frame-by-frame baseline and the real clips side by side; [] when there are none."""
+  if not any(k.startswith("temporal/") for k in metrics):
+    return []
+
+  def cell(name, which):
+    value = metrics.get(f"temporal/{name}/{which}")
+    if value is None or value != value:
+      return "n/a"
+    return f"{value:.3f} ({metrics.get(f'temporal/{name}/{which}_clips', 0)})"
+
+  lines = ["Temporal consistency, mean over clips (clips measured):", "",
+           "| metric | video model | frame by frame | real |", "| --- | --- | --- | --- |"]
+  for name, title in TEMPORAL_TITLES:
+    lines.append(f"| {title} | " + " | ".join(cell(name, w) for w in ("generated", "framewise", "real")) + " |")
+  return lines
 
 
 def classify_frames(classifier_export, frames, *, chunk: int = 64) -> np.ndarray:
@@ -360,27 +434,39 @@ def reconstruct(vae, clips) -> list[np.ndarray]:
   return out
 
 
+BASELINES = ("", "frames")
+BASELINE_GIFS = 4  # side-by-side GIFs of the baseline: the first captions'
+
+
 def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, classifier: str = "",
-             feature_extractor=None, data_dir: str = "") -> dict:
+             feature_extractor=None, data_dir: str = "", baseline: str = "") -> dict:
   """Evaluates an export; writes OUT_DIR/metrics.json and pictures; returns the metrics.
 
   classifier: a classifier export (configs/classifier_digits.py, exported) for
   conditional accuracy and the default feature space; feature_extractor: a
   callable frames -> [N, D] (see the module docstring) replacing it for FD/KID.
-  data_dir overrides the export's data.data_dir (where the eval split lives).
+  data_dir overrides the export's data.data_dir (where the eval split lives). baseline="frames"
+  (text-to-video models) also samples every clip frame by frame with the same model, the naive
+  baseline a spacetime model is measured against (frame_by_frame).
   """
   if num_samples < 2:
     raise ValueError(f"num_samples={num_samples}: FD and KID need at least 2 samples")
+  if baseline not in BASELINES:
+    raise ValueError(f"unknown baseline {baseline!r}; known: 'frames' (or none)")
   export = export_lib.load_export(export_dir)
   task = export.config.task
   if task not in ("dit", "vae"):
     raise ValueError(f"evaluate knows tasks 'dit' and 'vae'; {export_dir} is task {task!r}")
+  makes_video = task == "dit" and dit_task.samples_from_prompts(export.config) and not export.config.data.fixed_size
+  if baseline and not makes_video:
+    raise ValueError(f"baseline={baseline!r} compares a video model's clips with its frames made one by one; "
+                     f"{export_dir} (task {task!r}) does not make videos from prompts")
   common = dict(num_samples=num_samples, seed=seed, data_dir=data_dir)
 
   with paths.local_dir(out_dir) as local_out:  # a bucket gets the files when they are all written
     if task == "dit" and dit_task.samples_from_prompts(export.config):
       metrics, files = _evaluate_video_dit(export, local_out, classifier=classifier,
-                                           feature_extractor=feature_extractor, **common)
+                                           feature_extractor=feature_extractor, baseline=baseline, **common)
     elif task == "dit":
       metrics, files = _evaluate_dit(export, local_out, classifier=classifier, feature_extractor=feature_extractor,
                                      **common)

@@ -75,6 +75,23 @@ def save_clip_rows(videos, path: str, *, scale: int = 2, pad: int = 2) -> str:
   return save_image(canvas.repeat(scale, axis=0).repeat(scale, axis=1), path)
 
 
+def side_by_side(videos, *, pad: int = 2) -> np.ndarray:
+  """uint8 clips [T, H, W, C] of one length, height and channel count, left to right with a gutter
+  column between them: one clip [T, H, sum(W) + gutters, C] (for comparisons in one GIF)."""
+  videos = [_check_uint8(v, 4, "side_by_side") for v in videos]
+  if not videos:
+    raise ValueError("side_by_side needs at least one clip")
+  shapes = {(v.shape[0], v.shape[1], v.shape[3]) for v in videos}
+  if len(shapes) != 1:
+    raise ValueError(f"side_by_side wants clips of one length, height and channel count, got shapes "
+                     f"{[v.shape for v in videos]}")
+  gutter = np.full(videos[0].shape[:2] + (pad, videos[0].shape[3]), GUTTER, np.uint8)
+  parts = [videos[0]]
+  for video in videos[1:]:
+    parts += [gutter, video]
+  return np.concatenate(parts, axis=2)
+
+
 def encode_gif(video, *, fps: int = 8) -> bytes:
   """A uint8 video [T, H, W, C] as the bytes of a looping GIF (also what TensorBoard animates)."""
   video = _check_uint8(video, 4, "encode_gif")

@@ -243,3 +243,11 @@ def test_vae_ceiling_and_clip_classification(smoke_vae, exports):
   for clip in clips:
     predicted = evaluate_lib.classify_frames(classifier, clip)
     assert predicted.shape == (len(clip),) and ((0 <= predicted) & (predicted < 10)).all()
+
+
+def test_the_frame_baseline_needs_a_video_model(exports, tmp_path):
+  """evaluate --baseline=frames compares a text-to-video model with itself run frame by frame; a
+  class-conditional image DiT is refused by name, before anything is sampled or written."""
+  with pytest.raises(ValueError, match="does not make videos from prompts"):
+    evaluate_lib.evaluate(exports[0], str(tmp_path / "out"), num_samples=4, baseline="frames")
+  assert not os.path.exists(tmp_path / "out")
