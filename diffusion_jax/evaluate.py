@@ -301,10 +301,11 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
         metrics[f"temporal/{name}/{which}_clips"] = counts[name]
   if framewise is not None:
     for i in range(min(BASELINE_GIFS, len(videos))):
-      real = real_clips[i]
-      if real.shape[1:3] != videos[i].shape[1:3]:
-        real = np.clip(np.round(sources.resize_frames(real.astype(np.float32), *videos[i].shape[1:3])), 0, 255)
-      files.append(media.save_gif(media.side_by_side([videos[i], framewise[i], real.astype(np.uint8)]),
+      real_clip = real_clips[i]  # at the size the model made (a pixel model's may be scaled to fit a row)
+      if real_clip.shape[1:3] != videos[i].shape[1:3]:
+        real_clip = np.clip(np.round(sources.resize_frames(real_clip.astype(np.float32), *videos[i].shape[1:3])),
+                            0, 255).astype(np.uint8)
+      files.append(media.save_gif(media.side_by_side([videos[i], framewise[i], real_clip]),
                                   os.path.join(out_dir, f"baseline_{i}.gif")))
   if feature_extractor is not None:
     real_features = np.asarray(feature_extractor(real), np.float64)
@@ -322,14 +323,16 @@ def frame_by_frame(gen, requests, videos, *, sampler: str, steps: int, cfg_scale
   """The naive baseline, an image model run once per frame: for each request as many one-frame
   videos (images) of its prompt, at the size its video was made, as that video has frames, all
   through sample.sample_requests in one packed job (the same model, sampler and steps; each frame
-  its own place in the rows, so its own noise), stacked into a clip uint8 [T, H, W, C]."""
+  its own place in the rows, so its own noise), stacked into a clip uint8 [T, H, W, C]. The noise
+  comes from seed + 1: packed alike, frames would otherwise sit where the video's tokens sat
+  with the seed's keys and take the very noise of its frames, a pairing that is not the baseline."""
   singles, owners = [], []
   for index, (request, video) in enumerate(zip(requests, videos)):
     single = dataclasses.replace(request, mode="t2v", frames=1, size=tuple(int(s) for s in video.shape[1:3]))
     singles += [single] * len(video)
     owners += [index] * len(video)
   images, _ = sample_lib.sample_requests(gen, singles, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                         rows_per_call=rows_per_call, seed=seed)
+                                         rows_per_call=rows_per_call, seed=seed + 1)
   clips = [[] for _ in requests]
   for owner, image in zip(owners, images):
     clips[owner].append(image[0])  # a pixel model of temporal patch p makes p frames: the first is its image
@@ -338,7 +341,7 @@ def frame_by_frame(gen, requests, videos, *, sampler: str, steps: int, cfg_scale
 
 TEMPORAL_TITLES = (
     ("identity", "digit identity (frames showing the majority digit)"),
-    ("path_roughness", "centre-of-mass path roughness (|2nd difference| / side; 0 = smooth)"),
+    ("path_roughness", "centre-of-mass path roughness (mean size of its 2nd difference over the side; 0 = smooth)"),
     ("frame_change", "mean frame-to-frame change (fraction of 255)"),
 )
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from diffusion_jax import __main__ as cli
+from diffusion_jax import config as config_lib
 from diffusion_jax import eval_metrics, media
 from diffusion_jax import evaluate as evaluate_lib
 from diffusion_jax import export as export_lib
-from diffusion_jax.data import sources
+from diffusion_jax.data import pipeline, sources
+from diffusion_jax.train import loop
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 BACKGROUND, INK = (12, 22, 72), np.array([240, 220, 40], np.float64)
@@ -163,14 +165,18 @@ def test_side_by_side_clips():
 
 @pytest.fixture(scope="module")
 def pixel_model(data_dir, tmp_path_factory):
-  """configs/video_dit.py:smoke on moving_digits pixels trained 2 steps and exported, and a smoke
-  digit classifier: (video export, classifier export, moving_digits data dir)."""
+  """configs/video_dit.py:smoke on one-digit moving_digits pixels trained 2 steps and exported, and a
+  smoke digit classifier: (video export, classifier export, moving_digits data dir)."""
   root = tmp_path_factory.mktemp("baseline")
   workdir, data, classifier = str(root / "video"), str(root / "data"), str(root / "classifier")
-  assert cli.main(["train", f"--config={CONFIGS}/video_dit.py:smoke", f"--workdir={workdir}",
-                   f"--config.data.data_dir={data}", "--config.data.builder.train_examples=16",
-                   "--config.data.builder.validation_examples=8", "--config.train.steps=2",
-                   "--config.train.ckpt_every=2", "--config.train.eval_batches=1"]) == 0
+  config = config_lib.load_config(f"{CONFIGS}/video_dit.py:smoke")
+  config_lib.apply_overrides(config, [f"data.data_dir={data}", "data.builder.train_examples=16",
+                                      "data.builder.validation_examples=8", "train.steps=2", "train.ckpt_every=2",
+                                      "train.eval_batches=1"])
+  with config.unlocked():  # not a field of the smoke builder: every caption one digit, so every clip counts
+    config.data.builder.max_digits = 1
+  sources.ensure_dataset(config.data.name, data, **pipeline.builder_kwargs(config.data))
+  loop.train(config, workdir)
   assert cli.main(["train", f"--config={CONFIGS}/classifier_digits.py:smoke,data=digits_canvas,image_size=16",
                    f"--workdir={classifier}", f"--config.data.data_dir={data_dir}"]) == 0
   return (export_lib.export(workdir, str(root / "video_export")),
@@ -180,7 +186,7 @@ def pixel_model(data_dir, tmp_path_factory):
 def test_evaluate_with_the_frame_by_frame_baseline(pixel_model, tmp_path, capsys):
   exported, classifier, _ = pixel_model
   out = str(tmp_path / "eval")
-  assert cli.main(["evaluate", f"--export={exported}", f"--out={out}", "--num-samples=3",
+  assert cli.main(["--debug", "evaluate", f"--export={exported}", f"--out={out}", "--num-samples=3",
                    f"--classifier={classifier}", "--baseline=frames"]) == 0
   printed = capsys.readouterr().out
   assert "| metric | video model | frame by frame | real |" in printed
@@ -203,6 +209,7 @@ def test_evaluate_with_the_frame_by_frame_baseline(pixel_model, tmp_path, capsys
     (h, w), frames = record["size_made"], record["frames_made"]
     gif = iio.imread(os.path.join(out, f"baseline_{i}.gif"), index=None)
     assert gif.shape[:3] == (frames, h, 3 * w + 2 * 2)  # video | frame by frame | real, 2 px gutters
+    assert np.any(gif[:, :, :w] != gif[:, :, w + 2:2 * w + 2])  # the baseline draws its own noise
     assert f"baseline_{i}.gif" in scores["files"]
 
   # frame_by_frame itself: as many frames as the video, each its own draw of noise.
