@@ -303,7 +303,7 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
     for i in range(min(BASELINE_GIFS, len(videos))):
       real_clip = real_clips[i]  # at the size the model made (a pixel model's may be scaled to fit a row)
       if real_clip.shape[1:3] != videos[i].shape[1:3]:
-        real_clip = np.clip(np.round(sources.resize_frames(real_clip.astype(np.float32), *videos[i].shape[1:3])),
+        real_clip = np.clip(np.round(imaging.resize_frames(real_clip.astype(np.float32), *videos[i].shape[1:3])),
                             0, 255).astype(np.uint8)
       files.append(media.save_gif(media.side_by_side([videos[i], framewise[i], real_clip]),
                                   os.path.join(out_dir, f"baseline_{i}.gif")))

@@ -14,7 +14,7 @@ from diffusion_jax import config as config_lib
 from diffusion_jax import eval_metrics, media
 from diffusion_jax import evaluate as evaluate_lib
 from diffusion_jax import export as export_lib
-from diffusion_jax.data import pipeline, sources
+from diffusion_jax.data import digits_canvas, imaging, pipeline, sources
 from diffusion_jax.train import loop
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -24,7 +24,7 @@ SIDE = 40
 
 def _digit_images():
   """sklearn's 8 x 8 digits in [0, 1] and their labels (the generator's glyphs)."""
-  return sources._load_digits()  # pylint: disable=protected-access
+  return imaging.digit_images()
 
 
 def _clip(glyphs, positions, backgrounds=None):
@@ -84,7 +84,7 @@ def test_a_digit_at_constant_velocity_has_a_smooth_path_and_one_identity():
   assert measured["frame_change"] > 0
   # Per-frame backgrounds: each frame on its own colour (as frame-by-frame generation may give)
   # still tracks the digit, and still smoothly (uint8 rounding of the blend differs per background).
-  backgrounds = [sources.BACKGROUND_COLOURS[n] for n in list(sources.BACKGROUND_COLOURS)[:3]] * 3
+  backgrounds = [digits_canvas.BACKGROUND_COLOURS[n] for n in list(digits_canvas.BACKGROUND_COLOURS)[:3]] * 3
   assert eval_metrics.path_roughness(_clip([three] * 9, positions, backgrounds)) < 1e-3
 
 
