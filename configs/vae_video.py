@@ -31,6 +31,7 @@ def get_config(arg: str = ""):
           builder=dict(min_side=24, max_side=64, max_digits=2, durations=(1, 5, 9, 17), train_examples=2000,
                        validation_examples=200),
           frames=17,  # T = 1 + 4k
+          min_frames=1,  # clips with fewer usable frames are skipped (1 = none)
           height=128,
           width=128,
           spatial="resize_crop",  # shorter side scaled to the crop's, then a random crop; or "crop"

@@ -205,3 +205,19 @@ def test_training_improves_and_saves_latent_stats(smoke_vae):
   # The std of posterior samples: Var(mean) + E[exp(logvar)].
   np.testing.assert_allclose(handle.latent_stats["std"], np.sqrt(means.var(0) + variances.mean(0)), atol=1e-4)
   assert np.mean(trained_l1) < 0.7 * np.mean(initial_l1), (trained_l1, initial_l1)
+
+
+def test_min_frames_keeps_only_clips_that_long(smoke_vae):
+  config, _ = smoke_vae  # smoke data: clips of 1, 5 and 6 frames, crops of data.frames = 5
+  config = config_lib.from_json(config_lib.to_json(config))  # a copy: the fixture is shared
+  masks = {}
+  for min_frames in (1, 5):
+    config.data.min_frames = min_frames
+    batches = iter(vae_task.make_dataset(config, split="train", seed=0))
+    masks[min_frames] = np.concatenate([next(batches)["frame_mask"] for _ in range(6)])
+  assert not masks[1].all() and masks[1][:, 0].all()  # images and short clips sit at frame 0, padded
+  assert masks[5].all()  # only clips with all 5 frames
+  for bad in (0, 6):
+    config.data.min_frames = bad
+    with pytest.raises(config_lib.ConfigError, match="data.min_frames"):
+      vae_task.validate(config)

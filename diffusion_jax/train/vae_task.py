@@ -89,6 +89,8 @@ def validate(config) -> None:
   if frames < 1 or (frames - 1) % vae.temporal_factor:
     raise ConfigError(f"data.frames={frames} must be 1 + {vae.temporal_factor}k for variant {model.variant!r} "
                       f"(1, 5, 9, 17, ...)")
+  if not 1 <= int(data.min_frames) <= frames:
+    raise ConfigError(f"data.min_frames={data.min_frames} must be in [1, data.frames={frames}]")
   for name in ("height", "width"):
     if int(data[name]) < vae.spatial_factor or int(data[name]) % vae.spatial_factor:
       raise ConfigError(f"data.{name}={data[name]} must be a positive multiple of the spatial factor "
@@ -366,5 +368,11 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   ds = ds.random_map(CropClip(frames=int(data.frames), height=int(data.height), width=int(data.width),
                               temporal_factor=model.temporal_factor, spatial=str(data.spatial)),
                      seed=seed)
-  ds = ds.batch(global_batch // process_count, drop_remainder=True)
-  return ds.to_iter_dataset()
+  min_frames = int(data.min_frames)
+  if min_frames <= 1:
+    ds = ds.batch(global_batch // process_count, drop_remainder=True)
+    return ds.to_iter_dataset()
+  # Only clips of >= min_frames usable frames: e.g. every crop as long as data.frames, so the
+  # causal decoder learns each latent frame's full temporal context, none of the step on padding.
+  ds = ds.to_iter_dataset().filter(lambda example: int(example["frame_mask"].sum()) >= min_frames)
+  return ds.batch(global_batch // process_count, drop_remainder=True)
