@@ -1,6 +1,6 @@
 """Grain input pipeline: tfds source -> per-process shard -> packed batches -> global jax.Arrays.
 
-  source (tfds ArrayRecord, random access)
+  source (tfds ArrayRecord, random access; data.cache_examples: decoded once, kept)
     -> [process_index::process_count]      disjoint shard per process
     -> shuffle(seed) -> repeat(num_epochs)  a new order every epoch
     -> PrepareExample (random_map)          check; temporal crop to 1+4k frames; resize
