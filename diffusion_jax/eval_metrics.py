@@ -229,11 +229,26 @@ def clip_truth(example) -> dict | None:
   return truth
 
 
+def _border_pixels(video: np.ndarray) -> np.ndarray:
+  """[T, 2H + 2W, 3] each frame's outermost rows and columns (where the background shows)."""
+  return np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1)
+
+
+def _centre_of_mass(weight: np.ndarray) -> np.ndarray:
+  """[T, 2] (y, x) centre of mass of per-pixel weights [T, H, W]; nan rows where a frame weighs 0."""
+  mass = weight.sum(axis=(1, 2))
+  present = mass > 0
+  track = np.full((weight.shape[0], 2), np.nan)
+  ys, xs = np.arange(weight.shape[1]), np.arange(weight.shape[2])
+  track[present, 0] = (weight.sum(axis=2) @ ys)[present] / mass[present]
+  track[present, 1] = (weight.sum(axis=1) @ xs)[present] / mass[present]
+  return track
+
+
 def _foreground(video: np.ndarray):
   """(background rgb [3], distance [T, H, W] of each pixel's colour from it, its robust peak) of a
   float clip [T, H, W, 3]: the background is the median colour of the clip's border pixels."""
-  border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1).reshape(-1, 3)
-  background = np.median(border, axis=0)
+  background = np.median(_border_pixels(video).reshape(-1, 3), axis=0)
   distance = np.linalg.norm(video - background, axis=-1)
   return background, distance, float(np.percentile(distance, 99.9))
 
@@ -272,16 +287,9 @@ def centroid_track(video, *, threshold: float = 0.25) -> np.ndarray:
   video = np.asarray(video, np.float64)
   _, distance, _ = _foreground(video)
   peak = distance.max()
-  track = np.full((video.shape[0], 2), np.nan)
   if peak <= 0:
-    return track
-  weight = np.where(distance > threshold * peak, distance, 0.0)
-  mass = weight.sum(axis=(1, 2))
-  ys, xs = np.arange(video.shape[1]), np.arange(video.shape[2])
-  present = mass > 0
-  track[present, 0] = (weight.sum(axis=2) @ ys)[present] / mass[present]
-  track[present, 1] = (weight.sum(axis=1) @ xs)[present] / mass[present]
-  return track
+    return np.full((video.shape[0], 2), np.nan)
+  return _centre_of_mass(np.where(distance > threshold * peak, distance, 0.0))
 
 
 def clip_speed(video) -> float:
@@ -421,8 +429,7 @@ def frame_backgrounds(video) -> np.ndarray:
   and columns). Per frame, not per clip: a frame-by-frame generation may give each frame its own
   background, and a digit seldom covers most of a frame's border."""
   video = _levels(video)
-  border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1)  # [T, 2H+2W, 3]
-  return np.median(border, axis=1)
+  return np.median(_border_pixels(video), axis=1)
 
 
 def ink_track(video, *, threshold: float = INK_THRESHOLD, min_contrast: float = MIN_INK_CONTRAST) -> np.ndarray:
@@ -432,14 +439,7 @@ def ink_track(video, *, threshold: float = INK_THRESHOLD, min_contrast: float = 
   video = _levels(video)
   distance = np.linalg.norm(video - frame_backgrounds(video)[:, None, None, :], axis=-1)  # [T, H, W]
   floor = np.maximum(threshold * distance.max(axis=(1, 2)), min_contrast)[:, None, None]
-  weight = np.where(distance > floor, distance, 0.0)
-  mass = weight.sum(axis=(1, 2))
-  present = mass > 0
-  track = np.full((len(video), 2), np.nan)
-  ys, xs = np.arange(video.shape[1]), np.arange(video.shape[2])
-  track[present, 0] = (weight.sum(axis=2) @ ys)[present] / mass[present]
-  track[present, 1] = (weight.sum(axis=1) @ xs)[present] / mass[present]
-  return track
+  return _centre_of_mass(np.where(distance > floor, distance, 0.0))
 
 
 def identity_consistency(predictions) -> float:

@@ -287,7 +287,7 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   fixed_side = int(data.image_size) if config.model.family == "unet" else 0
   if fixed_side:
     _check_fixed_side(source[0], fixed_side, data.name)
-  if data.get("cache_examples", False):  # optional: only the packed-row recipes have the field
+  if data.get("cache_examples", False):  # optional: configs saved before the field existed lack it
     source = _DecodedOnce(source)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs)

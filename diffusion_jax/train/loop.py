@@ -288,7 +288,8 @@ def _count_examples_and_tokens(local_batch) -> tuple[int, int]:
   return len(first), 0
 
 
-def _validate_eval(train_config) -> None:
+def _validate_cadence(train_config) -> None:
+  """train.eval_every / eval_batches / ckpt_every: how often the loop evaluates and saves."""
   every, batches = train_config.eval_every, train_config.eval_batches
   if not isinstance(every, int) or every < 0:
     raise ConfigError(f"train.eval_every={every!r} must be an int >= 0 (0 = no evaluation)")
@@ -399,7 +400,7 @@ def train(config, workdir: str, allow_changes=(), *, media_sampler=None):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   _validate_resilience(config, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
-  _validate_eval(config.train)
+  _validate_cadence(config.train)
   test_signal = _test_signal_hook()
 
   # ------------------------------------------- refuse another model's workdir
