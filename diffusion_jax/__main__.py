@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--baseline", default="", choices=("frames",),
                         help="frames: also sample every clip frame by frame with the same model (the naive "
                              "baseline) and compare temporal consistency (text-to-video models)")
+  evaluate.add_argument("--eval-data", default="",
+                        help="prompt models: take captions and clips from this dataset's eval split instead of "
+                             "the export's (a latent dataset encoded with the same VAE, e.g. other captions)")
 
   quick = sub.add_parser("quickstart", help="text-to-video on the built-in data: VAE, encode, video DiT, "
                                             "classifier, export, evaluate, report (diffusion_jax/quickstart.py)")
@@ -249,7 +252,8 @@ def main(argv=None) -> int:
       print(f"exported {args.workdir} -> {path}", flush=True)
     elif args.command == "evaluate":
       scores = evaluate.evaluate(args.export, args.out, num_samples=args.num_samples, seed=args.seed,
-                                 classifier=args.classifier, data_dir=args.data_dir, baseline=args.baseline)
+                                 classifier=args.classifier, data_dir=args.data_dir, baseline=args.baseline,
+                                 eval_data=args.eval_data)
       print(json.dumps({k: v for k, v in scores.items() if not isinstance(v, list)}, indent=1), flush=True)
       if args.baseline:
         print("\n".join(evaluate.temporal_table(scores)), flush=True)

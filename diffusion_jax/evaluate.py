@@ -442,13 +442,16 @@ BASELINE_GIFS = 4  # side-by-side GIFs of the baseline: the first captions'
 
 
 def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, classifier: str = "",
-             feature_extractor=None, data_dir: str = "", baseline: str = "") -> dict:
+             feature_extractor=None, data_dir: str = "", baseline: str = "", eval_data: str = "") -> dict:
   """Evaluates an export; writes OUT_DIR/metrics.json and pictures; returns the metrics.
 
   classifier: a classifier export (configs/classifier_digits.py, exported) for
   conditional accuracy and the default feature space; feature_extractor: a
   callable frames -> [N, D] (see the module docstring) replacing it for FD/KID.
-  data_dir overrides the export's data.data_dir (where the eval split lives). baseline="frames"
+  data_dir overrides the export's data.data_dir (where the eval split lives); eval_data its
+  data.name: another dataset of the same kind (for a latent model, encoded with the same VAE) whose
+  eval split's captions and clips are used, e.g. the same clips captioned otherwise, so models
+  trained on different captions answer the same prompts. baseline="frames"
   (text-to-video models) also samples every clip frame by frame with the same model, the naive
   baseline a spacetime model is measured against (frame_by_frame).
   """
@@ -458,6 +461,11 @@ def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, 
     raise ValueError(f"unknown baseline {baseline!r}; known: 'frames' (or none)")
   export = export_lib.load_export(export_dir)
   task = export.config.task
+  if eval_data:
+    if not (task == "dit" and dit_task.samples_from_prompts(export.config)):
+      raise ValueError(f"eval_data gives a prompt model other prompts; {export_dir} (task {task!r}) takes none")
+    export.config = _config_with_data_dir(export.config, "")
+    export.config.data.name = eval_data
   if task not in ("dit", "vae"):
     raise ValueError(f"evaluate knows tasks 'dit' and 'vae'; {export_dir} is task {task!r}")
   makes_video = task == "dit" and dit_task.samples_from_prompts(export.config) and not export.config.data.fixed_size

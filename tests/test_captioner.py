@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from diffusion_jax import __main__ as cli
 from diffusion_jax import config as config_lib
-from diffusion_jax import encode, inference, recaption
+from diffusion_jax import encode, inference, recaption, sample
 from diffusion_jax.data import encoded, moving_digits, pipeline, sources
 from diffusion_jax.models import captioner as captioner_lib
 from diffusion_jax.train import captioner_task, loop
@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("captioner_run"))
   config = _smoke_config(data_dir, steps=150, log_every=10, ckpt_every=150, eval_every=150)
   sources.ensure_dataset("moving_digits", data_dir, **pipeline.builder_kwargs(config.data))
-  loop.train(config, workdir)
+  loop.train(config, workdir, media_sampler=sample.media_sampler)  # as the train command calls it
   return config, workdir, data_dir
 
 

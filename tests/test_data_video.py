@@ -61,6 +61,18 @@ def test_moving_digits_is_deterministic_and_varied(video_dir, tmp_path):
     assert ex["label"] == ex["labels"][0] and ex["centers"].shape == (ex["video"].shape[0], len(ex["labels"]), 2)
 
 
+def test_short_captions_are_the_same_clips_with_alt_text(video_dir, tmp_path):
+  dense = {int(ex["id"]): ex for ex in _all(sources.open_source("moving_digits", "validation", video_dir, **BUILD))}
+  builder = moving_digits.MovingDigits(data_dir=str(tmp_path), captions="short", **BUILD)
+  assert builder.builder_config.name.endswith("_short")
+  for key, ex in builder._split_generators(None)["validation"]:
+    np.testing.assert_array_equal(ex["video"], dense[key]["video"])
+    assert ex["caption"] == " and ".join(f"a {d}" for d in dense[key]["labels"])
+    assert "on a" in dense[key]["caption"].decode()  # the dense one names the background too
+  with pytest.raises(ValueError, match="captions"):
+    moving_digits.MovingDigits(data_dir="/nonexistent", captions="long")
+
+
 def test_digit_scale_sets_the_digit_size_and_names_the_build():
   images, labels = imaging.digit_images()
   for scale in ((0.3, 0.3), (0.7, 0.7)):

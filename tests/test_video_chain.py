@@ -5,6 +5,7 @@ image-to-video and extension -> `export` -> `evaluate` (the video branch: per-cl
 clips, VAE reconstructions and real clips) with a smoke digit classifier."""
 import json
 import os
+import re
 import shlex
 
 import imageio.v3 as iio
@@ -181,6 +182,21 @@ def test_evaluate_the_export_with_a_classifier(chain, data_dir, tmp_path):
   records = _records(os.path.join(out, "samples.jsonl"))
   assert len(records) == 4 and all(r["frames_made"] > 1 for r in records)
   assert all(os.path.isfile(os.path.join(out, r["files"][0])) for r in records)
+
+
+def test_evaluate_on_another_datasets_captions(chain, tmp_path):
+  """--eval-data: the same clips built with short captions, encoded with the same VAE; the model
+  trained on the dense ones is asked the short ones (how benchmarks/recaption_value.py compares
+  models trained on different captions)."""
+  short = str(tmp_path / "latents_short")
+  assert cli.main(["encode", "--source=moving_digits", f"--builder={json.dumps(dict(BUILD, captions='short'))}",
+                   f"--data-dir={chain['data']}", f"--vae={chain['vae']}", f"--out={short}",
+                   "--splits=validation"]) == 0
+  out = str(tmp_path / "eval")
+  assert cli.main(["evaluate", f"--export={chain['export']}", f"--out={out}", "--num-samples=2",
+                   f"--eval-data={short}"]) == 0
+  prompts = [r["prompt"] for r in _records(os.path.join(out, "samples.jsonl"))]
+  assert len(prompts) == 2 and all(re.fullmatch(r"a \d", p) for p in prompts), prompts
 
 
 # --------------------------------------------------------------------------- the README's commands

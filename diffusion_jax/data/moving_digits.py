@@ -40,6 +40,17 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
   train_examples: int = 2000
   validation_examples: int = 200
   validation_images: int = 200  # digits held out of the 1797 for validation
+  # "dense": the generator's caption of digits, colours, motion and background; "short": alt-text
+  # like "a 3" (the same clips), the captions a recaptioner is for (BENCHMARKS.md, recaptioning).
+  captions: str = "dense"
+
+
+CAPTION_STYLES = ("dense", "short")
+
+
+def short_caption(digits) -> str:
+  """'a 3', 'a 3 and a 7': what a clip's alt text might say, nothing of colour or motion."""
+  return " and ".join(f"a {int(d)}" for d in digits)
 
 
 def _moving_digits_config(**kwargs) -> MovingDigitsConfig:
@@ -53,6 +64,8 @@ def _moving_digits_config(**kwargs) -> MovingDigitsConfig:
     raise ValueError("moving_digits needs train_examples and validation_examples >= 1")
   cfg.durations = tuple(int(d) for d in cfg.durations)
   cfg.digit_scale = tuple(float(f) for f in cfg.digit_scale)
+  if cfg.captions not in CAPTION_STYLES:
+    raise ValueError(f"moving_digits captions must be one of {CAPTION_STYLES}, got {cfg.captions!r}")
   if len(cfg.digit_scale) != 2 or not 0 < cfg.digit_scale[0] <= cfg.digit_scale[1] <= 1:
     raise ValueError(f"moving_digits needs digit_scale (low, high) with 0 < low <= high <= 1, got {cfg.digit_scale}")
   default = MovingDigitsConfig(name="default")
@@ -63,6 +76,8 @@ def _moving_digits_config(**kwargs) -> MovingDigitsConfig:
                 f"_n{cfg.train_examples}-{cfg.validation_examples}_seed{cfg.seed}")
     if cfg.digit_scale != default.digit_scale:
       cfg.name += "_z{:g}-{:g}".format(*cfg.digit_scale)
+    if cfg.captions != default.captions:
+      cfg.name += f"_{cfg.captions}"
     cfg.description = "moving_digits with " + cfg.name
   return cfg
 
@@ -86,11 +101,12 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = "default"
 
   def __init__(self, *, config=None, min_side=None, max_side=None, max_digits=None, durations=None,
-               digit_scale=None, seed=None, train_examples=None, validation_examples=None, **kwargs):
+               digit_scale=None, seed=None, train_examples=None, validation_examples=None, captions=None,
+               **kwargs):
     if config is None:  # always explicit: tfds would otherwise guess from what is on disk
       given = dict(min_side=min_side, max_side=max_side, max_digits=max_digits, durations=durations,
                    digit_scale=digit_scale, seed=seed, train_examples=train_examples,
-                   validation_examples=validation_examples)
+                   validation_examples=validation_examples, captions=captions)
       config = _moving_digits_config(**{k: v for k, v in given.items() if v is not None})
       config = self.builder_configs.get(config.name, config)
     super().__init__(config=config, **kwargs)
@@ -124,6 +140,8 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
       example = render_moving_digits(images, labels, rng, min_side=cfg.min_side, max_side=cfg.max_side,
                                      max_digits=cfg.max_digits, durations=cfg.durations,
                                      digit_scale=cfg.digit_scale)
+      if cfg.captions == "short":
+        example["caption"] = short_caption(example["labels"])
       yield index, {**example, "id": index}
 
 

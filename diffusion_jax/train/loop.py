@@ -447,7 +447,8 @@ def train(config, workdir: str, allow_changes=(), *, media_sampler=None):
     evaluate = make_evaluator(config, model, mesh, rules, state_shardings.ema_params, config.data.eval_split)
   # With the held-out scores, TensorBoard gets samples of a few fixed prompts or classes (train.eval_media).
   media_fn = None
-  if eval_every and media_sampler is not None and config.train.eval_media:
+  # Configs without the field (the captioner, the classifier) have nothing to sample.
+  if eval_every and media_sampler is not None and config.train.get("eval_media", False):
     if jax.process_count() == 1:
       media_fn = media_sampler(config, model)
     elif jax.process_index() == 0:
