@@ -41,6 +41,7 @@ def get_config(arg: str = ""):
           variant=variant,
           variational=not arg.autoencoder,
           latent_channels=arg.latent_channels,  # 0 = the variant's
+          time_padding="zeros",  # before a clip's first frame: zeros or "replicate" (models/vae.py clip_start)
       ),
       loss=dict(
           l1_weight=1.0,

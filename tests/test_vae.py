@@ -66,8 +66,10 @@ def test_time_folded_conv_equals_the_3d_conv(kernel, strides):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_encoder_and_decoder_are_causal(smoke):
-  model, params, video = smoke
+@pytest.mark.parametrize("time_padding", vae.TIME_PADDINGS)
+def test_encoder_and_decoder_are_causal(smoke, time_padding):
+  _, params, video = smoke
+  model = vae.build_vae({"variant": "smoke", "time_padding": time_padding})
   mean, _ = _encode(model, params, video)
   changed, _ = _encode(model, params, video.at[:, 5].set(0.5))  # frame 5 is coded by latent frame 2
   np.testing.assert_array_equal(np.asarray(changed[:, :2]), np.asarray(mean[:, :2]))
@@ -93,6 +95,16 @@ def test_image_is_a_one_frame_video_and_a_masked_frame_zero(smoke):
   np.testing.assert_allclose(np.asarray(padded_recon[:, 0]), np.asarray(image_recon[:, 0]), atol=1e-5)
 
 
+def test_replicate_padding_sees_the_first_frame_before_the_clip():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 2, 2, 1))
+  kernel = jnp.zeros((3, 1, 1, 1, 1)).at[0].set(1.0)  # output t = input t - 2
+  replicate = vae.causal_conv(x, kernel, jnp.zeros(1), time_padding="replicate")
+  np.testing.assert_allclose(np.asarray(replicate[:, :3]), np.asarray(jnp.repeat(x[:, :1], 3, axis=1)))
+  np.testing.assert_array_equal(np.asarray(vae.causal_conv(x, kernel, jnp.zeros(1))[:, :2]), 0.0)
+  with pytest.raises(ValueError, match="time_padding"):
+    vae.build_vae({"variant": "smoke", "time_padding": "reflect"})
+
+
 def test_kl_matches_monte_carlo():
   mean = np.array([0.5, -1.0, 2.0], np.float32)
   logvar = np.array([0.3, -1.2, 0.0], np.float32)
@@ -114,6 +126,13 @@ def test_chunked_decode_equals_full_decode(smoke):
   assert full.shape == (1, 13, 16, 16, 3)
   for chunk in (1, 3):  # 3: a shorter last chunk
     np.testing.assert_allclose(np.asarray(vae.decode_chunked(model, params, z, chunk)), full, atol=1e-5)
+  # The first chunk pads with the clip's first frames, later ones with the cache, as a whole decode.
+  replicate = vae.build_vae({"variant": "smoke", "time_padding": "replicate"})
+  full_replicate = np.asarray(replicate.apply({"params": params}, z, method=vae.VideoVAE.decode))
+  assert np.abs(full_replicate - full).max() > 1e-3
+  for chunk in (1, 3):
+    np.testing.assert_allclose(np.asarray(vae.decode_chunked(replicate, params, z, chunk)), full_replicate,
+                               atol=1e-5)
   image_model = vae.build_vae({"variant": "smoke_image"})  # 2D: no caches, one frame per latent frame
   image_params = nn.meta.unbox(image_model.init(jax.random.PRNGKey(1), video[:, :1])["params"])
   full = np.asarray(image_model.apply({"params": image_params}, z, method=vae.VideoVAE.decode))

@@ -59,17 +59,33 @@ MIN_GROUP_CHANNELS = 4  # FrameGroupNorm never normalises fewer channels togethe
 CONV_IMPL = "auto"
 
 
-def causal_conv(x, kernel, bias, strides=(1, 1, 1), past=None):
+TIME_PADDINGS = ("zeros", "replicate")
+
+
+def clip_start(x, frames: int, time_padding: str):
+  """The `frames` frames a causal convolution puts before a clip's first: zeros, or the first
+  frame repeated ("replicate": the earliest kernel taps then see real content at the clip's
+  start too, as they do everywhere later; with zeros, a VAE trained on short clips never trains
+  them on real frames at the latent rate, and its later latent frames come back wrong)."""
+  if time_padding == "replicate":
+    return jnp.repeat(x[:, :1], frames, axis=1)
+  if time_padding != "zeros":
+    raise ValueError(f"unknown time_padding {time_padding!r}; valid: {TIME_PADDINGS}")
+  return jnp.zeros((x.shape[0], frames) + x.shape[2:], x.dtype)
+
+
+def causal_conv(x, kernel, bias, strides=(1, 1, 1), past=None, time_padding: str = "zeros"):
   """Convolution of x [B, T, H, W, Cin] with kernel [kt, kh, kw, Cin, Cout], causal in time.
 
   The time axis is prefixed with `past` ([B, kt-1, H, W, Cin], the previous
-  chunk's last input frames) or, at the start of a clip, kt-1 zero frames;
-  H and W are padded 'SAME'. Output frame t sees input frames <= t * stride.
+  chunk's last input frames) or, at the start of a clip, kt-1 frames of
+  clip_start(time_padding); H and W are padded 'SAME'. Output frame t sees
+  input frames <= t * stride.
   """
   kt, kh, kw = kernel.shape[:3]
   if kt > 1:
     if past is None:
-      past = jnp.zeros((x.shape[0], kt - 1) + x.shape[2:], x.dtype)
+      past = clip_start(x, kt - 1, time_padding)
     x = jnp.concatenate([past.astype(x.dtype), x], axis=1)
   spatial_pads = [_same_pads(x.shape[2], kh, strides[1]), _same_pads(x.shape[3], kw, strides[2])]
   kernel = kernel.astype(x.dtype)
@@ -104,13 +120,15 @@ class CausalConv3d(nn.Module):
 
   When the "cache" collection is mutable (decode_chunked), the last kt-1
   input frames are kept in cache/past and prefixed to the next call's input
-  instead of zeros, so decoding a clip chunk by chunk equals decoding it whole.
+  instead of the clip-start padding, so decoding a clip chunk by chunk equals
+  decoding it whole.
   """
 
   features: int
   kernel: tuple = (3, 3, 3)
   strides: tuple = (1, 1, 1)
   dtype: jnp.dtype = jnp.float32
+  time_padding: str = "zeros"  # clip_start's rule
 
   @nn.compact
   def __call__(self, x):
@@ -125,10 +143,11 @@ class CausalConv3d(nn.Module):
     if kt > 1 and self.is_mutable_collection("cache") and not self.is_initializing():
       if self.strides[0] != 1:
         raise ValueError("chunked (cached) decoding supports temporal stride 1 only")
+      started = self.has_variable("cache", "past")  # no cache yet: this chunk starts the clip
       cached = self.variable("cache", "past", jnp.zeros, (x.shape[0], kt - 1) + x.shape[2:], x.dtype)
-      past = cached.value
+      past = cached.value if started else clip_start(x, kt - 1, self.time_padding)
       cached.value = jnp.concatenate([past, x], axis=1)[:, -(kt - 1):]
-    return causal_conv(x, kernel, bias, self.strides, past)
+    return causal_conv(x, kernel, bias, self.strides, past, self.time_padding)
 
 
 class FrameGroupNorm(nn.Module):
@@ -164,13 +183,15 @@ class ResBlock(nn.Module):
   features: int
   kernel: tuple
   dtype: jnp.dtype = jnp.float32
+  time_padding: str = "zeros"
 
   @nn.compact
   def __call__(self, x):
-    h = CausalConv3d(self.features, self.kernel, dtype=self.dtype, name="conv1")(nn.silu(FrameGroupNorm(name="norm1")(x)))
-    h = CausalConv3d(self.features, self.kernel, dtype=self.dtype, name="conv2")(nn.silu(FrameGroupNorm(name="norm2")(h)))
+    conv = functools.partial(CausalConv3d, dtype=self.dtype, time_padding=self.time_padding)
+    h = conv(self.features, self.kernel, name="conv1")(nn.silu(FrameGroupNorm(name="norm1")(x)))
+    h = conv(self.features, self.kernel, name="conv2")(nn.silu(FrameGroupNorm(name="norm2")(h)))
     if x.shape[-1] != self.features:
-      x = CausalConv3d(self.features, (1, 1, 1), dtype=self.dtype, name="skip")(x)
+      x = conv(self.features, (1, 1, 1), name="skip")(x)
     return x + h
 
 
@@ -187,20 +208,23 @@ class Encoder(nn.Module):
   temporal_downs: int
   kernel: tuple
   dtype: jnp.dtype = jnp.float32
+  time_padding: str = "zeros"
 
   @nn.compact
   def __call__(self, x):
     temporal = _temporal_stages(len(self.widths), self.temporal_downs)
-    x = CausalConv3d(self.widths[0], self.kernel, dtype=self.dtype, name="conv_in")(x)
+    conv = functools.partial(CausalConv3d, dtype=self.dtype, time_padding=self.time_padding)
+    block = functools.partial(ResBlock, kernel=self.kernel, dtype=self.dtype, time_padding=self.time_padding)
+    x = conv(self.widths[0], self.kernel, name="conv_in")(x)
     for level, width in enumerate(self.widths):
       for i in range(self.num_res_blocks):
-        x = ResBlock(width, self.kernel, self.dtype, name=f"down_{level}_block_{i}")(x)
+        x = block(width, name=f"down_{level}_block_{i}")(x)
       if level < len(self.widths) - 1:
         stride_t = 2 if level in temporal else 1
-        x = CausalConv3d(width, self.kernel, (stride_t, 2, 2), dtype=self.dtype, name=f"down_{level}_sample")(x)
-    x = ResBlock(self.widths[-1], self.kernel, self.dtype, name="mid_block")(x)
+        x = conv(width, self.kernel, (stride_t, 2, 2), name=f"down_{level}_sample")(x)
+    x = block(self.widths[-1], name="mid_block")(x)
     x = nn.silu(FrameGroupNorm(name="norm_out")(x))
-    return CausalConv3d(self.out_channels, self.kernel, dtype=self.dtype, name="conv_out")(x)
+    return conv(self.out_channels, self.kernel, name="conv_out")(x)
 
 
 class Decoder(nn.Module):
@@ -213,29 +237,32 @@ class Decoder(nn.Module):
   temporal_downs: int
   kernel: tuple
   dtype: jnp.dtype = jnp.float32
+  time_padding: str = "zeros"
 
   @nn.compact
   def __call__(self, z, first: bool = True, features_only: bool = False):
     temporal = _temporal_stages(len(self.widths), self.temporal_downs)
-    x = CausalConv3d(self.widths[-1], self.kernel, dtype=self.dtype, name="conv_in")(z)
-    x = ResBlock(self.widths[-1], self.kernel, self.dtype, name="mid_block")(x)
+    conv = functools.partial(CausalConv3d, dtype=self.dtype, time_padding=self.time_padding)
+    block = functools.partial(ResBlock, kernel=self.kernel, dtype=self.dtype, time_padding=self.time_padding)
+    x = conv(self.widths[-1], self.kernel, name="conv_in")(z)
+    x = block(self.widths[-1], name="mid_block")(x)
     for level in reversed(range(len(self.widths))):
       width = self.widths[level]
       for i in range(self.num_res_blocks + 1):
-        x = ResBlock(width, self.kernel, self.dtype, name=f"up_{level}_block_{i}")(x)
+        x = block(width, name=f"up_{level}_block_{i}")(x)
       if level > 0:
         if level - 1 in temporal:  # depth-to-time: each frame becomes two
           b, t, h, w, c = x.shape
-          x = CausalConv3d(2 * c, self.kernel, dtype=self.dtype, name=f"up_{level}_time")(x)
+          x = conv(2 * c, self.kernel, name=f"up_{level}_time")(x)
           x = x.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
           if first:
             x = x[:, 1:]  # the first latent frame stands for one frame, not two
         x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-        x = CausalConv3d(self.widths[level - 1], self.kernel, dtype=self.dtype, name=f"up_{level}_sample")(x)
+        x = conv(self.widths[level - 1], self.kernel, name=f"up_{level}_sample")(x)
     x = nn.silu(FrameGroupNorm(name="norm_out")(x))
     if features_only:
       return x
-    return CausalConv3d(self.out_channels, self.kernel, dtype=self.dtype, name="conv_out")(x)
+    return conv(self.out_channels, self.kernel, name="conv_out")(x)
 
 
 class VideoVAE(nn.Module):
@@ -245,6 +272,7 @@ class VideoVAE(nn.Module):
   temporal: causal 3D (kernel 3 in time, `temporal_downs` x2 time
   down-samplings, the last ones) or 2D per frame (kernel 1, no time change).
   variational: VAE (mean and log-variance) or deterministic autoencoder.
+  time_padding: what the causal convolutions put before a clip's first frame (clip_start).
   """
 
   widths: tuple = (32, 64, 64)
@@ -254,6 +282,7 @@ class VideoVAE(nn.Module):
   temporal: bool = True
   temporal_downs: int = 2
   variational: bool = True
+  time_padding: str = "zeros"
   dtype: jnp.dtype = jnp.float32
 
   @property
@@ -270,9 +299,10 @@ class VideoVAE(nn.Module):
   def setup(self):
     downs = self.temporal_downs if self.temporal else 0
     out = 2 * self.latent_channels if self.variational else self.latent_channels
-    self.encoder = Encoder(tuple(self.widths), self.num_res_blocks, out, downs, self._kernel(), self.dtype)
+    self.encoder = Encoder(tuple(self.widths), self.num_res_blocks, out, downs, self._kernel(), self.dtype,
+                           self.time_padding)
     self.decoder = Decoder(tuple(self.widths), self.num_res_blocks, self.in_channels, downs, self._kernel(),
-                           self.dtype)
+                           self.dtype, self.time_padding)
 
   def latent_frames(self, frames: int) -> int:
     return 1 + (frames - 1) // self.temporal_factor
@@ -387,7 +417,8 @@ VARIANTS = {
 
 def build_vae(model_config, *, dtype=jnp.float32) -> VideoVAE:
   """VideoVAE from a config's `model` section: `variant` (a VARIANTS row), `variational`
-  (default True), optionally `latent_channels` overriding the variant's, `in_channels` (3)."""
+  (default True), optionally `latent_channels` overriding the variant's, `in_channels` (3),
+  `time_padding` (clip_start's rule; "zeros" when absent, as configs saved before it had)."""
   cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
   variant = cfg.get("variant")
   if variant not in VARIANTS:
@@ -395,7 +426,10 @@ def build_vae(model_config, *, dtype=jnp.float32) -> VideoVAE:
   row = dict(VARIANTS[variant])
   if cfg.get("latent_channels"):
     row["latent_channels"] = int(cfg["latent_channels"])
+  if cfg.get("time_padding", "zeros") not in TIME_PADDINGS:
+    raise ValueError(f"unknown VAE time_padding {cfg['time_padding']!r}; valid: {TIME_PADDINGS}")
   return VideoVAE(widths=tuple(row["widths"]), num_res_blocks=int(row["num_res_blocks"]),
                   latent_channels=int(row["latent_channels"]), in_channels=int(cfg.get("in_channels", 3)),
                   temporal=bool(row["temporal"]), temporal_downs=2,
-                  variational=bool(cfg.get("variational", True)), dtype=dtype)
+                  variational=bool(cfg.get("variational", True)),
+                  time_padding=str(cfg.get("time_padding", "zeros")), dtype=dtype)

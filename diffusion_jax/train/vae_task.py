@@ -195,7 +195,7 @@ def loss_fn(params, model, objective, batch, rng, config, *, train=True, step=No
     last = vae_params["decoder"]["conv_out"]
 
     def last_conv(kernel, feats):
-      return vae_lib.causal_conv(feats, kernel, last["bias"]).astype(jnp.float32)
+      return vae_lib.causal_conv(feats, kernel, last["bias"], time_padding=model.time_padding).astype(jnp.float32)
     recon = last_conv(last["kernel"], features)
   else:
     recon = model.apply({"params": vae_params}, z, method=vae_lib.VideoVAE.decode)
