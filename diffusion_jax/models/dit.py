@@ -28,7 +28,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion_jax.models import layers
 
@@ -82,27 +81,9 @@ def conditioning_clocks(t, segment_ids, num_examples: int):
   return jnp.where(segment_ids > 0, slot, 0).astype(jnp.int32), t_slot
 
 
-@jax.custom_vjp
 def to_tokens(values, slot):
-  """Per-slot values [B, N, F] -> per-token [B, L, F] (a gather along N).
-
-  Its gradient sums each slot's tokens as a one-hot matmul [N, L] x [L, F]: autodiff's
-  scatter-add runs element by element on XLA's CPU backend (see _to_tokens_bwd)."""
+  """Per-slot values [B, N, F] -> per-token [B, L, F] (a gather along N)."""
   return jnp.take_along_axis(values, slot[..., None], axis=1)
-
-
-def _to_tokens_fwd(values, slot):
-  return to_tokens(values, slot), (slot, values[..., :0])  # an empty slice keeps N and the dtype
-
-
-def _to_tokens_bwd(saved, grad):
-  slot, like = saved
-  one_hot = (slot[..., None] == jnp.arange(like.shape[1], dtype=slot.dtype)).astype(grad.dtype)  # [B, L, N]
-  grad_values = jnp.einsum("bln,blf->bnf", one_hot, grad).astype(like.dtype)
-  return grad_values, np.zeros(slot.shape, jax.dtypes.float0)
-
-
-to_tokens.defvjp(_to_tokens_fwd, _to_tokens_bwd)
 
 
 def _layer_norm(dtype, name):
