@@ -226,7 +226,7 @@ def test_the_readme_commands_fit_together():
   from diffusion_jax import sample as sample_lib
   from diffusion_jax.models import vae as vae_lib
 
-  written, vaes, encoded, trained, exports = set(), {}, {}, set(), set()
+  written, vaes, encoded, trained, exports = set(), {}, {}, {}, {}
 
   def was_written(path):
     return any(path == w or path.startswith(w.rstrip("/") + "/") for w in written)
@@ -261,7 +261,7 @@ def test_the_readme_commands_fit_together():
           assert config.data.image_size * factor == builder["image_size"], argv
       elif data.startswith("/"):
         raise AssertionError(f"{argv} trains on {data}, which no command before encodes")
-      trained.add(args.workdir)
+      trained[args.workdir] = data
       written.add(args.workdir)
     elif args.command == "encode":
       assert args.vae in vaes, f"{argv}: no command before trains the VAE {args.vae}"
@@ -274,9 +274,11 @@ def test_the_readme_commands_fit_together():
       written.add(args.out or os.path.join(args.workdir, "samples"))
     elif args.command == "export":
       assert args.workdir in trained, argv
-      exports.add(args.out)
+      exports[args.out] = trained[args.workdir]
     elif args.command == "evaluate":
       assert args.export in exports and (not args.classifier or args.classifier in exports), argv
+      if args.eval_data:  # another dataset encoded by the VAE of the export's own data
+        assert args.eval_data in encoded and encoded[args.eval_data][:2] == encoded[exports[args.export]][:2], argv
   assert {"vae_video.py", "video_dit.py", "ldm_digits.py"} <= {os.path.basename(a.split(":")[0].split("=")[1])
                                                                for c in commands for a in c if a.startswith("--config=")}
   assert len(encoded) == 3 and len(exports) == 2  # latents, digit latents, re-captioned latents
