@@ -461,13 +461,12 @@ def evaluate(export_dir: str, out_dir: str, *, num_samples: int, seed: int = 0, 
     raise ValueError(f"unknown baseline {baseline!r}; known: 'frames' (or none)")
   export = export_lib.load_export(export_dir)
   task = export.config.task
+  if task not in ("dit", "vae"):
+    raise ValueError(f"evaluate knows tasks 'dit' and 'vae'; {export_dir} is task {task!r}")
   if eval_data:
     if not (task == "dit" and dit_task.samples_from_prompts(export.config)):
       raise ValueError(f"eval_data gives a prompt model other prompts; {export_dir} (task {task!r}) takes none")
-    export.config = _config_with_data_dir(export.config, "")
-    export.config.data.name = eval_data
-  if task not in ("dit", "vae"):
-    raise ValueError(f"evaluate knows tasks 'dit' and 'vae'; {export_dir} is task {task!r}")
+    export.config.data.name = eval_data  # this loaded copy only; the export on disk is untouched
   makes_video = task == "dit" and dit_task.samples_from_prompts(export.config) and not export.config.data.fixed_size
   if baseline and not makes_video:
     raise ValueError(f"baseline={baseline!r} compares a video model's clips with its frames made one by one; "
