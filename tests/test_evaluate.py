@@ -251,3 +251,15 @@ def test_the_frame_baseline_needs_a_video_model(exports, tmp_path):
   with pytest.raises(ValueError, match="does not make videos from prompts"):
     evaluate_lib.evaluate(exports[0], str(tmp_path / "out"), num_samples=4, baseline="frames")
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_eval_data_needs_a_prompt_model(exports, tmp_path):
+  """--eval-data gives a text-to-video model another dataset's captions: a class-conditional DiT is
+  refused by name, and an export of a task evaluate does not know is refused as that first, before
+  anything is loaded from the other dataset or written."""
+  dit_export, classifier_export = exports
+  with pytest.raises(ValueError, match="takes none"):
+    evaluate_lib.evaluate(dit_export, str(tmp_path / "out"), num_samples=4, eval_data="moving_digits")
+  with pytest.raises(ValueError, match="evaluate knows tasks 'dit' and 'vae'"):
+    evaluate_lib.evaluate(classifier_export, str(tmp_path / "out"), num_samples=4, eval_data="moving_digits")
+  assert not os.path.exists(tmp_path / "out")
