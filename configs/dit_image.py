@@ -4,7 +4,7 @@
   python -m diffusion_jax train --config=configs/dit_image.py:smoke --workdir=/tmp/dit_smoke
 
 Arguments after the colon (comma separated): variant=<S/2|B/4|...|tiny|smoke>,
-quickstart (16 px digits, a few minutes on a 2-core CPU), smoke (seconds, for tests).
+quickstart (16 px digits, ~18 minutes on a 2-core CPU), smoke (seconds, for tests).
 """
 from diffusion_jax import config_defaults
 
@@ -38,11 +38,15 @@ def get_config(arg: str = ""):
   if arg.quickstart:
     c.data.image_size = 16
     c.data.tokens_per_row = 64
-    # A short CPU run learns faster with a higher lr and the plain eps loss
-    # (learned sigma's VLB term helps sampling with few steps only later).
+    # Rectified flow with the timestep shift s = 2 (64 tokens / base 16), a short run's lr and EMA and
+    # 9000 steps (BENCHMARKS.md, "Class-conditional pixel DiT quickstart"): the classifier finds the
+    # class in 96% of samples (95% with other noise); at 1500 steps 45%. The old recipe (DDPM eps,
+    # lr 1e-3, EMA 0.999, 1500 steps) reached 14%, the same flow recipe at lr 1e-3 / EMA 0.999 28%.
     c.model.learn_sigma = False
-    c.train.update(global_batch=32, steps=1500, lr=1e-3, warmup_steps=100, log_every=100, ckpt_every=500)
-    c.sample.update(steps=50, per_class=8)
+    c.diffusion.update(kind="flow", prediction="v", shift_base_tokens=16)
+    c.train.update(global_batch=32, steps=9000, lr=3e-3, warmup_steps=100, ema_decay=0.995, log_every=100,
+                   ckpt_every=1500, eval_every=1500)
+    c.sample.update(sampler="euler", steps=30, per_class=8)
 
   if arg.smoke:
     c.data.image_size = 16
