@@ -36,7 +36,8 @@ def _saved_config(workdir):
 def test_encode_train_and_sample_a_text_conditional_ldm(latents, family, tmp_path):
   data, vae_workdir = latents
   workdir, out = str(tmp_path / "ldm"), str(tmp_path / "samples")
-  assert cli.main(["train", f"--config={CONFIG}:smoke,data={data},family={family},latent_size=4",
+  channels = inference.load_vae(vae_workdir).latent_channels
+  assert cli.main(["train", f"--config={CONFIG}:smoke,data={data},family={family},latent_size=4,channels={channels}",
                    f"--workdir={workdir}"]) == 0
   losses = [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))
             if "\"loss\"" in line]
@@ -56,7 +57,7 @@ def test_encode_train_and_sample_a_text_conditional_ldm(latents, family, tmp_pat
   records = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
   assert [r["prompt"] for r in records] == prompts
   for i, record in enumerate(records):
-    assert record["size_made"] == [16, 16] and record["frames_made"] == 1 and record["sampler"] == "ddim"
+    assert record["size_made"] == [16, 16] and record["frames_made"] == 1 and record["sampler"] == {"unet": "ddim", "dit": "euler"}[family]
     assert record["files"] == [f"sample_{i}.png", f"sample_{i}.npz"]
     with np.load(os.path.join(out, f"sample_{i}.npz")) as f:
       frames = f["frames"]
@@ -74,8 +75,10 @@ def test_ldm_config_needs_an_encoded_dataset():
 
 
 def test_a_latent_size_the_dataset_does_not_have_is_named(latents, tmp_path, capsys):
-  data, _ = latents
+  data, vae_workdir = latents
   workdir = tmp_path / "ldm"
-  assert cli.main(["train", f"--config={CONFIG}:smoke,data={data},latent_size=8", f"--workdir={workdir}"]) == 2
+  channels = inference.load_vae(vae_workdir).latent_channels
+  assert cli.main(["train", f"--config={CONFIG}:smoke,data={data},family=unet,latent_size=8,channels={channels}",
+                   f"--workdir={workdir}"]) == 2
   assert "data.image_size=8 but the latents of" in capsys.readouterr().err
   assert not os.path.exists(workdir / "checkpoints") or not os.listdir(workdir / "checkpoints")
