@@ -76,8 +76,7 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   done("data")
 
   stage("vae")
-  vae_config = _config("vae_video.py", "quickstart", **{"data.data_dir": data_dir})
-  vae_config.data.builder = dict(QUICKSTART_DATA)
+  vae_config = _config("vae_video.py", "quickstart", **{"data.data_dir": data_dir})  # trains on QUICKSTART_DATA
   _steps(vae_config, scale)
   loop.train(vae_config, os.path.join(workdir, "vae"))
   done("vae")
