@@ -91,6 +91,20 @@ def test_per_example_conditioning_equals_per_token(case, scan_layers):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_slots", [1, 12, dit.SELECT_MAX_SLOTS + 4])  # selects, and the gather beyond
+def test_to_tokens_takes_each_tokens_slot_and_sums_gradients_per_slot(num_slots):
+  rng = np.random.default_rng(0)
+  values = jnp.asarray(rng.normal(size=(3, num_slots, 5)), jnp.float32)
+  slot = jnp.asarray(rng.integers(0, num_slots, size=(3, 40)), jnp.int32)
+  weights = jnp.asarray(rng.normal(size=(3, 40, 5)), jnp.float32)
+  np.testing.assert_array_equal(dit.to_tokens(values, slot), np.take_along_axis(np.asarray(values), slot[..., None], 1))
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(dit.to_tokens(v, slot) * weights)))(values)
+  expected = np.zeros(values.shape, np.float32)
+  for b in range(3):
+    np.add.at(expected[b], np.asarray(slot[b]), np.asarray(weights[b]))
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_clocks_read_off_per_token_times():
   batch = _rows([(3, 2, 2), (1, 2, 2)], length=24, k=3, lt=8)
   t, cond = _times(batch)

@@ -81,9 +81,42 @@ def conditioning_clocks(t, segment_ids, num_examples: int):
   return jnp.where(segment_ids > 0, slot, 0).astype(jnp.int32), t_slot
 
 
+# Up to this many (example, clock) slots a row (K <= 8: the CPU recipes), to_tokens selects.
+SELECT_MAX_SLOTS = 16
+
+
 def to_tokens(values, slot):
-  """Per-slot values [B, N, F] -> per-token [B, L, F] (a gather along N)."""
+  """Per-slot values [B, N, F] -> per-token [B, L, F]: token l takes values[:, slot[:, l]].
+
+  With few slots, a chain of N selects: XLA fuses it into the consumer (the modulation), where
+  its CPU gather wrote the [B, L, F] array out and its gradient scattered it back; 5% of the
+  video quickstart's train step, 3-5% of the tiny DiT's (BENCHMARKS.md). Pod rows (K = 32, so
+  N = 64 slots) keep the gather rather than 64 selects per element.
+  """
+  if values.shape[1] <= SELECT_MAX_SLOTS:
+    return _select_slots(values, slot)
   return jnp.take_along_axis(values, slot[..., None], axis=1)
+
+
+@jax.custom_vjp
+def _select_slots(values, slot):
+  out = jnp.broadcast_to(values[:, :1], slot.shape + values.shape[2:])
+  for n in range(1, values.shape[1]):
+    out = jnp.where((slot == n)[..., None], values[:, n:n + 1], out)
+  return out
+
+
+def _select_slots_fwd(values, slot):
+  return _select_slots(values, slot), (slot, values.shape[1])
+
+
+def _select_slots_bwd(residuals, grad):
+  slot, num_slots = residuals
+  one_hot = jax.nn.one_hot(slot, num_slots, dtype=grad.dtype)  # [B, L, N]: the sum per slot is a matmul
+  return jnp.einsum("bln,blf->bnf", one_hot, grad), None
+
+
+_select_slots.defvjp(_select_slots_fwd, _select_slots_bwd)
 
 
 def _layer_norm(dtype, name):
