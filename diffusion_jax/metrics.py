@@ -13,7 +13,10 @@ peak (a table for accelerators, a measured matmul on CPU), and `mfu` puts
 model FLOPs, time and peak together.
 """
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -45,9 +48,16 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     self._remote_log = None
+    self._tb_dir = None  # a bucket workdir's events: written here, copied up at each flush
     if enabled:
       paths.makedirs(workdir)
-      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+      self._tb_target = paths.join(workdir, "tensorboard")
+      if paths.is_remote(workdir):
+        # Not tensorboardX's own gs:// writer: it uploads its whole buffer again when it is garbage
+        # collected, and where the bucket is gone by then (a test's emulator) retries for minutes.
+        self._tb_dir = tempfile.mkdtemp(prefix="diffusion_jax_tensorboard_")
+        self._last_upload = time.time()
+      self._tb = SummaryWriter(self._tb_dir or self._tb_target)
       self._jsonl_path = paths.join(workdir, "metrics.jsonl")
       if paths.is_remote(workdir):  # an object store has no append: keep the log, upload it whole per write
         self._remote_log = paths.read_text(self._jsonl_path) if paths.exists(self._jsonl_path) else ""
@@ -67,6 +77,18 @@ class MetricWriter:
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
+    if self._tb_dir and time.time() - self._last_upload > 60:
+      self._flush_tensorboard()
+
+  def _flush_tensorboard(self) -> None:
+    self._tb.flush()
+    self._upload_tensorboard()
+
+  def _upload_tensorboard(self) -> None:
+    if self._tb_dir:
+      for name in os.listdir(self._tb_dir):
+        paths.copy_file(os.path.join(self._tb_dir, name), paths.join(self._tb_target, name))
+      self._last_upload = time.time()
 
   def write_media(self, step: int, pictures: dict, *, fps: int = 8) -> None:
     """uint8 [T, H, W, C] per tag into TensorBoard's images tab: one frame as a PNG, a clip as an
@@ -83,7 +105,7 @@ class MetricWriter:
       image = Summary.Image(height=height, width=width, colorspace=channels,
                             encoded_image_string=media.encode_gif(video, fps=fps))
       self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
-    self._tb.flush()
+    self._flush_tensorboard()
 
   def progress(self, step: int, scalars: dict, *, eta_s=None) -> None:
     """One console line: a bar, the step, the scalars given, and the time left."""
@@ -99,6 +121,9 @@ class MetricWriter:
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
+      self._upload_tensorboard()
+      if self._tb_dir:
+        shutil.rmtree(self._tb_dir, ignore_errors=True)
       if self._jsonl is not None:
         self._jsonl.close()
 
