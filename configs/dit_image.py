@@ -4,7 +4,7 @@
   python -m diffusion_jax train --config=configs/dit_image.py:smoke --workdir=/tmp/dit_smoke
 
 Arguments after the colon (comma separated): variant=<S/2|B/4|...|tiny|smoke>,
-quickstart (16 px digits, ~18 minutes on a 2-core CPU), smoke (seconds, for tests).
+quickstart (16 px digits, 9000 steps at ~8.5 steps/s on a 2-core CPU), smoke (seconds, for tests).
 """
 from diffusion_jax import config_defaults
 

@@ -60,7 +60,7 @@ def get_config(arg: str = ""):
           learn_sigma=False,
       ),
       # Rectified flow, not LDM's DDPM eps objective: on the quickstart VAE's latents, 3000 steps,
-      # 80 held-out captions, the prompted digit in 17.5% (U-Net, eps) and 8.7% (DiT, eps) of the
+      # 80 held-out captions, the prompted digit in 17.5% (U-Net, eps) and 8.8% (DiT, eps) of the
       # samples against 84% (U-Net) and 80% (DiT) by flow (BENCHMARKS.md, "Text-to-image latent
       # diffusion on the digits"). The shift s = sqrt(tokens / base) = 2 for both nets.
       diffusion=dict(kind="flow", prediction="v", shift_base_tokens=(arg.latent_size // patch) ** 2 // 4),
