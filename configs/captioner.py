@@ -17,10 +17,11 @@ is kept), as one token per frame: a crop around the frame's foreground and its g
 """
 import ml_collections
 
-# The quickstart's moving_digits build (quickstart.QUICKSTART_DATA) with more training clips; seed 0,
-# so its first 3000 training clips are the quickstart's and its validation digits are held out.
-MOVING_DIGITS = dict(min_side=24, max_side=40, max_digits=1, durations=(1, 5, 9), digit_scale=(0.5, 0.7),
-                     train_examples=20000, validation_examples=512)
+from diffusion_jax.data.moving_digits import QUICKSTART_DATA
+
+# The quickstart's moving_digits build with more training clips; seed 0, so its first 3000 training
+# clips are the quickstart's and its validation digits are held out.
+MOVING_DIGITS = dict(QUICKSTART_DATA, train_examples=20000, validation_examples=512)
 
 
 def get_config(arg: str = ""):

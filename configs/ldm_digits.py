@@ -58,6 +58,7 @@ def get_config(arg: str = ""):
           class_dropout_prob=0.0,  # conditioning comes from the captions
           text_dim=384,  # all-MiniLM-L6-v2's width (diffusion_jax/models/text.py)
           learn_sigma=False,
+          pooled_text=not unet,  # the DiT's pooled caption in c; the U-Net has no such path
       ),
       # Rectified flow, not LDM's DDPM eps objective: on the quickstart VAE's latents, 3000 steps,
       # 80 held-out captions, the prompted digit in 17.5% (U-Net, eps) and 8.8% (DiT, eps) of the
@@ -74,7 +75,6 @@ def get_config(arg: str = ""):
                   prompts=("a red 3 on a navy background", "a white 7 on a black background"),
                   size=(32, 32), frames=1),
   )
-  c.model.pooled_text = not unet  # the U-Net has no pooled-caption path
 
   if arg.smoke:
     c.train.update(global_batch=8, steps=4, lr=1e-3, warmup_steps=1, log_every=2, ckpt_every=4, eval_every=0)

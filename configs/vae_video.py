@@ -64,7 +64,7 @@ def get_config(arg: str = ""):
     # trains the VAE the quickstart trains. Its earlier build (1-2 digits at 30-55% of 24-48 px, 1000
     # clips) kept the prompted digit of digits_canvas images but lost their colour: 26% of 80
     # reconstructions in the caption's digit colour against 94% for the quickstart's VAE.
-    from diffusion_jax.quickstart import QUICKSTART_DATA
+    from diffusion_jax.data.moving_digits import QUICKSTART_DATA
     c.data.builder = dict(QUICKSTART_DATA)
     # Native-resolution 24 x 24 crops: encode and evaluate read the clips at their own scale (24-40 px
     # sides), so the VAE trains at that scale too; 32 x 32 crops of frames resized to a 32 px short side

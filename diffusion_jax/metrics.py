@@ -13,7 +13,6 @@ peak (a table for accelerators, a measured matmul on CPU), and `mfu` puts
 model FLOPs, time and peak together.
 """
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -52,17 +51,17 @@ class MetricWriter:
     if enabled:
       paths.makedirs(workdir)
       self._tb_target = paths.join(workdir, "tensorboard")
+      self._jsonl_path = paths.join(workdir, "metrics.jsonl")
       if paths.is_remote(workdir):
         # Not tensorboardX's own gs:// writer: it uploads its whole buffer again when it is garbage
         # collected, and where the bucket is gone by then (a test's emulator) retries for minutes.
         self._tb_dir = tempfile.mkdtemp(prefix="diffusion_jax_tensorboard_")
         self._last_upload = time.time()
-      self._tb = SummaryWriter(self._tb_dir or self._tb_target)
-      self._jsonl_path = paths.join(workdir, "metrics.jsonl")
-      if paths.is_remote(workdir):  # an object store has no append: keep the log, upload it whole per write
+        # An object store has no append: keep the log, upload it whole per write.
         self._remote_log = paths.read_text(self._jsonl_path) if paths.exists(self._jsonl_path) else ""
       else:
         self._jsonl = open(self._jsonl_path, "a")
+      self._tb = SummaryWriter(self._tb_dir or self._tb_target)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -86,8 +85,7 @@ class MetricWriter:
 
   def _upload_tensorboard(self) -> None:
     if self._tb_dir:
-      for name in os.listdir(self._tb_dir):
-        paths.copy_file(os.path.join(self._tb_dir, name), paths.join(self._tb_target, name))
+      paths.copytree(self._tb_dir, self._tb_target)
       self._last_upload = time.time()
 
   def write_media(self, step: int, pictures: dict, *, fps: int = 8) -> None:

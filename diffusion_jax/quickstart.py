@@ -29,12 +29,9 @@ import numpy as np
 from diffusion_jax import checkpoint, encode, evaluate, export, inference, media
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import encoded, pipeline, sources
+from diffusion_jax.data.moving_digits import QUICKSTART_DATA
 from diffusion_jax.train import loop
 
-# One digit per clip keeps a prompt's digit unambiguous for the classifier's check; digits half to
-# 70% of the canvas side (the dataset's default is 30-55%) span 3-7 latent pixels of the x4 VAE.
-QUICKSTART_DATA = dict(min_side=24, max_side=40, max_digits=1, durations=(1, 5, 9), digit_scale=(0.5, 0.7),
-                       train_examples=3000, validation_examples=200)
 SHEET_ROWS = 12  # prompts on the report's contact sheet
 
 
