@@ -237,6 +237,15 @@ def test_vae_ceiling_and_clip_classification(smoke_vae, exports):
   f = vae.spatial_factor
   for clip, out in zip(clips, recon):
     assert out.dtype == np.uint8 and out.shape == (5, clip.shape[1] // f * f, clip.shape[2] // f * f, 3)
+  # Zero-padded at the end to a longer clip's frames, a clip reconstructs as it does alone (the VAE
+  # is causal in time); crop_multiple crops to multiples of it as well as of the VAE's factor.
+  longer = moving_digits.render_moving_digits(images, labels, np.random.default_rng([3, 0, 9]), min_side=20,
+                                              max_side=30, max_digits=1, durations=(9,))["video"]
+  alone = evaluate_lib.reconstruct(vae, clips[:1], crop_multiple=2 * f)[0]
+  together = evaluate_lib.reconstruct(vae, [clips[0], longer], crop_multiple=2 * f)
+  assert alone.shape == (5, clips[0].shape[1] // (2 * f) * 2 * f, clips[0].shape[2] // (2 * f) * 2 * f, 3)
+  assert together[0].shape == alone.shape and together[1].shape[0] == 9
+  np.testing.assert_allclose(together[0].astype(np.int32), alone.astype(np.int32), atol=1)
   rates, counts = eval_metrics.attribute_rates(recon, [eval_metrics.clip_truth(ex) for ex in examples])
   assert counts["background"] == 2 and np.isfinite(rates["seam"])
   classifier = export_lib.load_export(exports[1])

@@ -124,7 +124,7 @@ def test_chunked_decode_equals_full_decode(smoke):
   z = jax.random.normal(jax.random.PRNGKey(3), (1, 4, 4, 4, 4))  # 4 latent frames -> 13 frames
   full = np.asarray(model.apply({"params": params}, z, method=vae.VideoVAE.decode))
   assert full.shape == (1, 13, 16, 16, 3)
-  for chunk in (1, 3):  # 3: a shorter last chunk
+  for chunk in (1, 3, 8):  # 3: a shorter last chunk, 8: longer than the clip (both zero-padded)
     np.testing.assert_allclose(np.asarray(vae.decode_chunked(model, params, z, chunk)), full, atol=1e-5)
   # The first chunk pads with the clip's first frames, later ones with the cache, as a whole decode.
   replicate = vae.build_vae({"variant": "smoke", "time_padding": "replicate"})
