@@ -66,7 +66,8 @@ PACKED_DATA = dict(
 
 TRAIN = dict(
     seed=0,
-    lr_schedule="constant",  # or "cosine", after the linear warmup
+    lr_schedule="constant",  # or "cosine", or "wsd" (constant, then a linear cooldown), after the linear warmup
+    cooldown_fraction=0.2,  # wsd: the last fraction of the steps, over which the rate falls linearly to 0
     weight_decay=0.0,
     grad_clip=1.0,
     ema_decay=0.999,

@@ -229,6 +229,23 @@ def test_weight_decay_mask_spares_biases_scales_and_embeddings(data_dir):
     np.testing.assert_array_equal(untouched, 1.0)
 
 
+def test_learning_rate_schedules():
+  train = types.SimpleNamespace(lr=1.0, warmup_steps=10, steps=100, lr_schedule="wsd", cooldown_fraction=0.3)
+  wsd = state_lib.learning_rate_schedule(train)
+  # Warmup, the full rate until the last 30 steps, then linearly down to 0 at the last step.
+  np.testing.assert_allclose([float(wsd(s)) for s in (0, 5, 10, 69, 70, 85, 100)],
+                             [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0], atol=1e-6)
+  train.lr_schedule = "constant"
+  assert float(state_lib.learning_rate_schedule(train)(99)) == 1.0
+  train.lr_schedule = "cosine"
+  assert float(state_lib.learning_rate_schedule(train)(100)) < 1e-6
+  for schedule, fraction, message in (("wsd", 0.0, "cooldown_fraction"), ("wsd", 1.5, "cooldown_fraction"),
+                                      ("linear", 0.3, "unknown train.lr_schedule")):
+    train.lr_schedule, train.cooldown_fraction = schedule, fraction
+    with pytest.raises(ValueError, match=message):
+      state_lib.learning_rate_schedule(train)
+
+
 def test_flops_peak_and_mfu():
   compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
   assert metrics.step_flops(compiled, num_devices=3) == pytest.approx(3 * 2 * 64 * 32 * 16, rel=0.01)

@@ -27,15 +27,26 @@ class TrainState:
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
-  """Linear warmup to `lr`, then constant or cosine decay (train.lr_schedule)."""
+  """Linear warmup to `lr`, then (train.lr_schedule) "constant"; "cosine" decay to 0 at train.steps;
+  or "wsd" (warmup-stable-decay): constant, then a linear cooldown to 0 over the last
+  train.cooldown_fraction of the steps. A short run keeps learning at the full rate for most of
+  its steps and still ends on a cooled-down model, where a cosine decays too soon (BENCHMARKS.md)."""
   warmup = max(int(train_config.warmup_steps), 1)
   decay = train_config.lr_schedule
+  lr = train_config.lr
   if decay == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, train_config.lr, warmup), optax.constant_schedule(train_config.lr)], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
   if decay == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, train_config.lr, warmup, max(train_config.steps, warmup + 1))
-  raise ValueError(f"unknown train.lr_schedule {decay!r}; use 'constant' or 'cosine'")
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(train_config.steps, warmup + 1))
+  if decay == "wsd":
+    fraction = float(train_config.cooldown_fraction)
+    if not 0.0 < fraction <= 1.0:
+      raise ValueError(f"train.cooldown_fraction must be in (0, 1], got {fraction}")
+    cooldown = max(int(round(train_config.steps * fraction)), 1)
+    stable_end = max(int(train_config.steps) - cooldown, warmup)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr),
+                                 optax.linear_schedule(lr, 0.0, cooldown)], [warmup, stable_end])
+  raise ValueError(f"unknown train.lr_schedule {decay!r}; use 'constant', 'cosine' or 'wsd'")
 
 
 def _decay_mask(params):
