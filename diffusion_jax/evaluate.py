@@ -271,8 +271,8 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   real_clips = [_as_clip(original["video"])[:len(video)] for original, video in zip(originals, videos)]
   # Cropped like the generated clips (multiples of the VAE factor times the patch, which the model's
   # sizes are), so the ceiling is measured on the pixels the model could have made.
-  reconstructions = (reconstruct(gen.vae, real_clips, crop_multiple=gen.spatial_factor * math.lcm(*(int(p) for p in config.data.patch[1:])))
-                     if gen.vae is not None else None)
+  pixel_multiple = gen.spatial_factor * math.lcm(*(int(p) for p in config.data.patch[1:]))
+  reconstructions = reconstruct(gen.vae, real_clips, crop_multiple=pixel_multiple) if gen.vae is not None else None
   size = 32  # frames are compared at one size (the classifier resizes anyway)
 
   def frames_at(clips):

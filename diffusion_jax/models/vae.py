@@ -378,17 +378,19 @@ def decode_chunked(model: VideoVAE, params, z, chunk_frames: int):
 
   Each causal convolution carries its last kt-1 input frames from one chunk
   to the next (the "cache" collection), so peak memory depends on the chunk,
-  not on the clip's duration. A shorter last chunk is zero-padded to
+  not on the clip's duration. A clip's shorter last chunk is zero-padded to
   chunk_frames and its extra frames dropped (the decoder is causal: later
   latents change nothing earlier), so every chunk has one shape and two
-  programs compile per latent size (first, later), whatever the duration.
+  programs compile per latent size (first, later), whatever the duration;
+  one latent frame (an image) decodes as it is.
   Returns float32 video [B, 1 + 4(T'-1), H, W, C] as a jax.Array.
   """
   if chunk_frames < 1:
     raise ValueError(f"chunk_frames={chunk_frames} must be >= 1")
   first, later = _chunk_decoders(model)
   frames = z.shape[1]
-  z = jnp.pad(z, [(0, 0), (0, -frames % chunk_frames)] + [(0, 0)] * (z.ndim - 2))
+  if frames > 1:
+    z = jnp.pad(z, [(0, 0), (0, -frames % chunk_frames)] + [(0, 0)] * (z.ndim - 2))
   outputs, cache = [], None
   for start in range(0, z.shape[1], chunk_frames):
     part = z[:, start:start + chunk_frames]
