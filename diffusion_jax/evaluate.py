@@ -269,10 +269,10 @@ def _evaluate_video_dit(export, out_dir, *, num_samples, seed, classifier, featu
   originals = _source_examples(config, chosen)
   truths = [eval_metrics.clip_truth(original) for original in originals]
   real_clips = [_as_clip(original["video"])[:len(video)] for original, video in zip(originals, videos)]
-  # Cropped like the generated clips (multiples of the VAE factor times the patch, which the model's
-  # sizes are), so the ceiling is measured on the pixels the model could have made.
-  pixel_multiple = gen.spatial_factor * math.lcm(*(int(p) for p in config.data.patch[1:]))
-  reconstructions = reconstruct(gen.vae, real_clips, crop_multiple=pixel_multiple) if gen.vae is not None else None
+  # Cropped like the generated clips (multiples of a token's pixels), so the ceiling is measured on
+  # the pixels the model could have made.
+  crop_multiple = math.lcm(*sample_lib.pixel_factors(gen))
+  reconstructions = reconstruct(gen.vae, real_clips, crop_multiple=crop_multiple) if gen.vae is not None else None
   size = 32  # frames are compared at one size (the classifier resizes anyway)
 
   def frames_at(clips):

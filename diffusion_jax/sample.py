@@ -195,13 +195,19 @@ def _tokens_per_unit(gen: inference.Generator, height: int, width: int) -> int:
   return (height // gen.spatial_factor // ph) * (width // gen.spatial_factor // pw)
 
 
+def pixel_factors(gen: inference.Generator) -> tuple[int, int]:
+  """(height, width) in pixels of one token: the VAE's spatial factor times the patch; the sides
+  of what the model makes are multiples of these."""
+  _, ph, pw = gen.config.data.patch
+  return gen.spatial_factor * int(ph), gen.spatial_factor * int(pw)
+
+
 def planned_shape(gen: inference.Generator, request: Request) -> tuple[int, int, int]:
   """(frames, height, width) in pixels that the model makes for a request (the rounding rule above)."""
   if gen.config.data.fixed_size:  # a fixed-size image model (e.g. the U-Net): one size only
     side = int(gen.config.data.image_size) * gen.spatial_factor
     return 1, side, side
-  pt, ph, pw = gen.config.data.patch
-  fh, fw = gen.spatial_factor * ph, gen.spatial_factor * pw
+  fh, fw = pixel_factors(gen)
   height = max(fh, request.size[0] // fh * fh)
   width = max(fw, request.size[1] // fw * fw)
   frames = _frames_of_units(gen, max(1, _units_of_frames(gen, max(request.frames, 1))))
