@@ -1,6 +1,8 @@
 """Causal video VAE (images are one-frame videos) on the built-in moving digits.
 
   python -m diffusion_jax train --config=configs/vae_video.py:quickstart --workdir=/tmp/vae_quick
+  python -m diffusion_jax train --config=configs/vae_video.py:quickstart,long_clips --workdir=/tmp/vae_quick \
+      --allow-change=train.lr,train.lr_schedule,train.warmup_steps
   python -m diffusion_jax train --config=configs/vae_video.py:variant=video16 --workdir=/tmp/vae_video16
   python -m diffusion_jax train --config=configs/vae_video.py:smoke --workdir=/tmp/vae_smoke
 
@@ -8,7 +10,8 @@ Arguments after the colon (comma separated): variant=<smoke|small|small_image|
 sd|video4|video8|video16> (models/vae.py's VARIANTS), latent_channels=<n>
 (0 = the variant's), autoencoder (deterministic, no KL), gan (a 3D patch
 discriminator from loss.gan_start on), quickstart (~5 minutes on a 2-core
-CPU), smoke (seconds, for tests).
+CPU), long_clips (with quickstart: its second stage, 300 more steps on 9-frame
+clips, resuming the first stage's workdir), smoke (seconds, for tests).
 
 The checkpoint stores the latents' per-channel mean/std (eval split, EMA
 params) next to the config; inference.load_vae returns them.
@@ -20,7 +23,7 @@ def get_config(arg: str = ""):
   from diffusion_jax.config import parse_arg
 
   arg = parse_arg(arg, variant="", latent_channels=0, autoencoder=False, gan=False, quickstart=False,
-                  smoke=False)
+                  long_clips=False, smoke=False)
   variant = arg.variant or ("smoke" if arg.smoke else "small" if arg.quickstart else "video16")
   c = config_defaults.recipe(
       "vae",
@@ -80,6 +83,15 @@ def get_config(arg: str = ""):
     c.loss.update(gan_start=2400, l2_weight=1.0)
     c.train.update(global_batch=8, steps=2400, lr=1e-3, warmup_steps=20, ema_decay=0.99, log_every=100,
                    ckpt_every=2400, keep_ckpts=1, eval_every=2400, eval_batches=8)
+    if arg.long_clips:
+      # A second stage on whole 9-frame clips, resumed from the first: trained on 5-frame crops, the VAE
+      # reconstructs a 9-frame clip's frames 6-9 (its third latent frame) 2x worse than frames 1-5
+      # (MAE 14-20 vs 7-8 grey levels) and the DiT's clips lose their digit there. 300 steps at a small,
+      # cooling rate bring frames 6-9 to 11-13 and keep frames 1-5; the quickstart's DiT on the new
+      # latents shows the prompted digit and direction more often (BENCHMARKS.md).
+      c.data.update(frames=9, min_frames=9)
+      c.train.update(steps=2700, lr=1e-5, lr_schedule="wsd", cooldown_fraction=300 / 2700, warmup_steps=1,
+                     ckpt_every=2700, eval_every=2700)
 
   if arg.smoke:
     c.data.builder = dict(min_side=16, max_side=24, max_digits=1, durations=(1, 5, 6), train_examples=32,

@@ -66,6 +66,8 @@ PACKED_DATA = dict(
 
 TRAIN = dict(
     seed=0,
+    optimizer="adamw",  # or "muon": Muon on the transformer blocks' matrices, AdamW on the rest (train/state.py)
+    muon_lr_scale=1.0,  # muon: Muon's rate is this times the schedule's (AdamW's part keeps it)
     lr_schedule="constant",  # or "cosine", or "wsd" (constant, then a linear cooldown), after the linear warmup
     cooldown_fraction=0.2,  # wsd: the last fraction of the steps, over which the rate falls linearly to 0
     weight_decay=0.0,

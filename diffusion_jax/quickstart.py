@@ -5,7 +5,8 @@
 Stages (each a real run of the same code a user runs by hand; re-running
 the command resumes or skips what is finished):
   1. data        moving_digits, one digit per clip, 24-40 px sides, 1/5/9 frames
-  2. vae         causal video VAE (configs/vae_video.py:quickstart) -> WORKDIR/vae
+  2. vae         causal video VAE (configs/vae_video.py:quickstart), then its second stage on
+                 9-frame clips (configs/vae_video.py:quickstart,long_clips) -> WORKDIR/vae
   3. encode      VAE latents + all-MiniLM-L6-v2 caption embeddings -> WORKDIR/latents
   4. dit         text-to-video DiT, rectified flow (configs/video_dit.py:quickstart) -> WORKDIR/dit
   5. classifier  the project's digit classifier (configs/classifier_digits.py) -> WORKDIR/classifier
@@ -33,6 +34,8 @@ from diffusion_jax.data.moving_digits import QUICKSTART_DATA
 from diffusion_jax.train import loop
 
 SHEET_ROWS = 12  # prompts on the report's contact sheet
+# What configs/vae_video.py:quickstart,long_clips changes of the first stage's run-defining fields.
+VAE_SECOND_STAGE_CHANGES = ("train.lr", "train.lr_schedule", "train.warmup_steps")
 
 
 def _config(name: str, arg: str, **overrides):
@@ -73,9 +76,7 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   done("data")
 
   stage("vae")
-  vae_config = _config("vae_video.py", "quickstart", **{"data.data_dir": data_dir})  # trains on QUICKSTART_DATA
-  _steps(vae_config, scale)
-  loop.train(vae_config, os.path.join(workdir, "vae"))
+  train_vae(data_dir, os.path.join(workdir, "vae"), scale)
   done("vae")
 
   stage("encode")
@@ -118,6 +119,18 @@ def run(workdir: str, *, scale: float = 1.0, num_samples: int = 40) -> str:
   return report
 
 
+def train_vae(data_dir: str, vae_dir: str, scale: float = 1.0) -> None:
+  """configs/vae_video.py:quickstart, then its second stage on 9-frame clips (:quickstart,long_clips)
+  resumed in the same workdir; a finished stage is skipped."""
+  first = _config("vae_video.py", "quickstart", **{"data.data_dir": data_dir})  # trains on QUICKSTART_DATA
+  second = _config("vae_video.py", "quickstart,long_clips", **{"data.data_dir": data_dir})
+  _steps(first, scale)
+  _steps(second, scale)
+  if _latest_step(vae_dir) < first.train.steps:
+    loop.train(first, vae_dir)
+  loop.train(second, vae_dir, allow_changes=VAE_SECOND_STAGE_CHANGES)
+
+
 def _fresh_export(export, workdir: str, out_dir: str) -> str:
   """An export of the newest step, rewritten when the run has moved on since the last one."""
   if os.path.isdir(out_dir):
@@ -131,10 +144,13 @@ def _fresh_export(export, workdir: str, out_dir: str) -> str:
 
 
 def _latest_step(workdir: str) -> int:
+  """The newest checkpoint's step; 0 without one."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return 0
   manager = checkpoint.make_manager(workdir, keep=1, create=False)
   step = manager.latest_step()
   manager.close()
-  return step
+  return step or 0
 
 
 CHECKS = (

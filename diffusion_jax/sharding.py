@@ -51,10 +51,18 @@ def activate(mesh, rules):
 def shardings_of(boxed_tree, mesh, rules):
   """NamedShardings for a tree whose leaves may be logically boxed params.
 
-  Leaves without logical names (step counters, rng) are replicated.
+  Leaves without logical names (step counters, rng) are replicated. A masked optax state (Muon's
+  AdamW part) holds empty MaskedNode()s, boxed like the params they stand for; they hold no array
+  and get no sharding.
   """
+  def is_box(x):
+    return isinstance(x, nn.meta.AxisMetadata)
+
+  boxed_tree = jax.tree_util.tree_map(lambda x: x.unbox() if is_box(x) and not jax.tree_util.tree_leaves(x) else x,
+                                      boxed_tree, is_leaf=is_box)
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules)), specs,
+                                is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -1,5 +1,5 @@
 """Training that survives: SIGKILL and SIGTERM mid-run, NaN batches, gradient
-accumulation, the weight-decay mask, and the MFU arithmetic."""
+accumulation, the weight-decay mask, the optimizers, and the MFU arithmetic."""
 import os
 import shutil
 import signal
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import flax.linen as nn
 
 from diffusion_jax import checkpoint, metrics, sharding
 from diffusion_jax import config as config_lib
@@ -227,6 +228,65 @@ def test_weight_decay_mask_spares_biases_scales_and_embeddings(data_dir):
   np.testing.assert_allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5)
   for untouched in (new["dense"]["bias"], new["norm"]["scale"], new["embed"]["embedding"]):
     np.testing.assert_array_equal(untouched, 1.0)
+
+
+def test_muon_orthogonalises_the_blocks_matrices_and_adamw_updates_the_rest(data_dir, tmp_path):
+  from optax.contrib import MuonDimensionNumbers as Dims
+
+  def dimensions(*overrides):
+    config = smoke_config(data_dir, "train.optimizer=muon", *overrides)
+    task = loop.TASKS[config.task]
+    boxed = jax.eval_shape(lambda r: task.init_params(task.build_model(config), config, r), jax.random.PRNGKey(0))
+    return config, boxed, {jax.tree_util.keystr(p): d for p, d in jax.tree_util.tree_leaves_with_path(
+        state_lib.muon_dimensions(boxed), is_leaf=lambda x: x is None or isinstance(x, Dims))}
+
+  # Scanned blocks: axis 0 stacks the layers; the outputs are the trailing axes shaped like the bias.
+  config, boxed, dims = dimensions()
+  assert dims["['blocks']['attn']['query']['kernel']"] == Dims((1,), (2, 3))  # [layers, width, heads, head_dim]
+  assert dims["['blocks']['attn']['proj']['kernel']"] == Dims((1, 2), (3,))  # [layers, heads, head_dim, width]
+  assert dims["['blocks']['mlp']['fc2']['kernel']"] == Dims((1,), (2,))
+  assert dims["['blocks']['adaLN_modulation']['kernel']"] == Dims((1,), (2,))
+  for adamw in ("['blocks']['mlp']['fc1']['bias']", "['x_embedder']['kernel']", "['final_layer']['linear']['kernel']",
+                "['y_embedder']['embedding_table']['embedding']"):
+    assert dims[adamw] is None, adamw
+  _, _, unrolled = dimensions("model.scan_layers=False")
+  assert unrolled["['blocks_0']['attn']['query']['kernel']"] == Dims((0,), (1, 2))
+
+  # One update after the warmup: Muon's is near-orthogonal where the gradient was far from it (singular
+  # values 1..30); AdamW's normalises every element of a leaf alike (about lr for these constant gradients).
+  train_config = config_lib.from_json(config_lib.to_json(config)).train
+  train_config.update(lr=0.1, warmup_steps=1, grad_clip=0.0)
+  optimizer = state_lib.make_optimizer(train_config, boxed)
+  params = nn.meta.unbox(boxed)
+  params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), params)
+  rng = np.random.default_rng(0)
+  fc2 = params["blocks"]["mlp"]["fc2"]["kernel"]
+  u, _ = np.linalg.qr(rng.normal(size=(fc2.shape[1], fc2.shape[1])))
+  v, _ = np.linalg.qr(rng.normal(size=(fc2.shape[2], fc2.shape[2])))
+  singular = np.logspace(0, 1.5, min(fc2.shape[1:]))
+  matrix = (u[:, :len(singular)] * singular) @ v[:len(singular)]
+  grads = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, 0.5, x.dtype), params)
+  grads["blocks"]["mlp"]["fc2"]["kernel"] = jnp.broadcast_to(jnp.asarray(matrix, jnp.float32), fc2.shape)
+  opt_state = optimizer.init(params)
+  _, opt_state = optimizer.update(grads, opt_state, params)  # step 0: lr 0 (warmup)
+  updates, _ = optimizer.update(grads, opt_state, params)
+  muon_singular = np.linalg.svd(np.asarray(updates["blocks"]["mlp"]["fc2"]["kernel"][0]), compute_uv=False)
+  assert muon_singular.max() / muon_singular.min() < 3, muon_singular
+  adamw_update = np.asarray(updates["x_embedder"]["kernel"])
+  np.testing.assert_allclose(adamw_update, adamw_update.flat[0], rtol=1e-6)
+  assert -0.13 < adamw_update.flat[0] < -0.08
+
+  # Through the loop: Muon's masked state is sharded, checkpointed and resumed.
+  workdir = str(tmp_path / "muon")
+  loop.train(smoke_config(data_dir, "train.optimizer=muon", "train.steps=2", "train.ckpt_every=2"), workdir)
+  _, resumed = loop.train(smoke_config(data_dir, "train.optimizer=muon", "train.steps=4", "train.ckpt_every=2"),
+                          workdir)
+  assert _latest_step(workdir) == 4 and np.isfinite(resumed["loss"])
+
+  with pytest.raises(ValueError, match="weight_decay"):
+    state_lib.make_optimizer(types.SimpleNamespace(**{**train_config.to_dict(), "weight_decay": 0.1}), boxed)
+  with pytest.raises(ValueError, match="no transformer block"):
+    state_lib.make_optimizer(train_config, {"conv": {"kernel": boxed["x_embedder"]["kernel"]}})
 
 
 def test_learning_rate_schedules():

@@ -110,14 +110,16 @@ def build_state(config, mesh, rules):
   """
   task = TASKS[config.task]
   model = task.build_model(config)
-  optimizer = state_lib.make_optimizer(config.train)
+  rng = jax.random.PRNGKey(config.train.seed)
+  with sharding.activate(mesh, rules):  # the params' shapes and logical axis names: Muon's matrices
+    boxed_params = jax.eval_shape(lambda r: task.init_params(model, config, r), rng)
+  optimizer = state_lib.make_optimizer(config.train, boxed_params)
 
   def init_boxed(rng):
     params_rng, state_rng = jax.random.split(rng)
     params = task.init_params(model, config, params_rng)
     return state_lib.create_state(params, optimizer, state_rng)
 
-  rng = jax.random.PRNGKey(config.train.seed)
   with sharding.activate(mesh, rules):
     abstract_boxed = jax.eval_shape(init_boxed, rng)
   state_shardings = sharding.shardings_of(abstract_boxed, mesh, rules)

@@ -7,9 +7,12 @@ count of skipped (non-finite) updates, so its total survives a restart.
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
+from optax.contrib import MuonDimensionNumbers, muon
 
 
 @flax.struct.dataclass
@@ -62,13 +65,60 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
-  """AdamW with warmup and global-norm clipping (DiT: AdamW, lr 1e-4, no decay)."""
-  return optax.chain(
-      optax.clip_by_global_norm(train_config.grad_clip) if train_config.grad_clip else optax.identity(),
-      optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.999,
-                  weight_decay=train_config.weight_decay, mask=_decay_mask),
-  )
+def make_optimizer(train_config, boxed_params=None) -> optax.GradientTransformation:
+  """Warmup, the schedule and global-norm clipping around train.optimizer:
+    "adamw"  AdamW (DiT: AdamW, lr 1e-4, no decay);
+    "muon"   Muon (optax.contrib) on the weight matrices of the transformer blocks, AdamW on every
+             other leaf. Muon's updates are scaled to AdamW's RMS (0.2, "Muon is Scalable for LLM
+             Training", 2025), so train.lr means about the same step for both; needs `boxed_params`
+             (the abstract params with their logical axis names) to find the matrices."""
+  schedule = learning_rate_schedule(train_config)
+  clip = optax.clip_by_global_norm(train_config.grad_clip) if train_config.grad_clip else optax.identity()
+  if train_config.optimizer == "adamw":
+    return optax.chain(clip, optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=train_config.weight_decay,
+                                         mask=_decay_mask))
+  if train_config.optimizer != "muon":
+    raise ValueError(f"unknown train.optimizer {train_config.optimizer!r}; use 'adamw' or 'muon'")
+  if train_config.weight_decay:
+    raise ValueError("train.optimizer='muon' takes no train.weight_decay (its AdamW part would decay biases and "
+                     "norms too); set it to 0")
+  if boxed_params is None:
+    raise ValueError("train.optimizer='muon' needs the params' logical axis names (make_optimizer's boxed_params)")
+  dimensions = muon_dimensions(boxed_params)
+  if not any(d is not None for d in jax.tree_util.tree_leaves(dimensions, is_leaf=_is_dimensions)):
+    raise ValueError("train.optimizer='muon' found no transformer block ('blocks', 'blocks_<i>') weight matrices "
+                     "in this model; use 'adamw'")
+  scale = float(train_config.muon_lr_scale)
+  return optax.chain(clip, muon(lambda step: scale * schedule(step), adam_learning_rate=schedule,
+                                adam_b1=0.9, adam_b2=0.999, consistent_rms=0.2,
+                                muon_weight_dimension_numbers=dimensions))
+
+
+def _is_dimensions(x):
+  return x is None or isinstance(x, MuonDimensionNumbers)
+
+
+def muon_dimensions(boxed_params):
+  """Muon's matrices: for each kernel inside the transformer blocks that has a bias beside it, its
+  trailing axes (as many as the bias has, 'layers' aside) are the outputs, an axis named 'layers'
+  (nn.scan's stacked blocks) holds one matrix per block, and the other axes are the inputs. Other
+  leaves (embeddings, the final layer, the conditioning MLPs, biases, norms) get None: AdamW's."""
+  flat = traverse_util.flatten_dict(boxed_params)
+  dimensions = {}
+  for path, leaf in flat.items():
+    dimensions[path] = None
+    bias = flat.get(path[:-1] + ("bias",))
+    in_blocks = any(name == "blocks" or name.startswith("blocks_") for name in path[:-1])
+    if path[-1] != "kernel" or bias is None or not in_blocks:
+      continue
+    names = tuple(getattr(leaf, "names", ()))
+    shape = nn.meta.unbox(leaf).shape
+    stacked = tuple(i for i, name in enumerate(names) if name == "layers")
+    num_outputs = len(nn.meta.unbox(bias).shape) - len(stacked)
+    outputs = tuple(range(len(shape) - num_outputs, len(shape)))
+    inputs = tuple(i for i in range(len(shape)) if i not in stacked + outputs)
+    dimensions[path] = MuonDimensionNumbers(inputs, outputs)
+  return traverse_util.unflatten_dict(dimensions)
 
 
 def create_state(params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
