@@ -27,9 +27,11 @@ import orbax.checkpoint as ocp
 from diffusion_jax import config as config_lib
 from diffusion_jax import paths
 
-# Config sections that define the parameters' shapes: a checkpoint whose values
-# here differ from the current config's belongs to another model.
-MODEL_DEFINING_FIELDS = ("task", "model", "data.patch", "data.channels")
+# Config sections that define the parameters' shapes, and the optimizer that defines the optimizer
+# state's: a checkpoint whose values here differ from the current config's cannot be restored into it.
+MODEL_DEFINING_FIELDS = ("task", "model", "data.patch", "data.channels", "train.optimizer")
+# Fields that checkpoints written before them lack, with the value those runs had.
+OLDER_CHECKPOINT_VALUES = {"train.optimizer": "adamw"}
 # What a resumed run must also keep unless the user allows the change by name
 # (`train --allow-change=FIELD,...`): the data it learns from, the VAE and text
 # encoder that define its inputs, and the optimizer's settings.
@@ -113,6 +115,8 @@ def check_same_model(saved, current, workdir, allow_changes=()) -> None:
     if name in allow_changes:
       continue
     a, b = _field(saved, name), _field(current, name)
+    if a is None:
+      a = OLDER_CHECKPOINT_VALUES.get(name)
     a = a.to_dict() if hasattr(a, "to_dict") else a
     b = b.to_dict() if hasattr(b, "to_dict") else b
     if a != b:

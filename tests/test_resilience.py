@@ -283,6 +283,16 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_updates_the_rest(data
                           workdir)
   assert _latest_step(workdir) == 4 and np.isfinite(resumed["loss"])
 
+  # A checkpoint written before train.optimizer existed was AdamW's.
+  older, current = (config_lib.from_json(config_lib.to_json(smoke_config(data_dir))) for _ in range(2))
+  with older.unlocked():
+    del older.train["optimizer"]
+  checkpoint.check_same_model(older, current, workdir)
+  with current.unlocked():
+    current.train.optimizer = "muon"
+  with pytest.raises(checkpoint.CheckpointMismatch, match="train.optimizer is 'adamw' there"):
+    checkpoint.check_same_model(older, current, workdir)
+
   with pytest.raises(ValueError, match="weight_decay"):
     state_lib.make_optimizer(types.SimpleNamespace(**{**train_config.to_dict(), "weight_decay": 0.1}), boxed)
   with pytest.raises(ValueError, match="no transformer block"):

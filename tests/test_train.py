@@ -136,6 +136,7 @@ def test_cli_user_errors_are_one_line_and_touch_nothing(data_dir, tmp_path, caps
 
   cases = [
       (base + ["--config.model.variant=tiny"], "holds a checkpoint of a different model: model"),
+      (base + ["--config.train.optimizer=muon"], "train.optimizer is 'adamw' there but 'muon'"),
       (base + ["--config.model.variant=Q/3"], "unknown model.variant 'Q/3'"),
       (base + ["--config.train.nope=1"], "no config field 'train.nope'"),
       (["train", "--config=missing.py", f"--workdir={workdir}"], "config file not found: missing.py"),
