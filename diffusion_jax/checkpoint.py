@@ -31,13 +31,14 @@ from diffusion_jax import paths
 # state's: a checkpoint whose values here differ from the current config's cannot be restored into it.
 MODEL_DEFINING_FIELDS = ("task", "model", "data.patch", "data.channels", "train.optimizer")
 # Fields that checkpoints written before them lack, with the value those runs had.
-OLDER_CHECKPOINT_VALUES = {"train.optimizer": "adamw"}
+OLDER_CHECKPOINT_VALUES = {"train.optimizer": "adamw", "train.muon_lr_scale": 1.0}
 # What a resumed run must also keep unless the user allows the change by name
 # (`train --allow-change=FIELD,...`): the data it learns from, the VAE and text
 # encoder that define its inputs, and the optimizer's settings.
 RUN_DEFINING_FIELDS = ("data.name", "data.builder", "latent.vae", "latent.mean", "latent.std",
                        "text.encoder_dir", "text.max_length", "train.lr", "train.lr_schedule",
-                       "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.ema_decay")
+                       "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.ema_decay",
+                       "train.muon_lr_scale")
 MANIFEST_FILE = "sha256.json"
 
 

@@ -283,10 +283,10 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_updates_the_rest(data
                           workdir)
   assert _latest_step(workdir) == 4 and np.isfinite(resumed["loss"])
 
-  # A checkpoint written before train.optimizer existed was AdamW's.
+  # A checkpoint written before train.optimizer and train.muon_lr_scale existed was AdamW's.
   older, current = (config_lib.from_json(config_lib.to_json(smoke_config(data_dir))) for _ in range(2))
   with older.unlocked():
-    del older.train["optimizer"]
+    del older.train["optimizer"], older.train["muon_lr_scale"]
   checkpoint.check_same_model(older, current, workdir)
   with current.unlocked():
     current.train.optimizer = "muon"
