@@ -17,6 +17,7 @@ is kept), as one token per frame: a crop around the frame's foreground and its g
 """
 import ml_collections
 
+from diffusion_jax import config_defaults
 from diffusion_jax.data.moving_digits import QUICKSTART_DATA
 
 # The quickstart's moving_digits build with more training clips; seed 0, so its first 3000 training
@@ -59,26 +60,21 @@ def get_config(arg: str = ""):
   )
 
   c.train = dict(
-      seed=0,
+      config_defaults.TRAIN,  # the loop's defaults (optimizer, resilience, ...), then the captioner's own
       global_batch=32,
       steps=600 if arg.quickstart else 1500,
       lr=1e-3,
       lr_schedule="cosine",
       warmup_steps=50,
       weight_decay=1e-4,
-      grad_clip=1.0,
       ema_decay=0.99,
-      compute_dtype="float32",
       caption_weight=2.0,  # CoCa's weights: 2 x captioning + 1 x contrastive
       contrastive_weight=1.0,
       log_every=50,
       ckpt_every=250,
       keep_ckpts=1,
-      grad_accum_steps=1,
-      max_consecutive_skips=20,
       eval_every=250,  # greedy captions of eval_batches x global_batch held-out clips
       eval_batches=8,  # 256 clips
-      profile_steps=(0, 0),
   )
 
   # Pure data parallelism: the captioner's params are small and replicated.
