@@ -111,7 +111,7 @@ def build_state(config, mesh, rules):
   task = TASKS[config.task]
   model = task.build_model(config)
   rng = jax.random.PRNGKey(config.train.seed)
-  with sharding.activate(mesh, rules):  # the params' shapes and logical axis names: Muon's matrices
+  with sharding.activate(mesh, rules):  # the params' shapes and logical axis names (Muon's matrices)
     boxed_params = jax.eval_shape(lambda r: task.init_params(model, config, r), rng)
   optimizer = state_lib.make_optimizer(config.train, boxed_params)
 
@@ -120,8 +120,8 @@ def build_state(config, mesh, rules):
     params = task.init_params(model, config, params_rng)
     return state_lib.create_state(params, optimizer, state_rng)
 
-  with sharding.activate(mesh, rules):
-    abstract_boxed = jax.eval_shape(init_boxed, rng)
+  with sharding.activate(mesh, rules):  # the state around those params, without tracing the model again
+    abstract_boxed = jax.eval_shape(lambda p, r: state_lib.create_state(p, optimizer, r), boxed_params, rng)
   state_shardings = sharding.shardings_of(abstract_boxed, mesh, rules)
   abstract_state = nn.meta.unbox(abstract_boxed)
 
