@@ -81,7 +81,7 @@ def get_config(arg: str = ""):
     # steps at batch 8 kept 50%, 2400 steps 89%, batch 12 for 1800 steps 98% (one run each).
     c.model.latent_channels = arg.latent_channels or 8
     c.loss.update(gan_start=2400, l2_weight=1.0)
-    c.train.update(global_batch=8, steps=2400, lr=1e-3, warmup_steps=20, ema_decay=0.99, log_every=100,
+    c.train.update(global_batch=8, steps=2400, lr=1e-3, warmup_steps=20, ema_decay=0.99, optimizer="muon", log_every=100,
                    ckpt_every=2400, keep_ckpts=1, eval_every=2400, eval_batches=8)
     if arg.long_clips:
       # A second stage on whole 9-frame clips, resumed from the first: trained on 5-frame crops, the VAE

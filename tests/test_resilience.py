@@ -251,6 +251,21 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_updates_the_rest(data
     assert dims[adamw] is None, adamw
   _, _, unrolled = dimensions("model.scan_layers=False")
   assert unrolled["['blocks_0']['attn']['query']['kernel']"] == Dims((0,), (1, 2))
+  # The VAE's residual blocks: a convolution's window and input channels are the inputs, its output
+  # channels the outputs; the convolutions into and out of the blocks stay with AdamW.
+  vae_config = config_lib.load_config(config_lib.recipe_path("vae_video.py") + ":smoke")
+  vae_task = loop.TASKS["vae"]
+  vae_boxed = jax.eval_shape(lambda r: vae_task.init_params(vae_task.build_model(vae_config), vae_config, r),
+                             jax.random.PRNGKey(0))
+  vae_dims = {jax.tree_util.keystr(p): d for p, d in jax.tree_util.tree_leaves_with_path(
+      state_lib.muon_dimensions(vae_boxed), is_leaf=lambda x: x is None or isinstance(x, Dims))}
+  matrices = [path for path, d in vae_dims.items() if d is not None]
+  assert matrices and all("block" in path and path.endswith("['kernel']") for path in matrices), matrices
+  assert all(vae_dims[path] == Dims((0, 1, 2, 3), (4,)) for path in matrices)
+  assert vae_dims["['vae']['encoder']['mid_block']['conv1']['kernel']"] == Dims((0, 1, 2, 3), (4,))
+  for adamw in ("['vae']['encoder']['conv_in']['kernel']", "['vae']['decoder']['conv_out']['kernel']",
+                "['vae']['encoder']['mid_block']['conv1']['bias']", "['vae']['encoder']['mid_block']['norm1']['scale']"):
+    assert vae_dims[adamw] is None, adamw
 
   # One update after the warmup: Muon's is near-orthogonal where the gradient was far from it (singular
   # values 1..30); AdamW's normalises every element of a leaf alike (about lr for these constant gradients).
@@ -295,7 +310,7 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_updates_the_rest(data
 
   with pytest.raises(ValueError, match="weight_decay"):
     state_lib.make_optimizer(types.SimpleNamespace(**{**train_config.to_dict(), "weight_decay": 0.1}), boxed)
-  with pytest.raises(ValueError, match="no transformer block"):
+  with pytest.raises(ValueError, match="found no weight matrices"):
     state_lib.make_optimizer(train_config, {"conv": {"kernel": boxed["x_embedder"]["kernel"]}})
 
 

@@ -4,6 +4,7 @@ Everything that makes a run resumable lives in `TrainState`, including the
 rng, so a restored run draws the same noise as an uninterrupted one, and the
 count of skipped (non-finite) updates, so its total survives a restart.
 """
+import re
 from typing import Any
 
 import flax
@@ -68,7 +69,7 @@ def _decay_mask(params):
 def make_optimizer(train_config, boxed_params=None) -> optax.GradientTransformation:
   """Warmup, the schedule and global-norm clipping around train.optimizer:
     "adamw"  AdamW (DiT: AdamW, lr 1e-4, no decay);
-    "muon"   Muon (optax.contrib) on the weight matrices of the transformer blocks, AdamW on every
+    "muon"   Muon (optax.contrib) on the weight matrices of the model's blocks, AdamW on every
              other leaf. Muon's updates are scaled to AdamW's RMS (0.2, "Muon is Scalable for LLM
              Training", 2025), so train.lr means about the same step for both; needs `boxed_params`
              (the abstract params with their logical axis names) to find the matrices."""
@@ -86,8 +87,8 @@ def make_optimizer(train_config, boxed_params=None) -> optax.GradientTransformat
     raise ValueError("train.optimizer='muon' needs the params' logical axis names (make_optimizer's boxed_params)")
   dimensions = muon_dimensions(boxed_params)
   if not any(d is not None for d in jax.tree_util.tree_leaves(dimensions, is_leaf=_is_dimensions)):
-    raise ValueError("train.optimizer='muon' found no transformer block ('blocks', 'blocks_<i>') weight matrices "
-                     "in this model; use 'adamw'")
+    raise ValueError("train.optimizer='muon' found no weight matrices in blocks it trains (state.MUON_BLOCKS: "
+                     "the DiT's and the VAE's) in this model; use 'adamw'")
   scale = float(train_config.muon_lr_scale)
   return optax.chain(clip, muon(lambda step: scale * schedule(step), adam_learning_rate=schedule,
                                 adam_b1=0.9, adam_b2=0.999, consistent_rms=0.2,
@@ -98,17 +99,24 @@ def _is_dimensions(x):
   return x is None or isinstance(x, MuonDimensionNumbers)
 
 
+# The modules whose weight matrices Muon trains: the DiT's transformer blocks ('blocks' scanned,
+# 'blocks_<i>' unrolled) and the VAE's residual blocks ('down_<l>_block_<i>', 'mid_block',
+# 'up_<l>_block_<i>'). The layers that map into and out of the model's width stay with AdamW.
+MUON_BLOCKS = re.compile(r"blocks(_\d+)?|(down_\d+_|up_\d+_|mid_)block(_\d+)?")
+
+
 def muon_dimensions(boxed_params):
-  """Muon's matrices: for each kernel inside the transformer blocks that has a bias beside it, its
+  """Muon's matrices: for each kernel inside a MUON_BLOCKS module that has a bias beside it, its
   trailing axes (as many as the bias has, 'layers' aside) are the outputs, an axis named 'layers'
-  (nn.scan's stacked blocks) holds one matrix per block, and the other axes are the inputs. Other
-  leaves (embeddings, the final layer, the conditioning MLPs, biases, norms) get None: AdamW's."""
+  (nn.scan's stacked blocks) holds one matrix per block, and the other axes are the inputs (a
+  convolution's kernel: its window and input channels). Other leaves (embeddings, the first and
+  final layers, the conditioning MLPs, biases, norms) get None: AdamW's."""
   flat = traverse_util.flatten_dict(boxed_params)
   dimensions = {}
   for path, leaf in flat.items():
     dimensions[path] = None
     bias = flat.get(path[:-1] + ("bias",))
-    in_blocks = any(name == "blocks" or name.startswith("blocks_") for name in path[:-1])
+    in_blocks = any(MUON_BLOCKS.fullmatch(name) for name in path[:-1])
     if path[-1] != "kernel" or bias is None or not in_blocks:
       continue
     names = tuple(getattr(leaf, "names", ()))
