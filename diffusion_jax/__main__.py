@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                                             "classifier, export, evaluate, report (diffusion_jax/quickstart.py)")
   quick.add_argument("--workdir", default="quickstart_out")
   quick.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's training steps")
-  quick.add_argument("--num-samples", type=int, default=40, help="videos generated for the evaluation")
+  quick.add_argument("--num-samples", type=int, default=quickstart.NUM_SAMPLES,
+                     help="videos generated for the evaluation")
   return parser
 
 
