@@ -49,9 +49,10 @@ setuptools.setup(
         # tests/test_compile_check.py compile the train step for a TPU slice on
         # a CPU-only machine; it idles elsewhere (JAX_PLATFORMS=cpu in tests).
         # gcp-storage-emulator (pure Python) + gcsfs: tests/test_gcs.py's offline gs:// runs;
-        # pyyaml: the JobSet test.
+        # pyyaml: the JobSet test; wheel: tests/test_wheel.py builds the package without build
+        # isolation, and setuptools before 70.1 needs it for bdist_wheel (a fresh Python may lack it).
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "jax[tpu]==0.10.2", "gcsfs>=2024.2",
-                "gcp-storage-emulator>=2026.7.19", "pyyaml>=6"],
+                "gcp-storage-emulator>=2026.7.19", "pyyaml>=6", "wheel"],
     },
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.__main__:main"]},
 )
