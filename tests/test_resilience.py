@@ -233,12 +233,15 @@ def test_weight_decay_mask_spares_biases_scales_and_embeddings(data_dir):
 def test_muon_orthogonalises_the_blocks_matrices_and_adamw_updates_the_rest(data_dir, tmp_path):
   from optax.contrib import MuonDimensionNumbers as Dims
 
-  def dimensions(*overrides):
-    config = smoke_config(data_dir, "train.optimizer=muon", *overrides)
+  def dimensions_of(config):
     task = loop.TASKS[config.task]
     boxed = jax.eval_shape(lambda r: task.init_params(task.build_model(config), config, r), jax.random.PRNGKey(0))
-    return config, boxed, {jax.tree_util.keystr(p): d for p, d in jax.tree_util.tree_leaves_with_path(
+    return boxed, {jax.tree_util.keystr(p): d for p, d in jax.tree_util.tree_leaves_with_path(
         state_lib.muon_dimensions(boxed), is_leaf=lambda x: x is None or isinstance(x, Dims))}
+
+  def dimensions(*overrides):
+    config = smoke_config(data_dir, "train.optimizer=muon", *overrides)
+    return (config, *dimensions_of(config))
 
   # Scanned blocks: axis 0 stacks the layers; the outputs are the trailing axes shaped like the bias.
   config, boxed, dims = dimensions()
@@ -253,12 +256,7 @@ def test_muon_orthogonalises_the_blocks_matrices_and_adamw_updates_the_rest(data
   assert unrolled["['blocks_0']['attn']['query']['kernel']"] == Dims((0,), (1, 2))
   # The VAE's residual blocks: a convolution's window and input channels are the inputs, its output
   # channels the outputs; the convolutions into and out of the blocks stay with AdamW.
-  vae_config = config_lib.load_config(config_lib.recipe_path("vae_video.py") + ":smoke")
-  vae_task = loop.TASKS["vae"]
-  vae_boxed = jax.eval_shape(lambda r: vae_task.init_params(vae_task.build_model(vae_config), vae_config, r),
-                             jax.random.PRNGKey(0))
-  vae_dims = {jax.tree_util.keystr(p): d for p, d in jax.tree_util.tree_leaves_with_path(
-      state_lib.muon_dimensions(vae_boxed), is_leaf=lambda x: x is None or isinstance(x, Dims))}
+  _, vae_dims = dimensions_of(config_lib.load_config(config_lib.recipe_path("vae_video.py") + ":smoke"))
   matrices = [path for path, d in vae_dims.items() if d is not None]
   assert matrices and all("block" in path and path.endswith("['kernel']") for path in matrices), matrices
   assert all(vae_dims[path] == Dims((0, 1, 2, 3), (4,)) for path in matrices)
