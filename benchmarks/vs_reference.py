@@ -15,10 +15,17 @@ cores, so run under `taskset` to compare on fewer cores). Shapes:
   S/2   DiT-S/2 on 32x32x4 latents (256 tokens), batch 8
   tiny  4 layers x 128 wide, patch 2, 32x32x4 (256 tokens), batch 8
 Prints each median step time, their ratio and the model FLOP/s (the
-analytic count of metrics.dit_model_flops, the same for both).
+analytic count of metrics.dit_model_flops, the same for both), and which
+malloc the process runs on: both steps share it. XLA's CPU runtime mallocs a
+scratch buffer every step (159 MB for the tiny shape); glibc maps and unmaps
+blocks that big each time and the step page-faults them back in, tcmalloc
+keeps them. `python -m diffusion_jax` preloads tcmalloc where it is installed;
+for this script, preload it yourself to measure that setting:
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/vs_reference.py ...
 """
 import argparse
 import importlib
+import resource
 import statistics
 import sys
 import time
@@ -63,11 +70,15 @@ def our_step_times(variant: str, batch: int, steps: int, overrides) -> list[floa
   times = []
   with sharding.activate(mesh, rules):
     for i in range(steps + 2):  # two warm-up steps (the first compiles)
+      if i == 2:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
       state, aux = step_fn(state, rows)
       jax.block_until_ready((state, aux))
       if i >= 2:
         times.append(time.perf_counter() - start)
+  print(f"{variant}: ours page-faulted {(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps:.0f} "
+        "pages a step", flush=True)
   return times
 
 
@@ -131,6 +142,9 @@ def main():
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("overrides", nargs="*", help="--config.a.b=value overrides of our config")
   args, overrides = parser.parse_known_args()
+  with open("/proc/self/maps") as maps:  # Linux; which malloc both steps run on
+    allocator = "tcmalloc" if "tcmalloc" in maps.read() else "the system's malloc"
+  print(f"malloc: {allocator}", flush=True)
   print("| shape | ours s/step | reference s/step | ours / reference | model GFLOP/step | ours GFLOP/s | "
         "reference GFLOP/s |")
   print("|---|---|---|---|---|---|---|")

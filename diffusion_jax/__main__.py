@@ -17,7 +17,12 @@ import os
 import sys
 import time
 
-import jax
+from diffusion_jax import malloc
+
+if __name__ == "__main__":  # before the big imports below: the command may re-run itself on tcmalloc
+  malloc.rerun_on_tcmalloc_if_wanted()
+
+import jax  # noqa: E402 (after the re-run above)
 
 from diffusion_jax import checkpoint, distributed, encode, evaluate, export as export_lib, inference, quickstart
 from diffusion_jax import paths, recaption

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import __main__ as cli
-from diffusion_jax import checkpoint, sharding
+from diffusion_jax import checkpoint, malloc, sharding
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.train import dit_task, loop
@@ -175,3 +175,46 @@ def test_data_stats_command_prints_json(data_dir, capsys):
   result = json.loads(capsys.readouterr().out)
   assert result["batches"] == 2 and result["examples"] == 16  # smoke: 8 rows of one 16 px image each
   assert result["packing_efficiency"] == 1.0 and result["frames"] == {"1": 16}
+
+
+def test_cli_preloads_tcmalloc_on_cpu_hosts(tmp_path, monkeypatch):
+  """The command re-runs itself with tcmalloc preloaded on a CPU-only Linux host that has it
+  (glibc unmaps XLA's per-step scratch buffer and the next step faults it back in)."""
+  monkeypatch.setattr(malloc.sys, "platform", "linux")
+  monkeypatch.setattr(malloc, "has_accelerator", lambda environ: False)
+  missing, library = str(tmp_path / "missing.so"), tmp_path / "libtcmalloc_minimal.so.4"
+  library.write_bytes(b"")
+  libraries = (missing, str(library))
+  env = malloc.tcmalloc_environment({"LD_PRELOAD": "/other.so", "PATH": "/bin"}, libraries)
+  assert env["LD_PRELOAD"] == f"{library}:/other.so" and env["PATH"] == "/bin"
+  # Already preloaded (the re-run itself), asked not to, or an accelerator host: run as is.
+  assert malloc.tcmalloc_environment(env, libraries) is None
+  assert malloc.tcmalloc_environment({"DIFFUSION_JAX_ALLOCATOR": "system"}, libraries) is None
+  monkeypatch.setattr(malloc, "has_accelerator", lambda environ: True)
+  assert malloc.tcmalloc_environment({}, libraries) is None
+  assert malloc.tcmalloc_environment({"DIFFUSION_JAX_ALLOCATOR": "tcmalloc"}, libraries)["LD_PRELOAD"] == str(library)
+  # Not installed: auto runs as is; asked for, a clear error. A bad value names the choices.
+  assert malloc.tcmalloc_environment({}, (missing,)) is None
+  with pytest.raises(FileNotFoundError, match="libtcmalloc-minimal4"):
+    malloc.tcmalloc_environment({"DIFFUSION_JAX_ALLOCATOR": "tcmalloc"}, (missing,))
+  with pytest.raises(ValueError, match="auto, tcmalloc, system"):
+    malloc.tcmalloc_environment({"DIFFUSION_JAX_ALLOCATOR": "jemalloc"}, libraries)
+
+
+def test_cli_process_runs_on_tcmalloc_where_installed():
+  installed = [path for path in malloc.TCMALLOC_LIBRARIES if os.path.exists(path)]
+  if not installed:
+    pytest.skip("no tcmalloc on this host (apt-get install libtcmalloc-minimal4)")
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DIFFUSION_JAX_ALLOCATOR")}
+  env.update(JAX_PLATFORMS="cpu", LD_DEBUG="files")  # the loader names each library it initialises
+  run = subprocess.run([sys.executable, "-m", "diffusion_jax", "export", "--help"], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "usage: diffusion_jax export" in run.stdout
+  assert f"calling init: {installed[0]}" in run.stderr
+  env["DIFFUSION_JAX_ALLOCATOR"] = "system"
+  run = subprocess.run([sys.executable, "-m", "diffusion_jax", "export", "--help"], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0 and "libtcmalloc" not in run.stderr
