@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "diffusion_jax"
 # Lowest first. A module may import its own layer and the layers below it; within a layer the
 # imports must not form a cycle, and models and diffusion never import each other.
 LAYERS = (
-    ("foundation", ("config", "config_defaults", "paths", "patches", "sharding", "distributed", "metrics", "media", "checkpoint")),
+    ("foundation", ("config", "config_defaults", "malloc", "paths", "patches", "sharding", "distributed", "metrics", "media", "checkpoint")),
     ("data", ("data",)),
     ("models and diffusion", ("models", "diffusion")),
     ("train", ("train",)),
