@@ -234,7 +234,7 @@ def _largest_fusion_operands(compiled_hlo):
   return max(body.count(" parameter(") for body in bodies)
 
 
-def test_written_out_residual_grads_keep_gradients_and_stop_refusing_the_chain():
+def test_written_out_residual_grads_keep_gradients_and_stop_re_fusing_the_chain():
   batch = _small_batch(1)
   base = dit.DiT(**dict(SMOKE, depth=8), scan_layers=True, scan_unroll=8)
   params = _randomize(_init(base, batch), jax.random.key(6))
