@@ -75,6 +75,9 @@ def get_config(arg: str = ""):
     # reconstructions (BENCHMARKS.md): digit 0.75 -> 0.895, digit colour 0.725 -> 0.885, count
     # 0.645 -> 0.73, seam 1.37 -> 1.16 for 2400 steps of 24 x 24 against 1800 of 32 x 32, in less time.
     c.data.update(frames=5, height=24, width=24, spatial="crop")
+    # Clips are prepared in the main thread: on a 2-core host Grain's reader threads only add GIL
+    # hand-offs to the step's time (6.6 -> 3.7 ms of host time per batch; BENCHMARKS.md).
+    c.data.read_threads = 0
     # L2 beside L1 learns colours and backgrounds sooner (20.6 vs 19.6 dB PSNR at step 600). The batch
     # decides the colours: batch 4 at lr 1e-3 or 2e-3 lost them (33-45% of held-out reconstructions in
     # the caption's digit colour), batch 8 keeps them (87%) on 32 x 32 crops; on 24 x 24 crops 1800

@@ -67,7 +67,8 @@ def get_config(arg: str = ""):
     # segment), so its cost grows with L^2 per row: 20 rows of 96 tokens (~3 clips, 64 caption
     # tokens) do the work of 8 rows of 256 at 1.65x the real tokens/s on this CPU (BENCHMARKS.md).
     c.data.update(tokens_per_row=96, examples_per_row=6, text_tokens_per_row=64 if text else 0, pack_buffer=32,
-                  cache_examples=True)  # a few MB of latents: read and decoded once, not every epoch
+                  cache_examples=True,  # a few MB of latents: read and decoded once, not every epoch
+                  read_threads=0)  # prepared in the main thread: reader threads cost 3.7x the host time per batch here
     # The checks keep rising with steps (prompted digit 0.10 at 1200 steps, 0.40 at 2000: BENCHMARKS.md);
     # 2000 is what the quickstart's 15 minutes leave for this stage. So far from converged, a constant
     # lr learns more than a cosine decaying from the start, and a larger one more still (held-out loss at

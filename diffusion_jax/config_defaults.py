@@ -50,6 +50,7 @@ DATA = dict(
     builder={},  # built-in builder arguments (the builder modules of diffusion_jax/data/); {} = its defaults
     shuffle_seed=0,
     num_workers=0,  # Grain worker processes (0 = in the main process)
+    read_threads=16,  # Grain's reader threads per process (0 = read in the main thread; pipeline.read_options)
 )
 
 # The packed-row pipeline of the diffusion task (diffusion_jax/data/pipeline.py).

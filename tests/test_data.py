@@ -217,6 +217,14 @@ def test_worker_processes_give_the_same_batches(data_dir):
     resumed.close()
 
 
+def test_main_thread_reads_give_the_same_batches(data_dir):
+  threads = iter(pipeline.make_dataset(_config(data_dir), split="validation", seed=0))
+  main_thread = iter(pipeline.make_dataset(_config(data_dir, read_threads=0), split="validation", seed=0))
+  _assert_same_batches([next(threads) for _ in range(3)], [next(main_thread) for _ in range(3)])
+  with pytest.raises(ValueError, match="data.read_threads must be >= 0, got -1"):
+    pipeline.make_dataset(_config(data_dir, read_threads=-1), split="validation", seed=0)
+
+
 def test_cached_examples_give_the_same_batches_and_read_each_record_once(data_dir, monkeypatch):
   config = _config(data_dir, tokens_per_row=192, examples_per_row=3)
   reads = []

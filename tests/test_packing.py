@@ -156,6 +156,29 @@ def test_buffer_feeds_largest_first_and_tops_up_closed_rows():
   assert _drain(packer, flush=True) == [[2, 0], [4]]
 
 
+def test_captions_that_overflow_the_row_text_budget_wait_for_another_row():
+  # (tokens, caption tokens): A 50/8, D 45/6, E 10/1, F 60/1; L = 100, Lt = 10.
+  examples = _sized([50, 45, 10, 60])
+  for ex, n_text in zip(examples, (8, 6, 1, 1)):
+    ex["text"] = np.full((n_text, 3), ex["id"], np.float32)
+  packer = packing.BestFitPacker(100, 4, num_open_rows=1, buffer_size=2, text_tokens_per_row=10)
+  emitted = []
+  for ex in examples:
+    packer.add(ex)
+    emitted += _drain(packer)
+  # At F the buffer overflows: F fits no open row, so A's row closes and is topped up with the
+  # largest waiting example whose caption fits: D has the tokens but 8 + 6 > 10 caption tokens; E fits.
+  assert emitted == [[0, 2]]
+  assert _drain(packer, flush=True) == [[3], [1]]
+
+
+def test_grid_positions_are_shared_and_read_only():
+  first = patches.grid_positions((2, 3, 4))
+  assert patches.grid_positions([2, 3, 4]) is first  # built once per grid: the pipeline asks per example
+  assert not first.flags.writeable
+  np.testing.assert_array_equal(first[[0, 1, 4, 23]], [[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 2, 3]])
+
+
 def test_skip_records_are_counted_on_the_next_row_never_packed():
   stream = [packing.skip_record("too_big"), *_sized([16]), packing.skip_record("no_frames"),
             packing.skip_record("no_frames"), *_sized([8, 8])]

@@ -216,11 +216,12 @@ class BestFitPacker:
   def _take_largest(self, at_most: int, row: list[dict] = ()) -> dict | None:
     """Removes and returns the largest waiting example of <= at_most tokens whose
     caption also fits `row`'s text budget (earliest on ties)."""
-    best = None
+    text_room = self.text_tokens_per_row - _row_text_tokens(row)  # the row's, counted once: a hot loop
+    best, best_tokens = None, 0
     for i, ex in enumerate(self._pending):
       n = _tokens(ex)
-      if n <= at_most and self._text_fits(ex, row) and (best is None or n > _tokens(self._pending[best])):
-        best = i
+      if best_tokens < n <= at_most and (not self.text_tokens_per_row or ex["text"].shape[0] <= text_room):
+        best, best_tokens = i, n
     return None if best is None else self._pending.pop(best)
 
   def _place(self, ex: dict) -> None:

@@ -28,6 +28,7 @@ config.data keys read here (the optional ones with their defaults):
   pack_buffer = 32            BestFitPacker's buffer of waiting examples
   text_tokens_per_row = 0     Lt: packed caption-token budget of a row (0 = no text in the batch)
   cache_examples = False      decode each record of this process's shard once and keep it in memory
+  read_threads = 16           Grain's reader threads (read_options)
 
 Encoded datasets (diffusion_jax/encode.py; data.name is their directory)
 carry each caption's text-encoder tokens (`text`, packed into `text` /
@@ -299,9 +300,7 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
       latent_mean=tuple(stats["mean"]) if stats else (), latent_std=tuple(stats["std"]) if stats else (),
       text_tokens_per_row=int(data.text_tokens_per_row), fixed_side=fixed_side)
   ds = ds.random_map(prepare, seed=seed)
-  # Grain's default read-ahead of 500 examples costs a scan of that buffer per example (its depth
-  # statistic), ~45% of the quickstart's host time; 64 keeps the reader threads as busy.
-  ds = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=64))
+  ds = ds.to_iter_dataset(read_options(data))
   ds = packing.pack(ds, tokens_per_row=tokens_per_row, examples_per_row=examples_per_row,
                     num_open_rows=int(data.pack_open_rows),
                     buffer_size=int(data.pack_buffer),
@@ -314,6 +313,19 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.num_workers)))
   return ds
+
+
+def read_options(data) -> grain.ReadOptions:
+  """Grain's reader threads of every task's pipeline: data.read_threads (configs saved before the
+  field existed: Grain's 16). Threads overlap slow reads (a bucket); 0 prepares each example in
+  the main thread, which Grain advises for data already in memory: on a 2-core host the threads'
+  GIL hand-offs doubled the quickstart's host time per batch (BENCHMARKS.md)."""
+  threads = int(data.get("read_threads", 16))
+  if threads < 0:
+    raise ValueError(f"data.read_threads must be >= 0, got {threads}")
+  # Grain's default read-ahead of 500 examples costs a scan of that buffer per example (its depth
+  # statistic), ~45% of the quickstart's host time; 64 keeps the reader threads as busy.
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64 if threads else 0)
 
 
 class _DecodedOnce:

@@ -263,7 +263,7 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   ds = ds.map(PrepareCaptionedClip(canvas=int(model.canvas), frames=int(model.frames),
                                    token_ids=tuple(int(t) for t in model.token_ids),
                                    max_length=int(model.max_length)))
-  return ds.to_iter_dataset().batch(global_batch // process_count, drop_remainder=True)
+  return ds.to_iter_dataset(pipeline.read_options(data)).batch(global_batch // process_count, drop_remainder=True)
 
 
 # --------------------------------------------------------------------------- inference

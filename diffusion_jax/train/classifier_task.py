@@ -235,4 +235,4 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   pad_square = bool(config.model.locate)  # the net finds the digit: keep its aspect
   ds = ds.random_map(SingleDigitFrame(size=int(data.image_size), pad_square=pad_square), seed=seed)
-  return ds.to_iter_dataset().batch(global_batch // process_count, drop_remainder=True)
+  return ds.to_iter_dataset(pipeline.read_options(data)).batch(global_batch // process_count, drop_remainder=True)

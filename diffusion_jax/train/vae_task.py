@@ -371,8 +371,8 @@ def make_dataset(config, *, split: str, process_index: int = 0, process_count: i
   min_frames = int(data.min_frames)
   if min_frames <= 1:
     ds = ds.batch(global_batch // process_count, drop_remainder=True)
-    return ds.to_iter_dataset()
+    return ds.to_iter_dataset(pipeline.read_options(data))
   # Only clips of >= min_frames usable frames: e.g. every crop as long as data.frames, so the
   # causal decoder learns each latent frame's full temporal context, none of the step on padding.
-  ds = ds.to_iter_dataset().filter(lambda example: int(example["frame_mask"].sum()) >= min_frames)
+  ds = ds.to_iter_dataset(pipeline.read_options(data)).filter(lambda example: int(example["frame_mask"].sum()) >= min_frames)
   return ds.batch(global_batch // process_count, drop_remainder=True)
