@@ -195,11 +195,12 @@ def test_self_attention_module_runs_every_cpu_backend_alike():
   x = jax.random.normal(jax.random.key(15), (2, 12, width))
   seg = jnp.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12], jnp.int32)
   pos = jnp.zeros((2, 12, 3), jnp.int32).at[..., 2].set(jnp.arange(12) % 5)
-  module = layers.SelfAttention(heads, rope=True)
-  params = module.init(jax.random.key(16), x, seg, pos)
-  ref = module.apply(params, x, seg, pos)
+  rope = layers.rope_3d_tables(pos, width // heads)
+  module = layers.SelfAttention(heads)
+  params = module.init(jax.random.key(16), x, seg, rope)
+  ref = module.apply(params, x, seg, rope)
   for backend in _CPU_BACKENDS:
-    out = jax.jit(module.clone(backend=backend).apply)(params, x, seg, pos)
+    out = jax.jit(module.clone(backend=backend).apply)(params, x, seg, rope)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -215,21 +216,29 @@ def test_rope_split_rule():
 
 def test_rope_is_a_rotation_that_depends_on_relative_position():
   key_q, key_k, key_p = jax.random.split(jax.random.key(4), 3)
-  q = jax.random.normal(key_q, (1, 5, 2, 16))
-  k = jax.random.normal(key_k, (1, 5, 2, 16))
-  pos = jax.random.randint(key_p, (1, 5, 3), 0, 20)
-  rq, rk = layers.apply_rope_3d(q, pos), layers.apply_rope_3d(k, pos)
+  q = jax.random.normal(key_q, (1, 30, 2, 16))  # coordinates (< 27 below) must be < L
+  k = jax.random.normal(key_k, (1, 30, 2, 16))
+  pos = jax.random.randint(key_p, (1, 30, 3), 0, 20)
+  rotate = lambda x, pos: layers.apply_rope(x, layers.rope_3d_tables(pos, x.shape[-1]))
+  rq, rk = rotate(q, pos), rotate(k, pos)
   np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5)
-  np.testing.assert_allclose(layers.apply_rope_3d(q, jnp.zeros_like(pos)), q, atol=1e-6)
+  np.testing.assert_allclose(rotate(q, jnp.zeros_like(pos)), q, atol=1e-6)
   logits = jnp.einsum("bqhd,bkhd->bhqk", rq, rk)
   for shift in ([3, 0, 0], [0, 5, 0], [0, 0, 7]):
     moved = pos + jnp.array(shift, jnp.int32)
-    moved_logits = jnp.einsum("bqhd,bkhd->bhqk", layers.apply_rope_3d(q, moved), layers.apply_rope_3d(k, moved))
+    moved_logits = jnp.einsum("bqhd,bkhd->bhqk", rotate(q, moved), rotate(k, moved))
     np.testing.assert_allclose(moved_logits, logits, atol=1e-4)
+  # The tables equal cos/sin of position x frequency; a coordinate >= L is NaN, not wrapped.
+  cos, sin = layers.rope_3d_tables(pos, 16)
+  freqs = [10000.0 ** (-np.arange(n) / n) for n in layers.rope_3d_split(16)]
+  angles = np.concatenate([np.asarray(pos[..., a:a + 1], np.float32) * f for a, f in enumerate(freqs)], -1)
+  np.testing.assert_allclose(cos[:, :, 0], np.cos(angles), atol=1e-5)
+  np.testing.assert_allclose(sin[:, :, 0], np.sin(angles), atol=1e-5)
+  assert np.isnan(np.asarray(layers.rope_3d_tables(pos.at[0, 3, 1].set(30), 16)[0][0, 3])).any()
   # Every axis is actually encoded: moving one token along any axis changes its logits.
   for axis in range(3):
     moved = pos.at[0, 0, axis].add(1)
-    moved_logits = jnp.einsum("bqhd,bkhd->bhqk", layers.apply_rope_3d(q, moved), layers.apply_rope_3d(k, moved))
+    moved_logits = jnp.einsum("bqhd,bkhd->bhqk", rotate(q, moved), rotate(k, moved))
     assert np.abs(np.asarray(moved_logits - logits)[:, :, 0, 1:]).max() > 1e-3
 
 
@@ -280,8 +289,7 @@ def test_embedders_and_attention_init_like_dit():
   width, heads = 64, 4
   x = jnp.ones((1, 3, width))
   seg = jnp.ones((1, 3), jnp.int32)
-  pos = jnp.zeros((1, 3, 3), jnp.int32)
-  attn = nn.unbox(layers.SelfAttention(heads).init(jax.random.key(0), x, seg, pos))["params"]
+  attn = nn.unbox(layers.SelfAttention(heads).init(jax.random.key(0), x, seg))["params"]
   fused = jnp.concatenate([attn[n]["kernel"].reshape(width, width) for n in ("query", "key", "value")], axis=1)
   limit = math.sqrt(6.0 / (width + 3 * width))  # xavier_uniform of DiT's fused [width, 3 width] qkv
   assert float(jnp.abs(fused).max()) <= limit and float(jnp.abs(fused).max()) > 0.95 * limit
@@ -305,11 +313,12 @@ def test_self_attention_keeps_examples_apart():
   seg = jnp.array([[1, 1, 1, 2, 2, 0]], jnp.int32)
   pos = jnp.array([[[0, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]]], jnp.int32)
   for qk_norm, rope in ((False, False), (True, True)):
-    module = layers.SelfAttention(heads, qk_norm=qk_norm, rope=rope)
-    params = jax.jit(module.init)(jax.random.key(6), x, seg, pos)
+    module = layers.SelfAttention(heads, qk_norm=qk_norm)
+    tables = (lambda p: layers.rope_3d_tables(p, width // heads)) if rope else (lambda p: None)
+    params = jax.jit(module.init)(jax.random.key(6), x, seg, tables(pos))
     apply = jax.jit(module.apply)
-    both = apply(params, x, seg, pos)
-    first = apply(params, x[:, :3], seg[:, :3], pos[:, :3])
-    second = apply(params, x[:, 3:5], seg[:, 3:5] - 1, pos[:, 3:5])
+    both = apply(params, x, seg, tables(pos))
+    first = apply(params, x[:, :3], seg[:, :3], tables(pos[:, :3]))
+    second = apply(params, x[:, 3:5], seg[:, 3:5] - 1, tables(pos[:, 3:5]))
     np.testing.assert_allclose(both[:, :3], first, atol=1e-5)
     np.testing.assert_allclose(both[:, 3:5], second, atol=1e-5)

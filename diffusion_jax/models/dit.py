@@ -263,13 +263,12 @@ class DiTBlock(nn.Module):
   `cond` is per (example, clock) slot, [B, N, .]: c itself for adaln='zero'
   (the block's own Dense makes the 6 modulations), the shared 6 x width
   projection of c for adaln='single' (the block adds its learned table). The
-  modulations reach the tokens through `slot` [B, L].
+  modulations reach the tokens through `slot` [B, L]. `rope`: the RoPE tables
+  (layers.rope_3d_tables) or None.
   """
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = False
-  rope: bool = False
-  rope_split: Sequence[float] = (0.25, 0.375, 0.375)
   attention_backend: str = "xla"
   cross_attention: bool = False
   adaln: str = "zero"
@@ -278,7 +277,7 @@ class DiTBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cond, slot, segment_ids, positions, text=None, text_segment_ids=None):
+  def __call__(self, x, cond, slot, segment_ids, rope, text=None, text_segment_ids=None):
     width = x.shape[-1]
     if self.write_out_residual_grads:
       x = write_out_grad(x)
@@ -294,9 +293,9 @@ class DiTBlock(nn.Module):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
 
     h = modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
-    h = layers.SelfAttention(self.num_heads, qk_norm=self.qk_norm, rope=self.rope, rope_split=self.rope_split,
+    h = layers.SelfAttention(self.num_heads, qk_norm=self.qk_norm,
                              backend=self.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="attn")(h, segment_ids, positions)
+                             name="attn")(h, segment_ids, rope)
     x = x + gate_msa * h
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -447,7 +446,6 @@ class DiT(nn.Module):
       # prevent_cse is only needed outside scan (scan already stops CSE across steps).
       block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan_layers)
     kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
-                  rope=self.pos_embedding == "rope3d", rope_split=tuple(self.rope_split),
                   attention_backend=self.attention_backend, cross_attention=self.text_dim > 0,
                   adaln=self.adaln, write_out_residual_grads=self.write_out_residual_grads,
                   dtype=self.dtype, param_dtype=self.param_dtype)
@@ -526,8 +524,11 @@ class DiT(nn.Module):
       cond = nn.Dense(6 * self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "modulation")),
                       bias_init=nn.with_logical_partitioning(layers.zeros, ("modulation",)), name="t_block")(nn.silu(c))
+    rope = None
+    if self.pos_embedding == "rope3d":  # once for all layers
+      rope = layers.rope_3d_tables(positions, self.width // self.num_heads, split=tuple(self.rope_split))
     for block in self._block_stack():
-      x, _ = block(x, cond, slot, segment_ids, positions, text_tokens, text_segment_ids)
+      x, _ = block(x, cond, slot, segment_ids, rope, text_tokens, text_segment_ids)
 
     out = FinalLayer(self.out_dim, adaln=self.adaln, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="final_layer")(x, c, slot)

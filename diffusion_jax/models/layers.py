@@ -308,40 +308,43 @@ def rope_3d_split(head_dim, split=(0.25, 0.375, 0.375)):
   return pairs - n_h - n_w, n_h, n_w
 
 
-def rope_3d_angles(positions, head_dim, *, split=(0.25, 0.375, 0.375), theta=10000.0):
-  """[B, L, D/2] float32 rotation angles: concat over (t, h, w) of pos * freqs.
+def rope_3d_tables(positions, head_dim, *, split=(0.25, 0.375, 0.375), theta=10000.0):
+  """cos and sin of the 3D RoPE angles, each [B, L, 1, D/2] float32 (1: broadcast over heads).
+
+  Computed once per forward and shared by every layer's q and k. Every
+  coordinate must be < L (true of packed rows: an example's coordinates lie
+  in its grid of at most L tokens); one that is not gives NaN.
 
   Each axis with n pairs uses its own ladder freqs_i = theta^(-i / n), i < n
-  (the 1D RoPE ladder of a 2n-channel head), as in factorised 3D RoPE.
+  (the 1D RoPE ladder of a 2n-channel head), as in factorised 3D RoPE; the
+  D/2 angles are laid out [t pairs | h pairs | w pairs]. `split`: fractions
+  of the pairs given to (t, h, w), see `rope_3d_split`.
   """
+  if positions.ndim != 3 or positions.shape[-1] != 3:
+    raise ValueError(f"RoPE wants positions [B, L, 3], got {positions.shape}.")
   counts = rope_3d_split(head_dim, split)
-  parts = []
+  cos, sin = [], []
   for axis, n in enumerate(counts):
     if n == 0:
       continue
     freqs = theta ** (-jnp.arange(n, dtype=jnp.float32) / n)
-    parts.append(positions[..., axis : axis + 1].astype(jnp.float32) * freqs)
-  return jnp.concatenate(parts, axis=-1)
+    # cos/sin of every coordinate < L, then a lookup: XLA fuses a lookup into the layers' rotations
+    # cheaply, where it would evaluate cos/sin again per head. Out of range gives NaN, never a wrap.
+    angles = jnp.arange(positions.shape[1], dtype=jnp.float32)[:, None] * freqs
+    cos.append(jnp.take(jnp.cos(angles), positions[..., axis], axis=0, mode="fill"))
+    sin.append(jnp.take(jnp.sin(angles), positions[..., axis], axis=0, mode="fill"))
+  return jnp.concatenate(cos, axis=-1)[:, :, None, :], jnp.concatenate(sin, axis=-1)[:, :, None, :]
 
 
-def apply_rope_3d(x, positions, *, split=(0.25, 0.375, 0.375), theta=10000.0):
-  """Rotary position embedding over (t, h, w) coordinates.
-
-  Args:
-    x: [B, L, H, D] queries or keys, D even.
-    positions: [B, L, 3] int (t, h, w) patch coordinates.
-    split: fractions of the D/2 rotation pairs given to (t, h, w); see
-      `rope_3d_split` for the rounding rule (h and w rounded down, t the rest).
-    theta: base of the frequency ladder.
+def apply_rope(x, tables):
+  """Rotary position embedding of x [B, L, H, D] by `rope_3d_tables` (cos, sin).
 
   Channels are paired "rotate half" style (GPT-NeoX): pair j is (x[j],
-  x[j + D/2]), and the D/2 angles are laid out [t pairs | h pairs | w pairs].
-  Computed in float32, returned in x's dtype.
+  x[j + D/2]). Computed in float32, returned in x's dtype.
   """
-  if x.ndim != 4 or positions.shape != x.shape[:2] + (3,):
-    raise ValueError(f"apply_rope_3d wants x [B, L, H, D] and positions [B, L, 3]; got {x.shape}, {positions.shape}.")
-  angles = rope_3d_angles(positions, x.shape[-1], split=split, theta=theta)[:, :, None, :]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  cos, sin = tables
+  if x.ndim != 4 or cos.shape != x.shape[:2] + (1, x.shape[-1] // 2):
+    raise ValueError(f"apply_rope wants x [B, L, H, D] and tables [B, L, 1, D/2]; got {x.shape}, {cos.shape}.")
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -533,8 +536,9 @@ class SelfAttention(nn.Module):
   `variance_scaling(0.5, 'fan_avg', 'uniform')` on each third draws from the
   very same distribution (fan_avg of the fused matrix is 2*width).
 
-  Optional QK-norm (LayerNorm over head_dim, as timm's qk_norm) and 3D RoPE on
-  q and k when `rope` is set. `backend` is one of ATTENTION_BACKENDS.
+  Optional QK-norm (LayerNorm over head_dim, as timm's qk_norm), and RoPE on q
+  and k when called with `rope` tables (`rope_3d_tables`, computed once by the
+  caller for all layers). `backend` is one of ATTENTION_BACKENDS.
 
   Sequence parallelism: with a rule ('length', <mesh axis>) the queries stay
   split along the sequence and K/V are all-gathered (see __call__), so the
@@ -542,15 +546,12 @@ class SelfAttention(nn.Module):
   """
   num_heads: int
   qk_norm: bool = False
-  rope: bool = False
-  rope_split: Sequence[float] = (0.25, 0.375, 0.375)
-  rope_theta: float = 10000.0
   backend: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, rope=None):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
@@ -568,9 +569,8 @@ class SelfAttention(nn.Module):
                                        scale_init=_named(nn.initializers.ones_init(), ("kv",)),
                                        bias_init=_named(zeros, ("kv",)), name=name)
       q, k = norm("q_norm")(q), norm("k_norm")(k)
-    if self.rope:
-      q = apply_rope_3d(q, positions, split=self.rope_split, theta=self.rope_theta)
-      k = apply_rope_3d(k, positions, split=self.rope_split, theta=self.rope_theta)
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
     # Sequence sharding stays exact: where the rules split 'length' over a mesh
     # axis, q (and the output) stay split, but every query shard needs all keys
     # of its row, so K and V are constrained whole along length (None): the
