@@ -159,7 +159,7 @@ def _layer_norm(dtype, name):
 
 def _zero_dense(features, out_name, dtype, param_dtype, name):
   """Zero-initialised Dense (adaLN-Zero modulation and DiT's final linear)."""
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+  return layers.Dense(features, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=nn.with_logical_partitioning(layers.zeros, ("embed", out_name)),
                   bias_init=nn.with_logical_partitioning(layers.zeros, (out_name,)), name=name)
 
@@ -185,14 +185,14 @@ class CrossAttention(nn.Module):
     init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
 
     def project(name, inputs, length_name):
-      y = layers._EinsumDense("bld,dhk->blhk", (width, self.num_heads, head_dim), ("embed", "heads", "kv"), init,
+      y = layers.MultiAxisDense((width, self.num_heads, head_dim), ("embed", "heads", "kv"), init,
                               ("heads", "kv"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(inputs)
       return nn.with_logical_constraint(y, ("batch", length_name, "heads", "kv"))
 
     q = project("query", x, "length")
     k, v = project("key", text, "text_length"), project("value", text, "text_length")
     out = layers.dot_product_attention(q, k, v, segment_ids, text_segment_ids, backend=self.backend)
-    return layers._EinsumDense("blhk,hkd->bld", (self.num_heads, head_dim, width), ("heads", "kv", "embed"),
+    return layers.MultiAxisDense((self.num_heads, head_dim, width), ("heads", "kv", "embed"),
                                layers.zeros, ("embed",), dtype=self.dtype, param_dtype=self.param_dtype,
                                name="proj")(out)
 
@@ -227,11 +227,11 @@ class CaptionEmbedder(nn.Module):
                                                                 ("text_embed",)), (text_dim,), self.param_dtype)
     text = layers.drop_captions(text, text_segment_ids, drop, null)
     init = nn.initializers.xavier_uniform()
-    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+    h = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),
                  bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="fc1")(text.astype(self.dtype))
     h = nn.gelu(h, approximate=True)
-    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+    h = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
                  bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(h)
     return nn.with_logical_constraint(h, ("batch", "text_length", "embed")), pool_captions(text, text_segment_ids,
@@ -247,10 +247,10 @@ class PooledTextEmbedder(nn.Module):
   @nn.compact
   def __call__(self, pooled):
     init = nn.initializers.normal(0.02)  # as the timestep MLP, whose output it is added to
-    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+    h = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),
                  bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="fc1")(pooled.astype(self.dtype))
-    return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+    return layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
                     bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(nn.silu(h))
 
@@ -480,7 +480,7 @@ class DiT(nn.Module):
       [B, L, P_out] float32. Padding tokens hold finite values to be masked.
     """
     self._check_inputs(x, t, labels, segment_ids, positions)
-    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.with_logical_partitioning(layers.xavier_uniform(), ("patch", "embed")),
                  bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="x_embedder")(
                      x.astype(self.dtype))
@@ -521,7 +521,7 @@ class DiT(nn.Module):
 
     cond = c
     if self.adaln == "single":  # PixArt's t_block: the one modulation projection all blocks share
-      cond = nn.Dense(6 * self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+      cond = layers.Dense(6 * self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "modulation")),
                       bias_init=nn.with_logical_partitioning(layers.zeros, ("modulation",)), name="t_block")(nn.silu(c))
     rope = None

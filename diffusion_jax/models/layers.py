@@ -32,6 +32,33 @@ def _named(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
+def tokens_dot(x, kernel, num_contracted: int = 1, precision=None):
+  """x's trailing `num_contracted` axes against kernel's leading ones, as one 2-D matmul.
+
+  x's leading axes (batch, length) are merged into one row axis first (a bitcast). The
+  reason is the weight gradient: of a [B, L, D] x [D, F] product it contracts two axes, B
+  and L, and XLA's CPU compiler lowers that with a transposing copy of the [B, L, F]
+  gradient; of the [B * L, D] x [D, F] product it is one plain matmul. The arithmetic is
+  the same (bitwise on CPU); the quickstart DiT step loses its largest non-matmul ops
+  (BENCHMARKS.md).
+  """
+  rows = math.prod(x.shape[:x.ndim - num_contracted])
+  inner = math.prod(kernel.shape[:num_contracted])
+  y = jnp.dot(x.reshape(rows, inner), kernel.reshape(inner, -1), precision=precision)
+  return y.reshape(x.shape[:x.ndim - num_contracted] + kernel.shape[num_contracted:])
+
+
+def _tokens_dot_general(x, kernel, dimension_numbers, precision=None):
+  """nn.Dense's dot_general (x's last axis against the kernel's first) through tokens_dot."""
+  if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())):
+    raise ValueError(f"tokens_dot takes a Dense's contraction only, got {dimension_numbers}")
+  return tokens_dot(x, kernel, 1, precision)
+
+
+# nn.Dense whose product is tokens_dot: the Dense of every layer here that runs over tokens.
+Dense = functools.partial(nn.Dense, dot_general=_tokens_dot_general)
+
+
 # ---------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------
@@ -432,11 +459,11 @@ class TimestepEmbedder(nn.Module):
   def __call__(self, t):
     freq = timestep_frequencies(t, self.frequency_dim, self.max_period).astype(self.dtype)
     init = nn.initializers.normal(0.02)
-    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+    h = Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=_named(init, ("patch", "mlp")), bias_init=_named(zeros, ("mlp",)),
                  name="mlp_0")(freq)
     h = nn.silu(h)
-    return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+    return Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_named(init, ("mlp", "embed")), bias_init=_named(zeros, ("embed",)),
                     name="mlp_2")(h)
 
@@ -493,24 +520,24 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+    h = Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=_named(xavier_uniform(), ("embed", "mlp")),
                  bias_init=_named(zeros, ("mlp",)), name="fc1")(x)
     h = nn.gelu(h, approximate=True)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+    return Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_named(xavier_uniform(), ("mlp", "embed")),
                     bias_init=_named(zeros, ("embed",)), name="fc2")(h)
 
 
-class _EinsumDense(nn.Module):
-  """y = einsum(equation, x, kernel) + bias with a multi-dim kernel.
+class MultiAxisDense(nn.Module):
+  """y = x's trailing axes contracted with kernel's leading axes (tokens_dot), + bias.
 
-  Used for the per-head projections instead of nn.DenseGeneral, whose
-  initialiser reshapes a flattened kernel and so trips over its own logical
-  sharding constraint when a mesh is active.
+  The kernel's trailing axes are the outputs, as many as bias_names has: the per-head
+  projections, [width, heads, head_dim] in and [heads, head_dim, width] out, whose heads
+  axis can be sharded. (nn.DenseGeneral's initialiser reshapes a flattened kernel and so
+  trips over its own logical sharding constraint when a mesh is active.)
   """
-  equation: str
   kernel_shape: Sequence[int]
   kernel_names: Sequence[str]
   kernel_init: Any
@@ -520,12 +547,13 @@ class _EinsumDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    bias_shape = tuple(self.kernel_shape[-len(self.bias_names):])
+    num_outputs = len(self.bias_names)
     kernel = self.param("kernel", _named(self.kernel_init, tuple(self.kernel_names)), tuple(self.kernel_shape),
                         self.param_dtype)
-    bias = self.param("bias", _named(zeros, tuple(self.bias_names)), bias_shape, self.param_dtype)
+    bias = self.param("bias", _named(zeros, tuple(self.bias_names)), tuple(self.kernel_shape[-num_outputs:]),
+                      self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum(self.equation, x, kernel) + bias
+    return tokens_dot(x, kernel, len(self.kernel_shape) - num_outputs) + bias
 
 
 class SelfAttention(nn.Module):
@@ -559,7 +587,7 @@ class SelfAttention(nn.Module):
     qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
 
     def project(name):
-      y = _EinsumDense("bld,dhk->blhk", (width, self.num_heads, head_dim), ("embed", "heads", "kv"), qkv_init,
+      y = MultiAxisDense((width, self.num_heads, head_dim), ("embed", "heads", "kv"), qkv_init,
                        ("heads", "kv"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
       return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
@@ -580,5 +608,5 @@ class SelfAttention(nn.Module):
     out = dot_product_attention(q, k, v, segment_ids, segment_ids, backend=self.backend)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     proj_init = xavier_uniform(in_axis=(0, 1), out_axis=2)
-    return _EinsumDense("blhk,hkd->bld", (self.num_heads, head_dim, width), ("heads", "kv", "embed"), proj_init,
+    return MultiAxisDense((self.num_heads, head_dim, width), ("heads", "kv", "embed"), proj_init,
                         ("embed",), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
