@@ -14,8 +14,11 @@ CPU threads (torch.set_num_threads; XLA's CPU thread pool is the process's
 cores, so run under `taskset` to compare on fewer cores). Shapes:
   S/2   DiT-S/2 on 32x32x4 latents (256 tokens), batch 8
   tiny  4 layers x 128 wide, patch 2, 32x32x4 (256 tokens), batch 8
-Prints each median step time, their ratio and the model FLOP/s (the
-analytic count of metrics.dit_model_flops, the same for both), and which
+The two steps alternate, one each in turn (this host's speed drifts minute to
+minute; alternating gives both the same minutes). Prints each median step
+time, their ratio, the median of the per-step ratios (ours over the reference
+step right after it), the model FLOP/s (the analytic count of
+metrics.dit_train_flops, the same for both), and which
 malloc the process runs on: both steps share it. XLA's CPU runtime mallocs a
 scratch buffer every step (159 MB for the tiny shape); glibc maps and unmaps
 blocks that big each time and the step page-faults them back in, tcmalloc
@@ -40,7 +43,8 @@ LATENT = (4, 32, 32)  # (C, H, W)
 NUM_CLASSES = 10
 
 
-def our_step_times(variant: str, batch: int, steps: int, overrides) -> list[float]:
+def our_step(variant: str, batch: int, overrides):
+  """One of our train steps on a fixed batch, as a function that runs it to completion."""
   import jax
   import jax.numpy as jnp
 
@@ -67,22 +71,17 @@ def our_step_times(variant: str, batch: int, steps: int, overrides) -> list[floa
   rows["labels"] = rng.integers(0, NUM_CLASSES, rows["labels"].shape).astype(np.int32)
   rows = jax.device_put(rows, sharding.batch_sharding(mesh))
   state = init_fn(jax.random.PRNGKey(0))
-  times = []
-  with sharding.activate(mesh, rules):
-    for i in range(steps + 2):  # two warm-up steps (the first compiles)
-      if i == 2:
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      start = time.perf_counter()
+
+  def step():
+    nonlocal state
+    with sharding.activate(mesh, rules):
       state, aux = step_fn(state, rows)
       jax.block_until_ready((state, aux))
-      if i >= 2:
-        times.append(time.perf_counter() - start)
-  print(f"{variant}: ours page-faulted {(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps:.0f} "
-        "pages a step", flush=True)
-  return times
+  return step
 
 
-def reference_step_times(reference: str, variant: str, batch: int, steps: int, threads: int) -> list[float]:
+def reference_step(reference: str, variant: str, batch: int, threads: int):
+  """One step of DiT's train.py, as a function that runs it to completion."""
   import torch
 
   torch.set_num_threads(threads)
@@ -103,9 +102,8 @@ def reference_step_times(reference: str, variant: str, batch: int, steps: int, t
   model.train()
   x = torch.randn(batch, channels, size, size)
   y = torch.randint(0, NUM_CLASSES, (batch,))
-  times = []
-  for i in range(steps + 2):
-    start = time.perf_counter()
+
+  def step():
     t = torch.randint(0, diffusion.num_timesteps, (batch,))
     loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
     opt.zero_grad()
@@ -114,12 +112,29 @@ def reference_step_times(reference: str, variant: str, batch: int, steps: int, t
     with torch.no_grad():  # DiT's update_ema
       for e, p in zip(ema.parameters(), model.parameters()):
         e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
-    if i >= 2:
-      times.append(time.perf_counter() - start)
+
   sys.path.remove(reference)
   for name in [m for m in sys.modules if m == "models" or m == "diffusion" or m.startswith("diffusion.")]:
     del sys.modules[name]  # the reference's `diffusion` package must not shadow anything later
-  return times
+  return step
+
+
+def alternate(ours, reference, steps: int):
+  """Step times (s) of both, one step each in turn after two warm-up steps each (ours compiles in
+  its first): on a host whose speed drifts minute to minute, both see the same minutes."""
+  for _ in range(2):
+    ours(), reference()
+  our_times, reference_times, faults = [], [], 0
+  for _ in range(steps):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    ours()
+    our_times.append(time.perf_counter() - start)
+    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    start = time.perf_counter()
+    reference()
+    reference_times.append(time.perf_counter() - start)
+  return our_times, reference_times, faults / steps
 
 
 def model_flops(variant: str, batch: int) -> float:
@@ -145,15 +160,19 @@ def main():
   with open("/proc/self/maps") as maps:  # Linux; which malloc both steps run on
     allocator = "tcmalloc" if "tcmalloc" in maps.read() else "the system's malloc"
   print(f"malloc: {allocator}", flush=True)
-  print("| shape | ours s/step | reference s/step | ours / reference | model GFLOP/step | ours GFLOP/s | "
-        "reference GFLOP/s |")
-  print("|---|---|---|---|---|---|---|")
+  print("| shape | ours s/step | reference s/step | ours / reference | median of per-step ratios | "
+        "model GFLOP/step | ours GFLOP/s | reference GFLOP/s |")
+  print("|---|---|---|---|---|---|---|---|")
   for variant in args.variants.split(","):
-    ours = statistics.median(our_step_times(variant, args.batch, args.steps, overrides + args.overrides))
-    ref = statistics.median(reference_step_times(args.reference, variant, args.batch, args.steps, args.threads))
+    our_times, reference_times, faults = alternate(
+        our_step(variant, args.batch, overrides + args.overrides),
+        reference_step(args.reference, variant, args.batch, args.threads), args.steps)
+    ours, ref = statistics.median(our_times), statistics.median(reference_times)
+    pair_ratio = statistics.median(o / r for o, r in zip(our_times, reference_times))
     flops = model_flops(variant, args.batch)
-    print(f"| {variant} b{args.batch} | {ours:.3f} | {ref:.3f} | {ours / ref:.2f} | {flops / 1e9:.1f} | "
-          f"{flops / ours / 1e9:.1f} | {flops / ref / 1e9:.1f} |", flush=True)
+    print(f"{variant}: ours page-faulted {faults:.0f} pages a step", flush=True)
+    print(f"| {variant} b{args.batch} | {ours:.3f} | {ref:.3f} | {ours / ref:.2f} | {pair_ratio:.2f} | "
+          f"{flops / 1e9:.1f} | {flops / ours / 1e9:.1f} | {flops / ref / 1e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
