@@ -322,3 +322,37 @@ def test_self_attention_keeps_examples_apart():
     second = apply(params, x[:, 3:5], seg[:, 3:5] - 1, tables(pos[:, 3:5]))
     np.testing.assert_allclose(both[:, :3], first, atol=1e-5)
     np.testing.assert_allclose(both[:, 3:5], second, atol=1e-5)
+
+
+def test_tokens_dot_is_the_dense_contraction_on_every_target():
+  """tokens_dot equals the einsum it replaces (values and gradients); a CPU program gets the 2-D
+  matmul (no transposing copies for the weight gradient), a TPU program the plain contraction."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 4, 8)), jnp.float32)
+  for kernel_shape, equation, n in [((8, 6), "blhk,kf->blhf", 1), ((4, 8, 6), "blhk,hkf->blf", 2)]:
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    expected = jnp.einsum(equation, x, kernel, precision="highest")
+    np.testing.assert_allclose(layers.tokens_dot(x, kernel, n, precision="highest"), expected, rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+    got = jax.grad(loss(lambda x, k: layers.tokens_dot(x, k, n, precision="highest")), argnums=(0, 1))(x, kernel)
+    want = jax.grad(loss(lambda x, k: jnp.einsum(equation, x, k, precision="highest")), argnums=(0, 1))(x, kernel)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+  hlo = jax.jit(lambda x, k: layers.tokens_dot(x, k, 2)).lower(x, kernel).as_text()
+  assert "tensor<15x32xf32>" in hlo  # 3 x 5 rows, 4 x 8 contracted: one 2-D matmul on CPU
+  with pytest.raises(ValueError, match="a Dense's contraction only"):
+    layers._tokens_dot_general(x, kernel, (((0,), (0,)), ((), ())))
+
+  topologies = pytest.importorskip("jax.experimental.topologies")
+  try:
+    tpu = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+  except Exception as error:  # no libtpu: nothing describes a TPU here
+    pytest.skip(f"no TPU topology: {error}")
+  mesh = jax.sharding.Mesh(np.array(tpu.devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    assert layers._target_platform() == "tpu"
+    hlo = jax.jit(lambda x, k: layers.tokens_dot(x, k, 2)).trace(
+        jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)).lower(
+            lowering_platforms=("tpu",)).as_text()
+  assert "tensor<15x32xf32>" not in hlo and "dot_general" in hlo

@@ -33,19 +33,31 @@ def _named(init, names):
 
 
 def tokens_dot(x, kernel, num_contracted: int = 1, precision=None):
-  """x's trailing `num_contracted` axes against kernel's leading ones, as one 2-D matmul.
+  """x's trailing `num_contracted` axes against kernel's leading ones (a Dense's product).
 
-  x's leading axes (batch, length) are merged into one row axis first (a bitcast). The
-  reason is the weight gradient: of a [B, L, D] x [D, F] product it contracts two axes, B
-  and L, and XLA's CPU compiler lowers that with a transposing copy of the [B, L, F]
-  gradient; of the [B * L, D] x [D, F] product it is one plain matmul. The arithmetic is
-  the same (bitwise on CPU); the quickstart DiT step loses its largest non-matmul ops
-  (BENCHMARKS.md).
+  For a CPU program, x's leading axes (batch, length) are merged into one row axis first
+  (a bitcast) and it is one 2-D matmul. The reason is the weight gradient: of a
+  [B, L, D] x [D, F] product it contracts two axes, B and L, and XLA's CPU compiler lowers
+  that with a transposing copy of the [B, L, F] gradient; of the [B * L, D] x [D, F]
+  product it is one plain matmul (same arithmetic; the quickstart DiT step ~8% faster,
+  BENCHMARKS.md). A TPU program keeps the plain contraction: compiled for a v5p slice,
+  the 2-D form held ~4.5% more temporaries at the same FLOPs.
   """
+  contracted = tuple(range(x.ndim - num_contracted, x.ndim))
+  if _target_platform() != "cpu":
+    return jax.lax.dot_general(x, kernel, ((contracted, tuple(range(num_contracted))), ((), ())),
+                               precision=precision)
   rows = math.prod(x.shape[:x.ndim - num_contracted])
   inner = math.prod(kernel.shape[:num_contracted])
   y = jnp.dot(x.reshape(rows, inner), kernel.reshape(inner, -1), precision=precision)
   return y.reshape(x.shape[:x.ndim - num_contracted] + kernel.shape[num_contracted:])
+
+
+def _target_platform() -> str:
+  """The platform the program being traced is for: the active mesh's (an AOT compile for a TPU
+  slice on a CPU host is a TPU program), else the default backend's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def _tokens_dot_general(x, kernel, dimension_numbers, precision=None):
