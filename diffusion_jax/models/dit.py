@@ -160,8 +160,8 @@ def _layer_norm(dtype, name):
 def _zero_dense(features, out_name, dtype, param_dtype, name):
   """Zero-initialised Dense (adaLN-Zero modulation and DiT's final linear)."""
   return layers.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=nn.with_logical_partitioning(layers.zeros, ("embed", out_name)),
-                  bias_init=nn.with_logical_partitioning(layers.zeros, (out_name,)), name=name)
+                      kernel_init=nn.with_logical_partitioning(layers.zeros, ("embed", out_name)),
+                      bias_init=nn.with_logical_partitioning(layers.zeros, (out_name,)), name=name)
 
 
 class CrossAttention(nn.Module):
@@ -186,15 +186,15 @@ class CrossAttention(nn.Module):
 
     def project(name, inputs, length_name):
       y = layers.MultiAxisDense((width, self.num_heads, head_dim), ("embed", "heads", "kv"), init,
-                              ("heads", "kv"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(inputs)
+                                ("heads", "kv"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(inputs)
       return nn.with_logical_constraint(y, ("batch", length_name, "heads", "kv"))
 
     q = project("query", x, "length")
     k, v = project("key", text, "text_length"), project("value", text, "text_length")
     out = layers.dot_product_attention(q, k, v, segment_ids, text_segment_ids, backend=self.backend)
     return layers.MultiAxisDense((self.num_heads, head_dim, width), ("heads", "kv", "embed"),
-                               layers.zeros, ("embed",), dtype=self.dtype, param_dtype=self.param_dtype,
-                               name="proj")(out)
+                                 layers.zeros, ("embed",), dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="proj")(out)
 
 
 def pool_captions(text, text_segment_ids, num_examples: int):
@@ -228,12 +228,13 @@ class CaptionEmbedder(nn.Module):
     text = layers.drop_captions(text, text_segment_ids, drop, null)
     init = nn.initializers.xavier_uniform()
     h = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),
-                 bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="fc1")(text.astype(self.dtype))
+                     kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),
+                     bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="fc1")(
+                         text.astype(self.dtype))
     h = nn.gelu(h, approximate=True)
     h = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
-                 bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(h)
+                     kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
+                     bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(h)
     return nn.with_logical_constraint(h, ("batch", "text_length", "embed")), pool_captions(text, text_segment_ids,
                                                                                         drop.shape[1])
 
@@ -248,11 +249,12 @@ class PooledTextEmbedder(nn.Module):
   def __call__(self, pooled):
     init = nn.initializers.normal(0.02)  # as the timestep MLP, whose output it is added to
     h = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),
-                 bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="fc1")(pooled.astype(self.dtype))
+                     kernel_init=nn.with_logical_partitioning(init, ("text_embed", "embed")),
+                     bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="fc1")(
+                         pooled.astype(self.dtype))
     return layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
-                    bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(nn.silu(h))
+                        kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
+                        bias_init=nn.with_logical_partitioning(layers.zeros, ("embed_out",)), name="fc2")(nn.silu(h))
 
 
 class DiTBlock(nn.Module):
@@ -481,9 +483,9 @@ class DiT(nn.Module):
     """
     self._check_inputs(x, t, labels, segment_ids, positions)
     x = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.with_logical_partitioning(layers.xavier_uniform(), ("patch", "embed")),
-                 bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="x_embedder")(
-                     x.astype(self.dtype))
+                     kernel_init=nn.with_logical_partitioning(layers.xavier_uniform(), ("patch", "embed")),
+                     bias_init=nn.with_logical_partitioning(layers.zeros, ("embed",)), name="x_embedder")(
+                         x.astype(self.dtype))
     if self.pos_embedding == "sincos2d":
       x = x + layers.sincos_2d_embedding(positions, self.width).astype(self.dtype)
     elif self.pos_embedding == "sincos3d":
@@ -522,8 +524,10 @@ class DiT(nn.Module):
     cond = c
     if self.adaln == "single":  # PixArt's t_block: the one modulation projection all blocks share
       cond = layers.Dense(6 * self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "modulation")),
-                      bias_init=nn.with_logical_partitioning(layers.zeros, ("modulation",)), name="t_block")(nn.silu(c))
+                          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                   ("embed", "modulation")),
+                          bias_init=nn.with_logical_partitioning(layers.zeros, ("modulation",)), name="t_block")(
+                              nn.silu(c))
     rope = None
     if self.pos_embedding == "rope3d":  # once for all layers
       rope = layers.rope_3d_tables(positions, self.width // self.num_heads, split=tuple(self.rope_split))

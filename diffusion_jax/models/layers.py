@@ -472,12 +472,12 @@ class TimestepEmbedder(nn.Module):
     freq = timestep_frequencies(t, self.frequency_dim, self.max_period).astype(self.dtype)
     init = nn.initializers.normal(0.02)
     h = Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_named(init, ("patch", "mlp")), bias_init=_named(zeros, ("mlp",)),
-                 name="mlp_0")(freq)
+              kernel_init=_named(init, ("patch", "mlp")), bias_init=_named(zeros, ("mlp",)),
+              name="mlp_0")(freq)
     h = nn.silu(h)
     return Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_named(init, ("mlp", "embed")), bias_init=_named(zeros, ("embed",)),
-                    name="mlp_2")(h)
+                 kernel_init=_named(init, ("mlp", "embed")), bias_init=_named(zeros, ("embed",)),
+                 name="mlp_2")(h)
 
 
 def drop_captions(text, text_segment_ids, drop, null):
@@ -533,13 +533,13 @@ class Mlp(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     h = Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_named(xavier_uniform(), ("embed", "mlp")),
-                 bias_init=_named(zeros, ("mlp",)), name="fc1")(x)
+              kernel_init=_named(xavier_uniform(), ("embed", "mlp")),
+              bias_init=_named(zeros, ("mlp",)), name="fc1")(x)
     h = nn.gelu(h, approximate=True)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     return Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_named(xavier_uniform(), ("mlp", "embed")),
-                    bias_init=_named(zeros, ("embed",)), name="fc2")(h)
+                 kernel_init=_named(xavier_uniform(), ("mlp", "embed")),
+                 bias_init=_named(zeros, ("embed",)), name="fc2")(h)
 
 
 class MultiAxisDense(nn.Module):
@@ -600,7 +600,7 @@ class SelfAttention(nn.Module):
 
     def project(name):
       y = MultiAxisDense((width, self.num_heads, head_dim), ("embed", "heads", "kv"), qkv_init,
-                       ("heads", "kv"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+                         ("heads", "kv"), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
       return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     q, k, v = project("query"), project("key"), project("value")
@@ -621,4 +621,4 @@ class SelfAttention(nn.Module):
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     proj_init = xavier_uniform(in_axis=(0, 1), out_axis=2)
     return MultiAxisDense((self.num_heads, head_dim, width), ("heads", "kv", "embed"), proj_init,
-                        ("embed",), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
+                          ("embed",), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
