@@ -46,11 +46,9 @@ NUM_CLASSES = 10
 def our_step(variant: str, batch: int, overrides):
   """One of our train steps on a fixed batch, as a function that runs it to completion."""
   import jax
-  import jax.numpy as jnp
 
   from diffusion_jax import config as config_lib
   from diffusion_jax import patches, sharding
-  from diffusion_jax.data import packing
   from diffusion_jax.train import dit_task, loop
 
   config = config_lib.load_config(f"configs/dit_image.py:variant={variant}")
