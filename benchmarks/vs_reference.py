@@ -19,7 +19,10 @@ minute; alternating gives both the same minutes). Prints each median step
 time, their ratio, the median of the per-step ratios (ours over the reference
 step right after it), the model FLOP/s (the analytic count of
 metrics.dit_train_flops, the same for both), and which
-malloc the process runs on: both steps share it. XLA's CPU runtime mallocs a
+malloc the process runs on: both steps share it. `--matmuls` then times the
+step's own matmul shapes alone, XLA's kernel (a jitted jnp.dot) against
+PyTorch's (torch.mm), in turn with a pause between: the floor under the step
+ratio that no change to our step can move. XLA's CPU runtime mallocs a
 scratch buffer every step (159 MB for the tiny shape); glibc maps and unmaps
 blocks that big each time and the step page-faults them back in, tcmalloc
 keeps them. `python -m diffusion_jax` preloads tcmalloc where it is installed;
@@ -135,6 +138,51 @@ def alternate(ours, reference, steps: int):
   return our_times, reference_times, faults / steps
 
 
+def matmul_shapes(variant: str, batch: int) -> list[tuple[str, tuple[int, int, int]]]:
+  """(name, (M, K, N)) of the matmuls a step of this shape runs, per layer: the MLP's two forward
+  products (fc2's is also the shape of fc1's input gradient), fc1's weight gradient, and the
+  attention's q/k/v and output projections."""
+  shape = SHAPES[variant]
+  _, size, _ = LATENT
+  rows, width = batch * (size // shape["patch"]) ** 2, shape["width"]
+  return [("mlp fc1", (rows, width, 4 * width)), ("mlp fc2", (rows, 4 * width, width)),
+          ("fc1 weight gradient", (width, rows, 4 * width)), ("q/k/v, proj", (rows, width, width))]
+
+
+def time_matmuls(variant: str, batch: int, threads: int, repeats: int = 15, calls: int = 20):
+  """Median seconds a call of each shape of matmul_shapes, XLA's kernel and PyTorch's in turn.
+
+  Each sample is `calls` calls in a row after one untimed call, and 50 ms of sleep come before
+  each: PyTorch's OpenMP threads spin for milliseconds after a parallel region, and on 2 cores
+  that time is taken from whichever product runs next (XLA's ran at ~60% of its speed without
+  the pause in one run here); the untimed call wakes the sampled side's threads again."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  torch.set_num_threads(threads)
+  rows = []
+  for name, (m, k, n) in matmul_shapes(variant, batch):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(k, n)).astype(np.float32)
+    ours = jax.jit(jnp.dot).lower(a, b).compile()
+    a_jax, b_jax = jax.device_put(a), jax.device_put(b)
+    a_torch, b_torch = torch.from_numpy(a), torch.from_numpy(b)
+    samples = {"ours": [], "reference": []}
+    for _ in range(repeats):
+      for side, product in (("ours", lambda: ours(a_jax, b_jax)), ("reference", lambda: torch.mm(a_torch, b_torch))):
+        time.sleep(0.05)
+        product()
+        start = time.perf_counter()
+        for _ in range(calls):  # XLA's dispatch is asynchronous: its calls queue, the wait is for the last
+          out = product()
+        if side == "ours":
+          out.block_until_ready()
+        samples[side].append((time.perf_counter() - start) / calls)
+    rows.append((name, (m, k, n), statistics.median(samples["ours"]), statistics.median(samples["reference"])))
+  return rows
+
+
 def model_flops(variant: str, batch: int) -> float:
   from diffusion_jax import metrics
 
@@ -153,6 +201,7 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--matmuls", action="store_true", help="also time the steps' matmul shapes alone")
   parser.add_argument("overrides", nargs="*", help="--config.a.b=value overrides of our config")
   args, overrides = parser.parse_known_args()
   with open("/proc/self/maps") as maps:  # Linux; which malloc both steps run on
@@ -171,6 +220,14 @@ def main():
     print(f"{variant}: ours page-faulted {faults:.0f} pages a step", flush=True)
     print(f"| {variant} b{args.batch} | {ours:.3f} | {ref:.3f} | {ours / ref:.2f} | {pair_ratio:.2f} | "
           f"{flops / 1e9:.1f} | {flops / ours / 1e9:.1f} | {flops / ref / 1e9:.1f} |", flush=True)
+  if args.matmuls:
+    print("\n| shape | matmul | M x K x N | XLA ms | PyTorch ms | XLA / PyTorch | XLA GFLOP/s | PyTorch GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in args.variants.split(","):
+      for name, (m, k, n), ours, ref in time_matmuls(variant, args.batch, args.threads):
+        flops = 2 * m * k * n
+        print(f"| {variant} | {name} | {m} x {k} x {n} | {1e3 * ours:.2f} | {1e3 * ref:.2f} | {ours / ref:.2f} | "
+              f"{flops / ours / 1e9:.0f} | {flops / ref / 1e9:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
