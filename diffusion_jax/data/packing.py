@@ -91,9 +91,16 @@ def _normalize_example(example: dict) -> dict:
   text = np.asarray(example.get("text", np.zeros((0, 0), np.float32)), np.float32)
   if text.ndim != 2:
     raise ValueError(f"example 'text' must be [n_text, Dt], got shape {text.shape}")
-  return dict(
+  return _with_counts(dict(
       patches=patches, positions=positions, cond_mask=cond_mask, grid=grid, text=text,
-      id=int(example.get("id", -1)), label=int(example.get("label", -1)), caption=str(caption))
+      id=int(example.get("id", -1)), label=int(example.get("label", -1)), caption=str(caption)))
+
+
+def _with_counts(ex: dict) -> dict:
+  """The example with its token and caption-token counts as ints (best fit reads them for every
+  waiting example at every placement; they are derived, so states do not store them)."""
+  ex["tokens"], ex["text_tokens"] = ex["patches"].shape[0], ex["text"].shape[0]
+  return ex
 
 
 def _encode_array(a: np.ndarray) -> dict:
@@ -122,20 +129,23 @@ def _encode_example(ex: dict) -> dict:
 def _decode_example(d: dict) -> dict:
   arrays = {k: _decode_array(d[k]) for k in _ARRAY_KEYS if k in d}
   arrays.setdefault("text", np.zeros((0, 0), np.float32))  # states written before text existed
-  return {**arrays,
-          "id": int(d["id"]), "label": int(d["label"]), "caption": str(d["caption"])}
+  return _with_counts({**arrays, "id": int(d["id"]), "label": int(d["label"]), "caption": str(d["caption"])})
 
 
-def _tokens(ex: dict) -> int:
-  return ex["patches"].shape[0]
+class _Row(list):
+  """A row's examples, with their token and caption-token totals kept as examples join (best fit
+  asks every open row for them at every placement)."""
 
+  def __init__(self, examples=()):
+    super().__init__()
+    self.tokens = self.text_tokens = 0
+    for ex in examples:
+      self.add(ex)
 
-def _row_tokens(row: list[dict]) -> int:
-  return sum(_tokens(ex) for ex in row)
-
-
-def _row_text_tokens(row: list[dict]) -> int:
-  return sum(ex["text"].shape[0] for ex in row)
+  def add(self, ex: dict) -> None:
+    self.append(ex)
+    self.tokens += ex["tokens"]
+    self.text_tokens += ex["text_tokens"]
 
 
 class BestFitPacker:
@@ -173,13 +183,13 @@ class BestFitPacker:
     self.num_open_rows = num_open_rows
     self.buffer_size = buffer_size
     self._pending: list[dict] = []  # the buffer, in arrival order
-    self._open: list[list[dict]] = []  # rows still accepting examples, in opening order
-    self._ready: collections.deque[list[dict]] = collections.deque()  # finished, not yet popped
+    self._open: list[_Row] = []  # rows still accepting examples, in opening order
+    self._ready: collections.deque[_Row] = collections.deque()  # finished, not yet popped
     self._skipped = np.zeros(len(SKIP_REASONS), np.int32)  # not yet reported on a row
     self._patch_dim = -1
 
-  def _is_full(self, row: list[dict]) -> bool:
-    return len(row) >= self.examples_per_row or _row_tokens(row) >= self.tokens_per_row
+  def _is_full(self, row: _Row) -> bool:
+    return len(row) >= self.examples_per_row or row.tokens >= self.tokens_per_row
 
   def add(self, example: dict) -> None:
     if "skipped" in example:
@@ -209,44 +219,43 @@ class BestFitPacker:
     if len(self._pending) > self.buffer_size:
       self._place(self._take_largest(self.tokens_per_row))
 
-  def _text_fits(self, ex: dict, row: list[dict]) -> bool:
-    return not self.text_tokens_per_row or (
-        ex["text"].shape[0] + _row_text_tokens(row) <= self.text_tokens_per_row)
+  def _text_fits(self, ex: dict, row: _Row) -> bool:
+    return not self.text_tokens_per_row or ex["text_tokens"] + row.text_tokens <= self.text_tokens_per_row
 
-  def _take_largest(self, at_most: int, row: list[dict] = ()) -> dict | None:
+  def _take_largest(self, at_most: int, row: _Row | None = None) -> dict | None:
     """Removes and returns the largest waiting example of <= at_most tokens whose
     caption also fits `row`'s text budget (earliest on ties)."""
-    text_room = self.text_tokens_per_row - _row_text_tokens(row)  # the row's, counted once: a hot loop
+    text_room = self.text_tokens_per_row - (row.text_tokens if row is not None else 0)
     best, best_tokens = None, 0
     for i, ex in enumerate(self._pending):
-      n = _tokens(ex)
-      if best_tokens < n <= at_most and (not self.text_tokens_per_row or ex["text"].shape[0] <= text_room):
+      n = ex["tokens"]
+      if best_tokens < n <= at_most and (not self.text_tokens_per_row or ex["text_tokens"] <= text_room):
         best, best_tokens = i, n
     return None if best is None else self._pending.pop(best)
 
   def _place(self, ex: dict) -> None:
-    n = _tokens(ex)
+    n = ex["tokens"]
     best, best_free = None, None
     for i, row in enumerate(self._open):  # open rows always have a free example slot
-      free = self.tokens_per_row - _row_tokens(row)
+      free = self.tokens_per_row - row.tokens
       if n <= free and self._text_fits(ex, row) and (best is None or free < best_free):
         best, best_free = i, free
     if best is None:
       if len(self._open) >= self.num_open_rows:
-        self._close(max(range(len(self._open)), key=lambda i: (_row_tokens(self._open[i]), -i)))
-      self._open.append([])
+        self._close(max(range(len(self._open)), key=lambda i: (self._open[i].tokens, -i)))
+      self._open.append(_Row())
       best = len(self._open) - 1
-    self._open[best].append(ex)
+    self._open[best].add(ex)
     if self._is_full(self._open[best]):
       self._close(best)
 
   def _close(self, index: int) -> None:
     row = self._open.pop(index)
     while len(row) < self.examples_per_row:
-      filler = self._take_largest(self.tokens_per_row - _row_tokens(row), row)
+      filler = self._take_largest(self.tokens_per_row - row.tokens, row)
       if filler is None:
         break
-      row.append(filler)
+      row.add(filler)
     self._ready.append(row)
 
   def flush(self) -> None:
@@ -278,8 +287,8 @@ class BestFitPacker:
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._pending = [_decode_example(d) for d in state["pending"]]
-    self._open = [[_decode_example(d) for d in row] for row in state["open"]]
-    self._ready = collections.deque([_decode_example(d) for d in row] for row in state["ready"])
+    self._open = [_Row(_decode_example(d) for d in row) for row in state["open"]]
+    self._ready = collections.deque(_Row(_decode_example(d) for d in row) for row in state["ready"])
     self._skipped = np.asarray(state["skipped"], np.int32)
     self._patch_dim = int(state["patch_dim"])
     self._text_dim = int(state.get("text_dim", -1))
@@ -301,7 +310,7 @@ def materialize_row(examples: list[dict], tokens_per_row: int, examples_per_row:
   )
   start = 0
   for k, ex in enumerate(examples):
-    end = start + _tokens(ex)
+    end = start + ex["patches"].shape[0]
     row["patches"][start:end] = ex["patches"]
     row["segment_ids"][start:end] = k + 1
     row["positions"][start:end] = ex["positions"]
